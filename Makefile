@@ -1,0 +1,30 @@
+# Everything a fresh machine needs is installed here: `make test` and `make quickstart` set up .venv themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.qlorakit-installed
+# A CUDA machine keeps the torch it has; a CPU machine gets the pinned CPU wheel (an unpinned torch pulls CUDA).
+HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+
+.PHONY: setup test quickstart clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(HAS_CUDA),)
+	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1
+endif
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	@touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+quickstart: $(STAMP)
+	$(BIN)/qlorakit demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache build src/*.egg-info
