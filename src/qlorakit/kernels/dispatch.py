@@ -1,0 +1,77 @@
+"""The one dispatch point between the 4-bit layers and whatever computes their operations.
+
+Each operation is declared once here; backends register an implementation for it. The plain-PyTorch
+reference (`quant/`) is always registered and is the specification; Triton kernels register for CUDA (and run
+on CPU tensors under TRITON_INTERPRET=1, which is how CI tests them).
+
+Choice of backend, per call, from the environment variable QLORAKIT_KERNELS:
+  auto       (default) triton on CUDA tensors when a Triton implementation is registered, else reference;
+  reference  always the reference;
+  triton     always Triton; an error if an operation has no Triton implementation.
+When `auto` does not take the Triton path on a CUDA tensor, that is said once per operation and reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import QlorakitError
+
+log = logging.getLogger("qlorakit.kernels")
+
+BACKEND_CHOICES = ("auto", "reference", "triton")
+OPERATIONS = ("dequantize_4bit", "linear_4bit", "linear_4bit_grad_input", "quantize_4bit")
+
+_registry: dict[str, dict[str, Callable[..., Any]]] = {op: {} for op in OPERATIONS}
+_said: set[tuple[str, str]] = set()
+
+
+def register(op: str, backend: str, fn: Callable[..., Any] | None = None):
+    """Register `fn` as `backend`'s implementation of `op` (usable as a decorator)."""
+    if op not in _registry:
+        raise ValueError(f"unknown operation {op!r}; known: {', '.join(OPERATIONS)}")
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        _registry[op][backend] = f
+        return f
+
+    return wrap if fn is None else wrap(fn)
+
+
+def requested_backend() -> str:
+    choice = os.environ.get("QLORAKIT_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in BACKEND_CHOICES:
+        raise QlorakitError(f"QLORAKIT_KERNELS={choice!r} is not allowed; use one of {', '.join(BACKEND_CHOICES)}")
+    return choice
+
+
+def _say_once(op: str, reason: str) -> None:
+    if (op, reason) not in _said:
+        _said.add((op, reason))
+        log.warning("qlorakit: %s runs on the PyTorch reference: %s", op, reason)
+
+
+def implementation(op: str, device: torch.device) -> tuple[str, Callable[..., Any]]:
+    """(backend name, function) that computes `op` for tensors on `device`."""
+    impls = _registry[op]
+    choice = requested_backend()
+    if choice == "reference":
+        return "reference", impls["reference"]
+    if "triton" in impls:
+        if choice == "triton" or device.type == "cuda":
+            return "triton", impls["triton"]
+    elif choice == "triton":
+        raise QlorakitError(f"QLORAKIT_KERNELS=triton but {op} has no Triton implementation")
+    elif device.type == "cuda":
+        _say_once(op, "no Triton implementation is available")
+    return "reference", impls["reference"]
+
+
+def call(op: str, *args: Any, **kwargs: Any) -> Any:
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    return implementation(op, device)[1](*args, **kwargs)

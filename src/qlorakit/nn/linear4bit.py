@@ -1,0 +1,163 @@
+"""The frozen 4-bit linear layer: a packed NF4/FP4 weight whose state dict is the bitsandbytes layout."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..quant.bnb_format import quant_state_from_tensors, quant_state_to_tensors
+from ..quant.double_quant import NestedAbsmax
+from ..quant.state import QuantState
+
+
+class _Linear4bitFn(torch.autograd.Function):
+    """Y = X W^T + b with W frozen in 4 bits.
+
+    Saves only references to the packed weight and its (small) quantization state; backward dequantizes W
+    again and computes dX = dY W. No gradient is computed for W or b.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None):
+        ctx.packed, ctx.state = packed, state
+        return kernels.call("linear_4bit", x, packed, state, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = kernels.call("linear_4bit_grad_input", grad_y, ctx.packed, ctx.state)
+        return grad_x, None, None, None
+
+
+def linear_4bit(
+    x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Functional form of Linear4bit.forward: x [..., K] (compute dtype) -> [..., N] in x.dtype."""
+    return _Linear4bitFn.apply(x, packed, state, bias)
+
+
+class Linear4bit(nn.Module):
+    """A frozen Linear whose weight [out_features, in_features] is stored packed in 4 bits.
+
+    Buffers (moved by .to()): packed weight uint8 [(N*K+1)//2, 1]; absmax (fp32, or uint8 when double
+    quantized) with its nested constants. Its state dict uses bitsandbytes' keys (`weight`, `weight.absmax`,
+    `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`,
+    `bias`), so transformers + bitsandbytes read what it writes and the reverse.
+
+    Input in any float dtype; under autocast the input is cast to the autocast dtype. Output in the input dtype.
+    """
+
+    def __init__(self, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
+        self._set_state(packed, state)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        device: torch.device | str | None = None,
+    ) -> "Linear4bit":
+        """Quantize an nn.Linear's weight (on `device` if given, else where it is)."""
+        w = linear.weight.detach()
+        if device is not None:
+            w = w.to(device)
+        packed, state = kernels.call("quantize_4bit", w, blocksize, quant_type, double_quant)
+        bias = None if linear.bias is None else linear.bias.detach().to(w.device)
+        return cls(packed, state, bias)
+
+    def _set_state(self, packed: torch.Tensor, state: QuantState) -> None:
+        if len(state.shape) != 2:
+            raise ValueError(f"Linear4bit needs a 2-D weight, got shape {list(state.shape)}")
+        self.shape, self.dtype = torch.Size(state.shape), state.dtype
+        self.blocksize, self.quant_type = state.blocksize, state.quant_type
+        self.register_buffer("weight", packed.reshape(-1, 1), persistent=False)
+        self.register_buffer("quant_map", state.code, persistent=False)
+        if state.nested is not None:
+            n = state.nested
+            self.nested_blocksize: int | None = n.blocksize
+            self.register_buffer("absmax", n.quantized, persistent=False)
+            self.register_buffer("nested_absmax", n.absmax, persistent=False)
+            self.register_buffer("nested_quant_map", n.code, persistent=False)
+            self.register_buffer("nested_offset", n.offset.reshape(()), persistent=False)
+        else:
+            self.nested_blocksize = None
+            self.register_buffer("absmax", state.absmax, persistent=False)
+            for name in ("nested_absmax", "nested_quant_map", "nested_offset"):
+                self.register_buffer(name, None, persistent=False)
+
+    @property
+    def quant_state(self) -> QuantState:
+        """A QuantState view of the buffers (no copies)."""
+        nested = None
+        if self.nested_blocksize is not None:
+            nested = NestedAbsmax(
+                self.absmax, self.nested_absmax, self.nested_offset, self.nested_quant_map, self.nested_blocksize
+            )
+        return QuantState(
+            self.shape, self.dtype, self.blocksize, self.quant_type, self.quant_map,
+            None if nested is not None else self.absmax, nested,
+        )
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_blocksize is not None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a dense [out_features, in_features] tensor (default: its original dtype)."""
+        return kernels.call("dequantize_4bit", self.weight, self.quant_state, dtype or self.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return linear_4bit(x, self.weight, self.quant_state, self.bias)
+
+    def extra_repr(self) -> str:
+        dq = f", double_quant(blocksize={self.nested_blocksize})" if self.double_quant else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}{dq}"
+        )
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        for key, value in quant_state_to_tensors(prefix, self.weight, self.quant_state).items():
+            destination[key] = value if keep_vars else value.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        mine = {k: v for k, v in state_dict.items() if k.startswith(prefix + "weight")}
+        if not mine:
+            missing_keys.append(prefix + "weight")
+            return
+        packed, state = quant_state_from_tensors(prefix, mine, where=f"state dict at {prefix!r}")
+        device = self.weight.device
+        self._set_state(packed.to(device), state.to(device))
+        self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
+        if self.bias is not None:
+            if prefix + "bias" in state_dict:
+                with torch.no_grad():
+                    self.bias.data = state_dict[prefix + "bias"].to(device=device, dtype=self.bias.dtype)
+            else:
+                missing_keys.append(prefix + "bias")
+
+    def bits_per_parameter(self) -> float:
+        """Stored bits per weight of this layer, counting packed codes and every constant."""
+        total = self.weight.numel() * 8 + self.absmax.numel() * self.absmax.element_size() * 8
+        if self.double_quant:
+            total += self.nested_absmax.numel() * 32 + 32
+        return total / math.prod(self.shape)

@@ -1,0 +1,83 @@
+"""LoRA on top of any linear layer (usually Linear4bit): y = base(x) + scaling * B(A(dropout(x)))."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .linear4bit import Linear4bit
+
+
+class LoraLinear(nn.Module):
+    """A frozen base linear plus a trainable low-rank update.
+
+    Submodule names follow PEFT (`base_layer`, `lora_A`, `lora_B`, `lora_dropout`), so a state dict key
+    `<path>.lora_A.weight` is PEFT's `base_model.model.<path>.lora_A.weight` without the prefix.
+    lora_A: [r, in_features], kaiming-uniform(a=sqrt(5)); lora_B: [out_features, r], zeros; both in
+    `adapter_dtype`. scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 64,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        in_features, out_features = base_layer.in_features, base_layer.out_features
+        device = _device_of(base_layer)
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        a = self.lora_A.weight
+        h = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            h = h.to(a.dtype)
+        update = self.lora_B(self.lora_A(h)) * self.scaling
+        return y + update.to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in fp32: [out_features, in_features], what a merge adds to the base weight."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+__all__ = ["Linear4bit", "LoraLinear"]
