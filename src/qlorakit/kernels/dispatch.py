@@ -73,5 +73,9 @@ def implementation(op: str, device: torch.device) -> tuple[str, Callable[..., An
 
 
 def call(op: str, *args: Any, **kwargs: Any) -> Any:
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    return implementation(op, device)[1](*args, **kwargs)
+    """Run `op` with the implementation chosen for the device of its first tensor argument (positional or
+    keyword)."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if not tensors:
+        raise QlorakitError(f"kernels.call({op!r}) got no tensor argument to choose a device from")
+    return implementation(op, tensors[0].device)[1](*args, **kwargs)

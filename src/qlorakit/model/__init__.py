@@ -1,0 +1,1 @@
+"""Model loading with quantize-on-load, target selection and LoRA injection."""

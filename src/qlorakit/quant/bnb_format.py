@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..errors import CheckpointFormatError
+from ..errors import CheckpointFormatError, QuantizationError
 from .blockwise import check_blocksize, check_quant_type
 from .double_quant import NestedAbsmax
 from .state import QuantState
@@ -102,10 +102,18 @@ def quant_state_from_tensors(
         meta = json.loads(bytes(need(meta_key).to(torch.uint8).cpu().tolist()).decode("utf-8"))
         quant_type, blocksize, shape = meta["quant_type"], int(meta["blocksize"]), torch.Size(meta["shape"])
         dtype = parse_dtype(meta["dtype"], f"{where}: {meta_key} dtype")
+        nested_meta = None
+        if "nested_blocksize" in meta:
+            nested_meta = int(meta["nested_blocksize"]), float(meta["nested_offset"])
     except (ValueError, KeyError, TypeError) as err:
         raise CheckpointFormatError(f"{where}: {meta_key!r} is not valid quantization JSON ({err})") from None
-    check_quant_type(quant_type)
-    check_blocksize(blocksize)
+    try:
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+        if nested_meta is not None:
+            check_blocksize(nested_meta[0], "nested_blocksize")
+    except QuantizationError as err:
+        raise CheckpointFormatError(f"{where}: {meta_key!r}: {err}") from None
     if meta_key != head + quant_type:
         raise CheckpointFormatError(f"{where}: {meta_key!r} says quant_type {quant_type!r}")
     packed = need(prefix + "weight")
@@ -118,13 +126,14 @@ def quant_state_from_tensors(
     code = need(prefix + "weight.quant_map").to(torch.float32)
     absmax = need(prefix + "weight.absmax")
     state = QuantState(shape, dtype, blocksize, quant_type, code)
-    if "nested_blocksize" in meta:
+    if nested_meta is not None:
+        nested_blocksize, nested_offset = nested_meta
         state.nested = NestedAbsmax(
             quantized=absmax,
             absmax=need(prefix + "weight.nested_absmax").to(torch.float32),
-            offset=torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device),
+            offset=torch.tensor(nested_offset, dtype=torch.float32, device=absmax.device),
             code=need(prefix + "weight.nested_quant_map").to(torch.float32),
-            blocksize=int(meta["nested_blocksize"]),
+            blocksize=nested_blocksize,
         )
     else:
         state.absmax = absmax.to(torch.float32)
@@ -141,14 +150,23 @@ def quantization_config(
     compute_dtype: torch.dtype = torch.bfloat16,
     skip_modules: list[str] | None = None,
 ) -> dict[str, object]:
-    """The `quantization_config` entry of config.json that transformers reads as a BitsAndBytesConfig."""
+    """The `quantization_config` entry of config.json that transformers reads as a BitsAndBytesConfig.
+
+    The same keys and values that transformers (5.x) writes for a 4-bit model from BitsAndBytesConfig's defaults,
+    including its private `_load_in_4bit` / `_load_in_8bit` copies and the unused 8-bit options.
+    """
     return {
         "quant_method": "bitsandbytes",
         "load_in_4bit": True,
         "load_in_8bit": False,
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
         "bnb_4bit_quant_type": quant_type,
         "bnb_4bit_use_double_quant": double_quant,
         "bnb_4bit_compute_dtype": dtype_name(compute_dtype),
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": skip_modules,
+        "llm_int8_threshold": 6.0,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
     }
