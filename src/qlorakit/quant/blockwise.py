@@ -84,7 +84,7 @@ def quantize_blocks_4bit(
     if not x.is_floating_point():
         raise QuantizationError(f"can only quantize floating-point tensors, got {x.dtype}")
     if x.numel() == 0:
-        raise QuantizationError("cannot quantize an empty tensor")
+        raise QuantizationError(f"cannot quantize an empty tensor (shape {list(x.shape)}); it needs >= 1 element")
     flat = x.reshape(-1).to(torch.float32)
     scaled, absmax = _scale_into_unit(flat, blocksize)
     if scaled.numel() % 2:
@@ -131,16 +131,20 @@ def quantize_blocks_8bit(
 
     Each value is scaled by its block's fp32 reciprocal absmax, snapped to a 65536-point grid over [-1, 1]
     (round half up) and mapped to the map entry nearest that grid point, as bitsandbytes' CPU path does.
-    An all-zero block stores index 0.
+    An all-zero block stores index 0; NaNs are skipped by the absmax and store index 0.
     x: float, any shape. Returns (uint8 codes of x's shape, absmax fp32 [ceil(n / blocksize)]).
     """
     flat = x.reshape(-1).to(torch.float32)
     n = flat.numel()
     nb = num_blocks(n, blocksize)
     padded = torch.nn.functional.pad(flat, (0, nb * blocksize - n)).view(nb, blocksize)
-    absmax = padded.abs().amax(dim=1)
+    magnitude = padded.abs()
+    # As in bitsandbytes' CPU kernel: a NaN does not count towards its block's absmax, and a value that is NaN
+    # after scaling (a NaN input, inf * 0, or 0 * inf under a subnormal absmax) takes grid point 0, i.e. index 0.
+    absmax = torch.where(magnitude.isnan(), 0.0, magnitude).amax(dim=1)
     inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)
     normed = (padded * inv[:, None]).clamp(-1.0, 1.0)
+    normed = torch.where(normed.isnan(), -1.0, normed)
     grid_index = ((normed + 1.0) * 0.5 * float(_LUT_SIZE - 1) + 0.5).to(torch.int64)
     table = _grid_to_code_table(code.to(device=flat.device, dtype=torch.float32))
     idx = torch.where(absmax[:, None] == 0, 0, table[grid_index])
