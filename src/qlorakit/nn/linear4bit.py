@@ -18,7 +18,8 @@ class _Linear4bitFn(torch.autograd.Function):
     """Y = X W^T + b with W frozen in 4 bits.
 
     Saves only references to the packed weight and its (small) quantization state; backward dequantizes W
-    again and computes dX = dY W. No gradient is computed for W or b.
+    again and computes dX = dY W. W gets no gradient; b (frozen by Linear4bit) gets dY summed over all leading
+    dimensions only when a caller has made it require grad, rather than silently none.
     """
 
     @staticmethod
@@ -28,10 +29,12 @@ class _Linear4bitFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor):
-        grad_x = None
+        grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = kernels.call("linear_4bit_grad_input", grad_y, ctx.packed, ctx.state)
-        return grad_x, None, None, None
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
 
 
 def linear_4bit(
@@ -77,6 +80,17 @@ class Linear4bit(nn.Module):
         packed, state = kernels.call("quantize_4bit", w, blocksize, quant_type, double_quant)
         bias = None if linear.bias is None else linear.bias.detach().to(w.device)
         return cls(packed, state, bias)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Device moves reach every buffer, but dtype casts (`.to(torch.bfloat16)`, `.half()`, `.double()`) only
+        # reach the bias: casting the fp32 absmax or codebooks would silently change the dequantized weight.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def _set_state(self, packed: torch.Tensor, state: QuantState) -> None:
         if len(state.shape) != 2:
@@ -145,15 +159,31 @@ class Linear4bit(nn.Module):
             missing_keys.append(prefix + "weight")
             return
         packed, state = quant_state_from_tensors(prefix, mine, where=f"state dict at {prefix!r}")
+        if state.shape != self.shape:
+            error_msgs.append(
+                f"size mismatch for {prefix}weight: the checkpoint holds a 4-bit weight of shape "
+                f"{list(state.shape)}, this Linear4bit has {list(self.shape)}"
+            )
+            return
+        bias = state_dict.get(prefix + "bias")
+        if self.bias is not None and bias is not None and bias.shape != self.bias.shape:
+            error_msgs.append(
+                f"size mismatch for {prefix}bias: copying a param with shape {list(bias.shape)}, "
+                f"the shape in this Linear4bit is {list(self.bias.shape)}"
+            )
+            return
         device = self.weight.device
         self._set_state(packed.to(device), state.to(device))
-        self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
         if self.bias is not None:
-            if prefix + "bias" in state_dict:
+            if bias is not None:
                 with torch.no_grad():
-                    self.bias.data = state_dict[prefix + "bias"].to(device=device, dtype=self.bias.dtype)
+                    self.bias.data = bias.to(device=device, dtype=self.bias.dtype)
             else:
                 missing_keys.append(prefix + "bias")
+        expected = set(quant_state_to_tensors(prefix, packed, state))
+        if self.bias is not None:
+            expected.add(prefix + "bias")
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in expected)
 
     def bits_per_parameter(self) -> float:
         """Stored bits per weight of this layer, counting packed codes and every constant."""

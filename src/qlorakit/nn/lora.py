@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -29,8 +30,8 @@ class LoraLinear(nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
-        if r <= 0:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r <= 0:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.base_layer = base_layer
