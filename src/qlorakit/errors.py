@@ -25,3 +25,7 @@ class DataFormatError(QlorakitError):
 
 class AdapterMismatchError(QlorakitError):
     """An adapter was trained on another base model."""
+
+
+class AssetError(QlorakitError):
+    """A default model or data set could not be fetched from its registry package, or the package lacks it."""
