@@ -23,8 +23,15 @@ endif
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+QUICKSTART_PROMPTS := --prompt "Give three tips for a good night's sleep." \
+	--prompt "Is a tomato a fruit or a vegetable? Answer in one sentence." \
+	--prompt "Write a haiku about autumn rain."
+
 quickstart: $(STAMP)
-	$(BIN)/qlorakit demo
+	@start=$$(date +%s); \
+	$(BIN)/qlorakit demo && \
+	$(BIN)/qlorakit train examples/quickstart.yaml $(QUICKSTART_PROMPTS); status=$$?; \
+	echo "quickstart: $$(( $$(date +%s) - start )) s (after set-up)"; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

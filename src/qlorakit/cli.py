@@ -28,9 +28,45 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .assets import prepare_all
 
-    return run_demo(args)
+    paths = prepare_all()
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train.pipeline import train_command
+
+    cfg = load_config(args.config, args.set or [])
+    return train_command(cfg, prompts=args.prompt or [], max_new_tokens=args.max_new_tokens,
+                         progress=not args.no_progress)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .infer.session import generate_command
+
+    return generate_command(args)
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from .infer.session import chat_command
+
+    return chat_command(args)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="base model: a local folder, a hub id in the local cache, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="a PEFT-format adapter folder (e.g. runs/quickstart/adapter)")
+    p.add_argument("--force", action="store_true", help="load an adapter even if it was trained on another base")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     q.set_defaults(func=_cmd_quantize)
 
-    d = sub.add_parser("demo", help="a short demonstration on the bundled default model")
+    t = sub.add_parser("train", help="fine-tune with QLoRA from a YAML config",
+                       description="Fine-tune a 4-bit base model with LoRA. Resumes from the newest checkpoint in "
+                       "training.output_dir when there is one.")
+    t.add_argument("config", nargs="?", help="YAML config (sections: model, quantization, lora, training, data); "
+                   "omitted: all defaults")
+    t.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set training.learning_rate=1e-4 (repeatable)")
+    t.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="print the model's reply to this prompt before and after training (repeatable)")
+    t.add_argument("--max-new-tokens", type=int, default=96, help="length of the --prompt replies")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_train)
+
+    g = sub.add_parser("generate", help="generate a reply on the 4-bit base (+ adapter)")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True, action="append", help="prompt text (repeatable)")
+    g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("chat", help="chat on the 4-bit base (+ adapter), streaming tokens; /exit to leave")
+    _add_model_args(c)
+    c.add_argument("--system", help="a system message")
+    c.set_defaults(func=_cmd_chat)
+
+    d = sub.add_parser("demo", help="prepare the bundled default model and data in the user cache (idempotent)")
     d.set_defaults(func=_cmd_demo)
     return parser
 

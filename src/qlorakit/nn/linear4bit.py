@@ -136,7 +136,20 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        cached = self.__dict__.get("_dense_cache")
+        if cached is not None and cached.dtype == x.dtype:
+            return torch.nn.functional.linear(x, cached, None if self.bias is None else self.bias.to(x.dtype))
         return linear_4bit(x, self.weight, self.quant_state, self.bias)
+
+    def keep_dense_copy(self, dtype: torch.dtype | None) -> int:
+        """Keep (dtype) or drop (None) a dequantized copy of the weight that forward uses instead of
+        dequantizing on every call, for devices without 4-bit kernels. Returns the copy's size in bytes."""
+        if dtype is None:
+            self.__dict__.pop("_dense_cache", None)
+            return 0
+        dense = self.dequantize(dtype)
+        self.__dict__["_dense_cache"] = dense
+        return dense.numel() * dense.element_size()
 
     def extra_repr(self) -> str:
         dq = f", double_quant(blocksize={self.nested_blocksize})" if self.double_quant else ""

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import QuantizationError
 from .codebooks import QUANT_TYPES, code_4bit
-from .packing import pack_nibbles, unpack_nibbles
+from .packing import pack_nibbles
 
 MIN_BLOCKSIZE = 32
 MAX_BLOCKSIZE = 4096
@@ -93,6 +93,19 @@ def quantize_blocks_4bit(
     return pack_nibbles(codes).unsqueeze(1), absmax
 
 
+_pair_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """fp32 [256, 2]: the two code values packed in each possible byte (high nibble first)."""
+    key = (quant_type, device)
+    if key not in _pair_tables:
+        code = code_4bit(quant_type, device)
+        byte = torch.arange(256, device=device)
+        _pair_tables[key] = torch.stack((code[byte >> 4], code[byte & 0xF]), dim=1)
+    return _pair_tables[key]
+
+
 def dequantize_blocks_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -106,10 +119,17 @@ def dequantize_blocks_4bit(
     packed: uint8 holding >= ceil(n/2) bytes; absmax: fp32 [ceil(n / blocksize)]. Returns `dtype` of `shape`.
     """
     n = math.prod(shape)
-    codes = unpack_nibbles(packed, n).long()
-    values = code_4bit(quant_type, packed.device)[codes]
-    block_of = torch.arange(n, device=packed.device) // blocksize
-    return (values * absmax.to(torch.float32)[block_of]).to(dtype).reshape(shape)
+    flat = packed.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    values = _pair_table(quant_type, flat.device)[flat[: (n + 1) // 2].int()].reshape(-1)[:n]
+    scale = absmax.to(torch.float32)
+    nb = num_blocks(n, blocksize)
+    if n == nb * blocksize:
+        out = values.view(nb, blocksize) * scale[:, None]
+    else:
+        out = torch.nn.functional.pad(values, (0, nb * blocksize - n)).view(nb, blocksize) * scale[:, None]
+    return out.reshape(-1)[:n].to(dtype).reshape(shape)
 
 
 _LUT_SIZE = 65536

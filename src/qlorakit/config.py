@@ -1,0 +1,239 @@
+"""One configuration schema for YAML files, `--set` overrides on the command line, and Python.
+
+Everything is checked when the file is read, before any model is loaded: unknown or misspelt keys, wrong types
+and impossible combinations raise QloraConfigError naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import QloraConfigError
+
+log = logging.getLogger("qlorakit.config")
+
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit")
+SCHEDULERS = ("cosine", "linear", "constant")
+DATA_FORMATS = ("alpaca", "chat", "text")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name: str = Field("default", description="local Hugging Face folder, a hub id already in the local cache, "
+                      "or 'default' for the bundled SmolLM2-135M-Instruct")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class QuantizationSection(_Section):
+    load_in_4bit: bool = True
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    double_quant: bool = True
+    blocksize: int = 64
+
+    @field_validator("blocksize")
+    @classmethod
+    def _blocksize(cls, v: int) -> int:
+        if v < 32 or v > 4096 or v & (v - 1):
+            raise ValueError("must be a power of two from 32 to 4096")
+        return v
+
+
+class LoraSection(_Section):
+    rank: int = Field(64, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    use_rslora: bool = False
+    bias: Literal["none"] = "none"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    adapter_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one module, or be 'all-linear'")
+        return v
+
+
+class TrainingSection(_Section):
+    output_dir: str = "runs/qlora"
+    seed: int = 42
+    batch_size: int = Field(1, gt=0)
+    gradient_accumulation: int = Field(16, gt=0)
+    effective_batch_size: int | None = Field(None, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit"] = "paged_adamw_32bit"
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(0.3, gt=0)
+    gradient_checkpointing: bool = True
+    max_seq_length: int = Field(2048, ge=16)
+    bf16: bool = True
+    eval_every: int = Field(50, gt=0)
+    save_every: int = Field(100, gt=0)
+    log_every: int = Field(1, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    resume: bool = True
+
+    @model_validator(mode="after")
+    def _effective_batch(self) -> "TrainingSection":
+        product = self.batch_size * self.gradient_accumulation
+        if self.effective_batch_size is not None and self.effective_batch_size != product:
+            raise ValueError(
+                f"effective_batch_size {self.effective_batch_size} != batch_size {self.batch_size} x "
+                f"gradient_accumulation {self.gradient_accumulation} = {product}; drop it or make them agree"
+            )
+        return self
+
+
+class DataSection(_Section):
+    path: str = Field("default:seed_tasks", description="a local .json, .jsonl, .parquet or .csv file, or "
+                      "'default:seed_tasks' / 'default:alpaca_eval' for the bundled sets")
+    format: Literal["alpaca", "chat", "text"] = "alpaca"
+    text_field: str = "text"
+    messages_field: str = "messages"
+    train_on_inputs: bool = False
+    packing: bool = True
+    eval_file: str | None = None
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    max_eval_examples: int | None = Field(None, gt=0)
+    template: Literal["auto", "chat_template", "alpaca"] = "auto"
+    cache_dir: str | None = None
+
+
+class QloraConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    data: DataSection = Field(default_factory=DataSection)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "QloraConfig":
+        q = self.quantization
+        if not q.load_in_4bit and q.quant_type == "fp4":
+            raise ValueError("quantization.quant_type 'fp4' needs quantization.load_in_4bit: true")
+        if self.training.bf16 != (q.compute_dtype == "bfloat16"):
+            raise ValueError(
+                f"training.bf16 is {str(self.training.bf16).lower()} but quantization.compute_dtype is "
+                f"{q.compute_dtype}; bf16: true goes with compute_dtype bfloat16, bf16: false with float16 or float32"
+            )
+        return self
+
+    def warnings(self) -> list[str]:
+        """Advice about legal but doubtful choices, said once when the config is loaded."""
+        out = []
+        if self.quantization.load_in_4bit and self.quantization.quant_type == "fp4":
+            out.append("quantization.quant_type is fp4: NF4 quantizes normally distributed weights with less "
+                       "error and fine-tunes 0.5-1 points better; use nf4 unless you are comparing the two")
+        return out
+
+
+def _suggest(key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = QloraConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            lines.append(f"{source}: unknown key {key!r}{_suggest(str(loc[-1]), allowed)} "
+                         f"(allowed here: {', '.join(allowed)})")
+        elif e["type"] == "literal_error":
+            lines.append(f"{source}: {key} = {e['input']!r} is not allowed; {e['msg'].replace('Input should be', 'use')}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            shown = "" if isinstance(e["input"], dict) else f" (got {e['input']!r})"
+            lines.append(f"{source}: {key}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise QloraConfigError(f"--set {assignment!r}: expected SECTION.KEY=VALUE, e.g. training.learning_rate=1e-4")
+    dotted, raw = assignment.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if len(parts) < 2:
+        raise QloraConfigError(f"--set {assignment!r}: the key must name a section and a key, e.g. lora.rank=16")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise QloraConfigError(f"--set {assignment!r}: value is not valid YAML ({err})") from None
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise QloraConfigError(f"--set {assignment!r}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "config") -> QloraConfig:
+    try:
+        return QloraConfig.model_validate(tree)
+    except ValidationError as err:
+        raise QloraConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> QloraConfig:
+    """Read a YAML config (None: all defaults), apply `section.key=value` overrides, validate, log warnings."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise QloraConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise QloraConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise QloraConfigError(f"{p}: the top level must be a mapping of sections "
+                                   f"(model, quantization, lora, training, data)")
+        tree = loaded
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    if overrides:
+        source += " (with --set)"
+    cfg = config_from_dict(tree, source)
+    for w in cfg.warnings():
+        log.warning("qlorakit: warning: %s", w)
+    return cfg
+
+
+def dump_config(cfg: QloraConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

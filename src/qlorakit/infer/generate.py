@@ -1,0 +1,117 @@
+"""Text generation on the 4-bit base (plus adapter): prompts rendered with the chat template when there is one,
+tokens streamed as they come, stopping at EOS."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from threading import Thread
+from typing import TextIO
+
+import torch
+from torch import nn
+
+
+def render_prompt(tokenizer, prompt: str, *, use_chat_template: bool = True,
+                  history: list[dict[str, str]] | None = None) -> str:
+    """The text the model sees: a chat-formatted user turn with a generation prompt, or the raw prompt."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        messages = list(history or []) + [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt
+
+
+def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    use_chat_template: bool = True,
+    history: list[dict[str, str]] | None = None,
+    stream: TextIO | None = None,
+    seed: int | None = 0,
+) -> str:
+    """Generate a reply to `prompt`; greedy when temperature == 0. Streams text to `stream` if given."""
+    pieces = []
+    for piece in stream_generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, use_chat_template=use_chat_template, history=history, seed=seed):
+        pieces.append(piece)
+        if stream is not None:
+            stream.write(piece)
+            stream.flush()
+    return "".join(pieces)
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    use_chat_template: bool = True,
+    history: list[dict[str, str]] | None = None,
+    seed: int | None = 0,
+) -> Iterator[str]:
+    """Yield decoded text pieces as they are generated."""
+    from transformers import TextIteratorStreamer
+
+    text = render_prompt(tokenizer, prompt, use_chat_template=use_chat_template, history=history)
+    device = next(model.parameters()).device
+    enc = tokenizer(text, return_tensors="pt", add_special_tokens=not use_chat_template or not tokenizer.chat_template)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(
+        input_ids=enc["input_ids"].to(device),
+        attention_mask=enc["attention_mask"].to(device),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=_eos_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        streamer=streamer,
+        do_sample=temperature > 0,
+    )
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p)
+        if seed is not None:
+            torch.manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            model.generate(**kwargs)
+        except BaseException as err:  # surfaced in the caller's thread below
+            errors.append(err)
+            streamer.end()
+
+    worker = Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        yield from streamer
+    finally:
+        worker.join()
+        model.train(was_training)
+    if errors:
+        raise errors[0]
+
+
+def print_generation(model, tokenizer, prompt: str, out: TextIO = sys.stdout, **kw) -> str:
+    out.write(f">>> {prompt}\n")
+    reply = generate(model, tokenizer, prompt, stream=out, **kw)
+    out.write("\n")
+    return reply

@@ -1,0 +1,144 @@
+"""Training checkpoints: written to a temporary folder and renamed, resumable exactly.
+
+A checkpoint folder `checkpoints/step-000120/` holds the adapter in PEFT format (so any checkpoint is a usable
+adapter), the optimizer state as safetensors + JSON (no pickle), the RNG states, and trainer_state.json (step,
+data position, schedule). `checkpoints/latest` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..adapters.peft_format import load_adapter, save_adapter
+from ..errors import CheckpointFormatError
+
+STATE_NAME = "trainer_state.json"
+OPTIM_TENSORS = "optimizer.safetensors"
+OPTIM_META = "optimizer.json"
+RNG_TENSORS = "rng.safetensors"
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for idx, values in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    version, internal, gauss = random.getstate()
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    adapter_record: dict[str, Any],
+    base_model_name: str | None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under root/checkpoints atomically, point `latest` at it, prune old ones."""
+    ckpt_root = Path(root) / "checkpoints"
+    final = ckpt_root / f"step-{step:06d}"
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    rng_tensors, rng_meta = _rng_tensors()
+    state = dict(trainer_state, step=step, rng=rng_meta)
+
+    save_adapter(model, final, base_model_name_or_path=base_model_name, qlorakit_record=adapter_record)
+    # The adapter folder was renamed into place; the training state is added with per-file atomic writes and
+    # trainer_state.json last, so a folder without it is incomplete and never resumed from.
+    save_file(opt_tensors, str(final / (OPTIM_TENSORS + ".tmp")))
+    os.replace(final / (OPTIM_TENSORS + ".tmp"), final / OPTIM_TENSORS)
+    _write_json(final / OPTIM_META, opt_meta)
+    save_file(rng_tensors, str(final / (RNG_TENSORS + ".tmp")))
+    os.replace(final / (RNG_TENSORS + ".tmp"), final / RNG_TENSORS)
+    _write_json(final / STATE_NAME, state)
+    (ckpt_root / "latest.tmp").write_text(final.name + "\n")
+    os.replace(ckpt_root / "latest.tmp", ckpt_root / "latest")
+    _prune(ckpt_root, keep)
+    return final
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    complete = sorted(p for p in ckpt_root.glob("step-*") if (p / STATE_NAME).is_file())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under root/checkpoints, or None."""
+    ckpt_root = Path(root) / "checkpoints"
+    pointer = ckpt_root / "latest"
+    if pointer.is_file():
+        cand = ckpt_root / pointer.read_text().strip()
+        if (cand / STATE_NAME).is_file():
+            return cand
+    complete = sorted(p for p in ckpt_root.glob("step-*") if (p / STATE_NAME).is_file())
+    return complete[-1] if complete else None
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore adapter weights, optimizer state and RNG states; return the trainer state."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE_NAME).read_text())
+        load_adapter(model, path)
+        with safe_open(str(path / OPTIM_TENSORS), framework="pt") as f:
+            opt_tensors = {k: f.get_tensor(k) for k in f.keys()}
+        _optimizer_from_files(optimizer, opt_tensors, json.loads((path / OPTIM_META).read_text()))
+        with safe_open(str(path / RNG_TENSORS), framework="pt") as f:
+            rng_tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, json.JSONDecodeError, KeyError, ValueError) as err:
+        raise CheckpointFormatError(f"{path}: cannot resume from this checkpoint ({err})") from None
+    _restore_rng(rng_tensors, state["rng"])
+    return state

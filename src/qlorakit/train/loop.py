@@ -1,0 +1,295 @@
+"""The training loop: accumulation, autocast, schedule, clipping, eval, atomic checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import QlorakitError
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .loss import IGNORE_INDEX, causal_lm_loss_sum
+from .metrics import MetricsWriter, plot_losses
+from .runtime import Runtime
+from .schedule import lr_factor, warmup_steps_for
+
+log = logging.getLogger("qlorakit.train")
+
+
+class TrainingDivergedError(QlorakitError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class LoopSettings:
+    """What the loop needs, as plain values (the config object stays above this layer)."""
+
+    output_dir: Path
+    seed: int = 42
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float | None = 0.3
+    max_seq_length: int = 2048
+    packing: bool = True
+    eval_every: int = 50
+    save_every: int = 100
+    log_every: int = 1
+    keep_checkpoints: int = 2
+    resume: bool = True
+    attn_implementation: str = "sdpa"
+    stop_after_steps: int | None = None  # stop (as if killed) after this many steps; for tests and demos
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    total_steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+    interrupted: bool = False
+    checkpoint: Path | None = None
+
+
+class _Cursor:
+    """Position in the stream of micro-batches: (epoch, index into that epoch's batch plan)."""
+
+    def __init__(self, plan_fn, epoch: int = 0, index: int = 0):
+        self.plan_fn, self.epoch, self.index = plan_fn, epoch, index
+        self.plan = plan_fn(epoch)
+
+    def next(self) -> list[list[int]]:
+        while self.index >= len(self.plan):
+            self.epoch, self.index = self.epoch + 1, 0
+            self.plan = self.plan_fn(self.epoch)
+        batch = self.plan[self.index]
+        self.index += 1
+        return batch
+
+
+def _model_inputs(batch: dict[str, torch.Tensor], packing: bool, attn_implementation: str,
+                  dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    from ..data import packed_attention_mask
+
+    inputs: dict[str, Any] = {
+        "input_ids": batch["input_ids"].to(device),
+        "position_ids": batch["position_ids"].to(device),
+    }
+    if packing and attn_implementation != "flash_attention_2":
+        # transformers isolates packed examples only with an explicit block-diagonal mask (or flash-attn varlen).
+        inputs["attention_mask"] = packed_attention_mask(batch["segment_ids"], dtype).to(device)
+    elif not packing:
+        inputs["attention_mask"] = batch["attention_mask"].to(device)
+    return inputs
+
+
+def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], runtime: Runtime, packing: bool,
+                     attn_implementation: str) -> torch.Tensor:
+    """Summed token loss of one micro-batch (fp32 scalar), from the decoder's hidden states."""
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    inputs = _model_inputs(batch, packing, attn_implementation, runtime.compute_dtype, runtime.device)
+    with runtime.autocast():
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        return causal_lm_loss_sum(hidden, head.weight, batch["labels"].to(runtime.device))
+
+
+def _targets_in(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtime, pad_id: int) -> dict[str, float]:
+    from ..data import epoch_batches
+
+    was_training = model.training
+    model.eval()
+    plan = epoch_batches(examples.lengths, settings.batch_size, settings.max_seq_length, settings.packing,
+                         seed=settings.seed, epoch=0)
+    total, count = 0.0, 0
+    for rows in plan:
+        batch = examples.collate(rows, pad_id)
+        total += float(forward_loss_sum(model, batch, runtime, settings.packing, settings.attn_implementation))
+        count += _targets_in(batch)
+    model.train(was_training)
+    loss = total / max(1, count)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+
+
+def _divergence_message(step: int, loss: float, runtime: Runtime, settings: LoopSettings) -> str:
+    return (
+        f"loss became {loss} at step {step}: training stopped. Likely causes: fp16 compute overflowing "
+        f"(compute dtype is {str(runtime.compute_dtype).removeprefix('torch.')}; use bfloat16 where the GPU has it), "
+        f"a learning rate too high for this model (now {settings.learning_rate:g}), no gradient clipping "
+        f"(max_grad_norm {settings.max_grad_norm}), or bad data (an example with no target tokens or a corrupt "
+        "record). The last checkpoint is kept."
+    )
+
+
+def train_loop(
+    model: nn.Module,
+    train_examples,
+    eval_examples,
+    pad_id: int,
+    settings: LoopSettings,
+    runtime: Runtime,
+    optimizer: torch.optim.Optimizer,
+    *,
+    adapter_record: dict[str, Any] | None = None,
+    base_model_name: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train the trainable parameters of `model` (LoRA adapters) on `train_examples`."""
+    from ..data import epoch_batches
+
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = dict(adapter_record or {})
+
+    def plan(epoch: int):
+        return epoch_batches(train_examples.lengths, settings.batch_size, settings.max_seq_length,
+                             settings.packing, seed=settings.seed, epoch=epoch)
+
+    batches_per_epoch = len(plan(0))
+    if batches_per_epoch == 0:
+        raise QlorakitError("no training batches: the training set is empty after filtering")
+    ga = settings.gradient_accumulation
+    total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * batches_per_epoch / ga))
+    warmup = warmup_steps_for(total_steps, settings.warmup_ratio)
+    for g in optimizer.param_groups:
+        g.setdefault("initial_lr", settings.learning_rate)
+
+    step, cursor = 0, _Cursor(plan)
+    resumed_from = 0
+    ckpt = latest_checkpoint(out) if settings.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        if state.get("total_steps") != total_steps:
+            log.warning("qlorakit: checkpoint %s planned %s steps, this run plans %s; continuing with %s",
+                        ckpt, state.get("total_steps"), total_steps, total_steps)
+        step = resumed_from = int(state["step"])
+        cursor = _Cursor(plan, int(state["epoch"]), int(state["batch_index"]))
+        log.info("qlorakit: resumed from %s (step %d of %d)", ckpt, step, total_steps)
+    metrics = MetricsWriter(out, resume_from_step=resumed_from)
+    result = TrainResult(steps=step, total_steps=total_steps, resumed_from=resumed_from)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint_now() -> Path:
+        st = {"epoch": cursor.epoch, "batch_index": cursor.index, "total_steps": total_steps,
+              "settings_hash": _settings_hash(settings)}
+        return save_checkpoint(out, step, model, optimizer, st, record, base_model_name, settings.keep_checkpoints)
+
+    stop_requested = {"flag": False}
+
+    def on_sigterm(signum, frame):  # a scheduler's polite kill: finish the step, save, stop
+        stop_requested["flag"] = True
+
+    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    model.train()
+    if eval_examples is not None and step == 0:
+        ev = evaluate(model, eval_examples, settings, runtime, pad_id)
+        ev["step"] = 0
+        result.eval_history.append(ev)
+        metrics.write({"event": "eval", **ev})
+        bar.write(f"step 0 (before training): eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        while step < total_steps:
+            micro = [train_examples.collate(cursor.next(), pad_id) for _ in range(ga)]
+            n_targets = sum(_targets_in(b) for b in micro)
+            lr = settings.learning_rate * lr_factor(step, total_steps, warmup, settings.scheduler)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for batch in micro:
+                part = forward_loss_sum(model, batch, runtime, settings.packing, settings.attn_implementation)
+                (part / max(1, n_targets)).backward()
+                loss_sum += float(part.detach())
+                tokens_since += int(batch["attention_mask"].sum())
+            loss = loss_sum / max(1, n_targets)
+            if not math.isfinite(loss):
+                raise TrainingDivergedError(_divergence_message(step + 1, loss, runtime, settings))
+            grad_norm = None
+            if settings.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            result.losses.append(loss)
+            now = time.perf_counter()
+            tok_s = tokens_since / max(1e-9, now - t_last)
+            if step % settings.log_every == 0 or step == total_steps:
+                rec = {"event": "train", "step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
+                       "epoch": cursor.epoch + cursor.index / max(1, len(cursor.plan))}
+                if grad_norm is not None:
+                    rec["grad_norm"] = grad_norm
+                mem = runtime.memory_gib()
+                if mem is not None:
+                    rec["peak_mem_gib"] = mem
+                metrics.write(rec)
+                t_last, tokens_since = now, 0
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}",
+                                **({"mem": f"{mem:.1f}G"} if mem is not None else {}))
+            bar.update(1)
+            if eval_examples is not None and (step % settings.eval_every == 0 or step == total_steps):
+                ev = evaluate(model, eval_examples, settings, runtime, pad_id)
+                ev["step"] = step
+                result.eval_history.append(ev)
+                metrics.write({"event": "eval", **ev})
+                bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
+            if step % settings.save_every == 0 and step < total_steps:
+                result.checkpoint = checkpoint_now()
+            if stop_requested["flag"] or (settings.stop_after_steps and step >= settings.stop_after_steps):
+                result.checkpoint = checkpoint_now()
+                result.interrupted = True
+                break
+    except KeyboardInterrupt:
+        bar.close()
+        result.checkpoint = checkpoint_now()
+        result.interrupted = True
+        log.info("qlorakit: interrupted at step %d; checkpoint saved to %s; run the same command to resume",
+                 step, result.checkpoint)
+    finally:
+        bar.close()
+        metrics.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    result.steps = step
+    plot_losses(metrics.path, out / "loss.png")
+    return result
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _settings_hash(settings: LoopSettings) -> str:
+    keys = ("seed", "batch_size", "gradient_accumulation", "max_seq_length", "packing", "learning_rate")
+    blob = json.dumps({k: getattr(settings, k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,82 @@
+"""Run metrics: metrics.jsonl (one JSON object per event), TensorBoard when installed, loss.png at the end."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("qlorakit.train")
+
+
+class MetricsWriter:
+    """Appends records to `<run>/metrics.jsonl`; mirrors scalars to TensorBoard if it can be imported."""
+
+    def __init__(self, run_dir: Path, resume_from_step: int = 0):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_from_step and self.path.exists():
+            # Drop records written after the checkpoint we resume from, so the file tells one consistent story.
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()
+                    and json.loads(line).get("step", 0) <= resume_from_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        elif not resume_from_step:
+            self.path.write_text("")
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except Exception:  # tensorboard is optional: absent, or broken by its own dependencies
+            self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = int(record.get("step", 0))
+            for k, v in record.items():
+                if k not in ("step", "event") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{record.get('event', 'train')}/{k}", v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
+    """Train and eval loss against step, saved to out_png (None if matplotlib is missing or nothing to plot)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("qlorakit: matplotlib is not installed; no loss plot written")
+        return None
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if r.get("event") == "train"]
+    evals = [(r["step"], r["eval_loss"]) for r in records if r.get("event") == "eval"]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return out_png

@@ -1,0 +1,47 @@
+"""The `qlorakit train` command: train, then say where everything is; optionally show replies before/after."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from ..config import QloraConfig
+from .run import run_training
+
+log = logging.getLogger("qlorakit.train")
+
+
+def _show(model, tokenizer, prompts: list[str], title: str, max_new_tokens: int) -> None:
+    from ..infer.generate import generate
+
+    print(f"\n=== {title} ===", flush=True)
+    for prompt in prompts:
+        print(f">>> {prompt}", flush=True)
+        generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, stream=sys.stdout)
+        print("\n", flush=True)
+
+
+def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int = 96, progress: bool = True) -> int:
+    t0 = time.perf_counter()
+    hooks = {}
+    if prompts:
+        hooks["before"] = lambda model, tok: _show(model, tok, prompts, "before training (base model)",
+                                                   max_new_tokens)
+    out = run_training(cfg, progress=progress, before_training=hooks.get("before"))
+    if out.result.interrupted:
+        print(f"stopped at step {out.result.steps}; checkpoint: {out.result.checkpoint}. "
+              "Run the same command to resume.")
+        return 130
+    if prompts:
+        _show(out.model, out.tokenizer, prompts, "after training (base + adapter)", max_new_tokens)
+    hist = out.result.eval_history
+    if hist:
+        first, last = hist[0], hist[-1]
+        print(f"eval loss {first['eval_loss']:.4f} (step {first['step']}) -> {last['eval_loss']:.4f} "
+              f"(step {last['step']}); perplexity {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}")
+    print(f"adapter:  {out.adapter_dir}")
+    print(f"metrics:  {out.output_dir / 'metrics.jsonl'}")
+    print(f"plot:     {out.output_dir / 'loss.png'}")
+    print(f"took {time.perf_counter() - t0:.0f} s")
+    return 0

@@ -1,0 +1,175 @@
+"""`qlorakit train`: from a validated config to a trained adapter, translating the config into plain arguments
+for the layers below."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import QloraConfig, dump_config
+from ..errors import QlorakitError
+from .loop import LoopSettings, TrainResult, seed_everything, train_loop
+from .runtime import Runtime, pick_runtime
+
+log = logging.getLogger("qlorakit.train")
+
+
+def resolve_model_dir(name: str, revision: str | None = None) -> Path:
+    """A local folder; 'default' (the bundled SmolLM2-135M-Instruct); or a hub id already in the local cache."""
+    if name == "default":
+        from ..assets import default_model_dir
+
+        return default_model_dir()
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, revision=revision, local_files_only=True))
+        except Exception:
+            raise QlorakitError(
+                f"model.name {name!r}: not a local folder, and not in the local Hugging Face cache "
+                "(qlorakit never downloads at run time; download it once with `huggingface-cli download`)"
+            ) from None
+    raise QlorakitError(f"model.name {name!r}: folder not found")
+
+
+def resolve_data_path(path: str) -> Path:
+    if path.startswith("default:"):
+        from ..assets import default_data
+
+        return default_data(path.split(":", 1)[1])
+    return Path(path).expanduser()
+
+
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding positions are masked by position, never by token id
+    return tok
+
+
+def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: bool = True) -> nn.Module:
+    from ..model.loader import load_model
+    from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu, trainable_report
+
+    q = cfg.quantization
+    model, report = load_model(
+        model_dir, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type, blocksize=q.blocksize,
+        double_quant=q.double_quant, compute_dtype=runtime.compute_dtype, device=runtime.device,
+        attn_implementation=cfg.model.attn_implementation, trust_remote_code=cfg.model.trust_remote_code,
+        progress=progress,
+    )
+    log.info("qlorakit: %s", report.line())
+    lo = cfg.lora
+    names = inject_lora(model, lo.target_modules, r=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
+                        use_rslora=lo.use_rslora, adapter_dtype=runtime.adapter_dtype)
+    log.info("qlorakit: LoRA r=%d alpha=%g on %d linears; %s", lo.rank, lo.alpha, len(names),
+             trainable_report(model))
+    if runtime.device.type == "cpu":
+        keep_dense_copies_on_cpu(model, runtime.compute_dtype)
+    return model
+
+
+def build_optimizer(cfg: QloraConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    name = cfg.training.optimizer
+    log.info("qlorakit: optimizer %s is not built yet (issue [optim]); using torch.optim.AdamW with 32-bit "
+             "states in ordinary device memory", name)
+    return torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay,
+                             betas=(0.9, 0.999), eps=1e-8)
+
+
+def loop_settings(cfg: QloraConfig, stop_after_steps: int | None = None) -> LoopSettings:
+    t = cfg.training
+    return LoopSettings(
+        output_dir=Path(t.output_dir), seed=t.seed, batch_size=t.batch_size,
+        gradient_accumulation=t.gradient_accumulation, epochs=t.epochs, max_steps=t.max_steps,
+        learning_rate=t.learning_rate, weight_decay=t.weight_decay, scheduler=t.scheduler,
+        warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, max_seq_length=t.max_seq_length,
+        packing=cfg.data.packing, eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
+        keep_checkpoints=t.keep_checkpoints, resume=t.resume, attn_implementation=cfg.model.attn_implementation,
+        stop_after_steps=stop_after_steps,
+    )
+
+
+@dataclass
+class RunOutput:
+    result: TrainResult
+    adapter_dir: Path | None
+    output_dir: Path
+    model: nn.Module
+    tokenizer: object
+
+
+def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: int | None = None,
+                 device: str | None = None, before_training=None) -> RunOutput:
+    """Load, quantize, inject LoRA, prepare data, train, save the adapter in PEFT format."""
+    from ..adapters.fingerprint import base_fingerprint
+    from ..adapters.peft_format import save_adapter
+    from ..data import prepare_data
+
+    t0 = time.perf_counter()
+    seed_everything(cfg.training.seed)
+    out = Path(cfg.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    model_dir = resolve_model_dir(cfg.model.name, cfg.model.revision)
+    runtime = pick_runtime(cfg.quantization.compute_dtype, cfg.lora.adapter_dtype, device)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    d = cfg.data
+    prepared = prepare_data(
+        resolve_data_path(d.path), tokenizer, fmt=d.format, max_seq_length=cfg.training.max_seq_length,
+        template=d.template, train_on_inputs=d.train_on_inputs, text_field=d.text_field,
+        messages_field=d.messages_field, eval_file=resolve_data_path(d.eval_file) if d.eval_file else None,
+        eval_fraction=d.eval_fraction, max_eval_examples=d.max_eval_examples, seed=cfg.training.seed,
+        cache_dir=Path(d.cache_dir) if d.cache_dir else None,
+    )
+    model = build_model(cfg, model_dir, runtime, progress)
+    if cfg.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if before_training is not None:
+        before_training(model, tokenizer)
+    optimizer = build_optimizer(cfg, model)
+    fingerprint = base_fingerprint(model_dir)
+    record = {
+        "base_model": str(cfg.model.name),
+        "base_model_dir": str(model_dir),
+        "base_fingerprint": fingerprint,
+        "quantization": cfg.quantization.model_dump(),
+        "qlorakit_version": _version(),
+    }
+    result = train_loop(
+        model, prepared.train, prepared.eval, tokenizer.pad_token_id, loop_settings(cfg, stop_after_steps),
+        runtime, optimizer, adapter_record=record, base_model_name=str(cfg.model.name), progress=progress,
+    )
+    adapter_dir = None
+    if not result.interrupted:
+        record["training"] = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+                              "eval": result.eval_history[-1] if result.eval_history else None}
+        adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.name),
+                                   qlorakit_record=record)
+        summary = {"adapter": str(adapter_dir), "metrics": str(out / "metrics.jsonl"),
+                   "loss_plot": str(out / "loss.png"), "steps": result.steps,
+                   "seconds": round(time.perf_counter() - t0, 1), "eval": result.eval_history}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return RunOutput(result, adapter_dir, out, model, tokenizer)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qlorakit")
+    except PackageNotFoundError:
+        return "unknown"
