@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .linear4bit import Linear4bit
+from .lora_fused import lora_linear_4bit
 
 
 class LoraLinear(nn.Module):
@@ -44,6 +45,8 @@ class LoraLinear(nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A 4-bit base runs base + adapter in one autograd function (nn/lora_fused.py); other bases compose.
+        self.fused = isinstance(base_layer, Linear4bit)
         self.reset_lora_parameters()
 
     @property
@@ -59,6 +62,13 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        if self.fused and base.__dict__.get("_dense_cache") is None:
+            if torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+            return lora_linear_4bit(x, self.lora_A.weight, self.lora_B.weight, base.weight, base.quant_state,
+                                    base.bias, self.scaling, p, self.training)
         y = self.base_layer(x)
         a = self.lora_A.weight
         h = self.lora_dropout(x)
