@@ -109,6 +109,8 @@ class DataSection(_Section):
     text_field: str = "text"
     messages_field: str = "messages"
     train_on_inputs: bool = False
+    overlong: Literal["drop", "truncate"] = Field("drop", description="an alpaca or chat example longer than "
+                                                  "training.max_seq_length is dropped, or cut to it")
     packing: bool = True
     eval_file: str | None = None
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)

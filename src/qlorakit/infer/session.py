@@ -28,11 +28,13 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = compute_dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(model_dir)
-    record: dict = {}
+    quant = {"load_in_4bit": True, "quant_type": quant_type, "blocksize": 64, "double_quant": True}
     if adapter:
         config, _, record = read_adapter(adapter)
-        quant_type = (record.get("quantization") or {}).get("quant_type", quant_type)
-    net, report = load_model(model_dir, quant_type=quant_type, compute_dtype=dtype, device=dev, progress=progress)
+        # Rebuild the base the way the adapter was trained on it: its LoRA weights compensate that quantization.
+        trained = record.get("quantization") or {}
+        quant.update({k: trained[k] for k in quant if k in trained})
+    net, report = load_model(model_dir, **quant, compute_dtype=dtype, device=dev, progress=progress)
     log.info("qlorakit: %s", report.line())
     if adapter:
         targets = config.get("target_modules") or "all-linear"

@@ -102,3 +102,12 @@ def keep_dense_copies_on_cpu(model: nn.Module, dtype: torch.dtype) -> int:
              "has no 4-bit kernels; set QLORAKIT_CPU_DENSE_COPIES=0 to keep only the 4-bit weights",
              str(dtype).removeprefix("torch."), len(layers), total / 2**20)
     return total
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of the decoder layers (transformers renamed the method in 5.x)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)

@@ -53,7 +53,11 @@ def _optimizer_from_files(
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _rng_tensors() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+RngStates = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def capture_rng() -> RngStates:
+    """The torch (CPU and every CUDA device) and Python RNG states, as (tensors, JSON-able meta)."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -80,12 +84,17 @@ def save_checkpoint(
     adapter_record: dict[str, Any],
     base_model_name: str | None,
     keep: int = 2,
+    rng: RngStates | None = None,
 ) -> Path:
-    """Write checkpoint `step` under root/checkpoints atomically, point `latest` at it, prune old ones."""
+    """Write checkpoint `step` under root/checkpoints atomically, point `latest` at it, prune old ones.
+
+    rng: the RNG states a resumed run starts step `step + 1` with (capture_rng() at the end of step `step`);
+    None captures them now.
+    """
     ckpt_root = Path(root) / "checkpoints"
     final = ckpt_root / f"step-{step:06d}"
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    rng_tensors, rng_meta = _rng_tensors()
+    rng_tensors, rng_meta = rng if rng is not None else capture_rng()
     state = dict(trainer_state, step=step, rng=rng_meta)
 
     save_adapter(model, final, base_model_name_or_path=base_model_name, qlorakit_record=adapter_record)

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import QlorakitError
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import RngStates, capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
 from .loss import IGNORE_INDEX, causal_lm_loss_sum
 from .metrics import MetricsWriter, plot_losses
 from .runtime import Runtime
@@ -115,6 +115,34 @@ def _targets_in(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
+                         packing: bool, attn_implementation: str) -> float:
+    """Backpropagate one optimizer step's loss, adding to the parameters' .grad; return that loss.
+
+    The loss is the mean over the target tokens of all micro-batches together: each micro-batch's summed loss
+    is divided by the step's total target count, so the gradient does not depend on how the step's examples
+    are split into micro-batches (batch 4 x accumulation 1 == batch 1 x accumulation 4). NaN and inf pass
+    through to the caller.
+    """
+    n_targets = max(1, sum(_targets_in(b) for b in micro_batches))
+    loss_sum = 0.0
+    for batch in micro_batches:
+        part = forward_loss_sum(model, batch, runtime, packing, attn_implementation)
+        (part / n_targets).backward()
+        loss_sum += float(part.detach())
+    return loss_sum / n_targets
+
+
+@dataclass(frozen=True)
+class _ResumePoint:
+    """Where the next optimizer step starts: its data position and RNG states. Checkpoints record this, so a
+    step cut short by Ctrl-C is redone in full on resume rather than skipped."""
+
+    epoch: int
+    batch_index: int
+    rng: RngStates
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtime, pad_id: int) -> dict[str, float]:
     from ..data import epoch_batches
@@ -134,13 +162,16 @@ def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtim
 
 
 def _divergence_message(step: int, loss: float, runtime: Runtime, settings: LoopSettings) -> str:
-    return (
-        f"loss became {loss} at step {step}: training stopped. Likely causes: fp16 compute overflowing "
-        f"(compute dtype is {str(runtime.compute_dtype).removeprefix('torch.')}; use bfloat16 where the GPU has it), "
-        f"a learning rate too high for this model (now {settings.learning_rate:g}), no gradient clipping "
-        f"(max_grad_norm {settings.max_grad_norm}), or bad data (an example with no target tokens or a corrupt "
-        "record). The last checkpoint is kept."
-    )
+    """The causes that apply to this run only: fp16 overflow when computing in fp16, no clipping when off."""
+    causes = []
+    if runtime.compute_dtype == torch.float16:
+        causes.append("fp16 compute overflowing (use bfloat16 where the GPU has it)")
+    causes.append(f"a learning rate too high for this model (training.learning_rate is {settings.learning_rate:g})")
+    if not settings.max_grad_norm:
+        causes.append("no gradient clipping (set training.max_grad_norm, e.g. 0.3)")
+    causes.append("bad data (a corrupt record)")
+    return (f"loss became {loss} at step {step}: training stopped. Likely causes: {', '.join(causes[:-1])} or "
+            f"{causes[-1]}. The last checkpoint is kept.")
 
 
 def train_loop(
@@ -191,10 +222,14 @@ def train_loop(
     result = TrainResult(steps=step, total_steps=total_steps, resumed_from=resumed_from)
     params = [p for p in model.parameters() if p.requires_grad]
 
+    def resume_point() -> _ResumePoint:
+        return _ResumePoint(cursor.epoch, cursor.index, capture_rng())
+
     def checkpoint_now() -> Path:
-        st = {"epoch": cursor.epoch, "batch_index": cursor.index, "total_steps": total_steps,
+        st = {"epoch": done.epoch, "batch_index": done.batch_index, "total_steps": total_steps,
               "settings_hash": _settings_hash(settings)}
-        return save_checkpoint(out, step, model, optimizer, st, record, base_model_name, settings.keep_checkpoints)
+        return save_checkpoint(out, step, model, optimizer, st, record, base_model_name, settings.keep_checkpoints,
+                               rng=done.rng)
 
     stop_requested = {"flag": False}
 
@@ -212,20 +247,15 @@ def train_loop(
         metrics.write({"event": "eval", **ev})
         bar.write(f"step 0 (before training): eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
     t_last, tokens_since = time.perf_counter(), 0
+    done = resume_point()
     try:
         while step < total_steps:
             micro = [train_examples.collate(cursor.next(), pad_id) for _ in range(ga)]
-            n_targets = sum(_targets_in(b) for b in micro)
             lr = settings.learning_rate * lr_factor(step, total_steps, warmup, settings.scheduler)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss_sum = 0.0
-            for batch in micro:
-                part = forward_loss_sum(model, batch, runtime, settings.packing, settings.attn_implementation)
-                (part / max(1, n_targets)).backward()
-                loss_sum += float(part.detach())
-                tokens_since += int(batch["attention_mask"].sum())
-            loss = loss_sum / max(1, n_targets)
+            loss = accumulate_gradients(model, micro, runtime, settings.packing, settings.attn_implementation)
+            tokens_since += sum(int(b["attention_mask"].sum()) for b in micro)
             if not math.isfinite(loss):
                 raise TrainingDivergedError(_divergence_message(step + 1, loss, runtime, settings))
             grad_norm = None
@@ -234,6 +264,7 @@ def train_loop(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            done = resume_point()
             result.losses.append(loss)
             now = time.perf_counter()
             tok_s = tokens_since / max(1e-9, now - t_last)

@@ -28,6 +28,9 @@ def resolve_model_dir(name: str, revision: str | None = None) -> Path:
         return default_model_dir()
     path = Path(name).expanduser()
     if path.exists():
+        if not (path / "config.json").is_file():
+            raise QlorakitError(f"model.name {name!r}: not a Hugging Face model folder (no config.json); a model "
+                                "folder holds config.json, the *.safetensors weights and the tokenizer files")
         return path
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         try:
@@ -53,7 +56,14 @@ def resolve_data_path(path: str) -> Path:
 def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        # transformers explains a folder without a usable tokenizer in several paragraphs; one line is enough.
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise QlorakitError(f"{model_dir}: cannot load its tokenizer ({first.rstrip(':')}); the folder needs the "
+                            "tokenizer files next to config.json (tokenizer.json, or tokenizer.model with "
+                            "sentencepiece installed)") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding positions are masked by position, never by token id
     return tok
@@ -82,12 +92,14 @@ def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: b
 
 
 def build_optimizer(cfg: QloraConfig, model: nn.Module) -> torch.optim.Optimizer:
+    from ..optim import build_optimizer as make_optimizer
+
     params = [p for p in model.parameters() if p.requires_grad]
     name = cfg.training.optimizer
-    log.info("qlorakit: optimizer %s is not built yet (issue [optim]); using torch.optim.AdamW with 32-bit "
-             "states in ordinary device memory", name)
-    return torch.optim.AdamW(params, lr=cfg.training.learning_rate, weight_decay=cfg.training.weight_decay,
-                             betas=(0.9, 0.999), eps=1e-8)
+    optimizer = make_optimizer(name, params, lr=cfg.training.learning_rate,
+                               weight_decay=cfg.training.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    log.info("qlorakit: optimizer %s: %s", name, optimizer.describe())
+    return optimizer
 
 
 def loop_settings(cfg: QloraConfig, stop_after_steps: int | None = None) -> LoopSettings:
@@ -130,14 +142,16 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
     d = cfg.data
     prepared = prepare_data(
         resolve_data_path(d.path), tokenizer, fmt=d.format, max_seq_length=cfg.training.max_seq_length,
-        template=d.template, train_on_inputs=d.train_on_inputs, text_field=d.text_field,
+        template=d.template, train_on_inputs=d.train_on_inputs, overlong=d.overlong, text_field=d.text_field,
         messages_field=d.messages_field, eval_file=resolve_data_path(d.eval_file) if d.eval_file else None,
         eval_fraction=d.eval_fraction, max_eval_examples=d.max_eval_examples, seed=cfg.training.seed,
-        cache_dir=Path(d.cache_dir) if d.cache_dir else None,
+        cache_dir=Path(d.cache_dir) if d.cache_dir else _default_token_cache(),
     )
     model = build_model(cfg, model_dir, runtime, progress)
     if cfg.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from ..model.lora_inject import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     if before_training is not None:
         before_training(model, tokenizer)
     optimizer = build_optimizer(cfg, model)
@@ -164,6 +178,12 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
                    "seconds": round(time.perf_counter() - t0, 1), "eval": result.eval_history}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return RunOutput(result, adapter_dir, out, model, tokenizer)
+
+
+def _default_token_cache() -> Path:
+    from ..assets import cache_dir
+
+    return cache_dir() / "tokenized"
 
 
 def _version() -> str:
