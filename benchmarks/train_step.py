@@ -1,0 +1,195 @@
+"""QLoRA training step on a Llama-shaped model built directly in NF4, against the peers in the same call.
+
+    python3 benchmarks/train_step.py --out DIR [--batches 1x2048,4x2048] [--peers bnb-peft,unsloth]
+
+qlorakit side: random-init Llama-3-8B shape, block linears NF4 + double quantization (never held in bf16),
+LoRA r=64 alpha=16 on all 7 linears, dropout 0.05, fp32 adapters under bf16 autocast, non-reentrant gradient
+checkpointing, chunked cross-entropy (no fp32 logits), the configured optimizer, clip 0.3; random tokens,
+loss on every token, the same loop as ../shared/bench/peers.py. Peers run in their own processes afterwards
+(peers.py), so no memory of ours stays resident beside them. Memory: torch's peak allocated and the
+device-wide peak sampled through NVML every 5 ms. MFU counts the matmul work a LoRA step needs:
+forward + input gradient + checkpoint recompute of the frozen linears (6 N per token), the LM head
+(forward + input gradient + chunk recompute, 6 V H), and attention (~ 3 x 4 T H / 2 per layer, causal),
+over the bf16 matmul rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+class NvmlPeak:
+    def __enter__(self):
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        self.peak, self._stop = 0, False
+
+        def run():
+            while not self._stop:
+                self.peak = max(self.peak, pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+                time.sleep(0.005)
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+
+
+def matmul_ceiling() -> float:
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ y
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        x @ y
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    return 2 * 8192**3 / (sorted(ts)[5] / 1e3) / 1e12
+
+
+def ours(args, peak_tflops: float) -> dict:
+    from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora, trainable_report
+    from qlorakit.model.synthetic import SHAPES, synthetic_llama
+    from qlorakit.train.loop import forward_loss_sum
+    from qlorakit.train.runtime import Runtime
+
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    model = synthetic_llama(args.shape, layers=args.layers or None, device="cuda")
+    build_s = time.perf_counter() - t0
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    inject_lora(model, "all-linear", r=args.rank, alpha=16, dropout=args.dropout, adapter_dtype=torch.float32)
+    print("qlorakit:", trainable_report(model), flush=True)
+    enable_activation_checkpointing(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        from qlorakit.optim import build_optimizer
+
+        opt = build_optimizer(args.optimizer, params, lr=2e-4, weight_decay=0.0)
+        opt_name = args.optimizer
+    except ImportError:
+        opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+        opt_name = "torch.optim.AdamW(fused)"
+    runtime = Runtime(torch.device("cuda"), torch.bfloat16, torch.float32)
+    cfg = model.config
+    fields = dict(SHAPES[args.shape])
+    n_layers = args.layers or fields["num_hidden_layers"]
+    H, V = cfg.hidden_size, cfg.vocab_size
+    n_lin = sum(m.in_features * m.out_features for m in model.modules()
+                if type(m).__name__ == "Linear4bit")
+    model.train()
+    res = {"weights_GiB": round(weights_gib, 2), "build_s": round(build_s, 1), "optimizer": opt_name,
+           "trainable": sum(p.numel() for p in params)}
+    for bt in args.batches.split(","):
+        B, T = (int(v) for v in bt.split("x"))
+        torch.cuda.reset_peak_memory_stats()
+        times = []
+        with NvmlPeak() as nv:
+            for _ in range(args.steps):
+                ids = torch.randint(0, V, (B, T), device="cuda")
+                batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
+                         "position_ids": torch.arange(T, device="cuda").expand(B, T)}
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                loss_sum = forward_loss_sum(model, batch, runtime, packing=False, attn_implementation="sdpa")
+                n = B * (T - 1)
+                (loss_sum / n).backward()
+                torch.nn.utils.clip_grad_norm_(params, 0.3)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t)
+        step = sorted(times[3:])[len(times[3:]) // 2]
+        tok_s = B * T / step
+        flops_tok = 6 * n_lin + 6 * V * H + 3 * 2 * T * H * n_layers
+        res[f"B{B}xT{T}"] = dict(step_s=round(step, 4), tok_per_s=round(tok_s, 1),
+                                 torch_peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                                 nvml_peak_GiB=round(nv.peak / 2**30, 2), loss=round(float(loss_sum) / n, 3),
+                                 mfu=round(flops_tok * tok_s / (peak_tflops * 1e12), 3))
+        print(f"qlorakit B{B}xT{T}: {res[f'B{B}xT{T}']}", flush=True)
+    del model, opt, params
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--layers", type=int, default=0)
+    ap.add_argument("--batches", default="1x2048,4x2048")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--optimizer", default="paged_adamw_32bit")
+    ap.add_argument("--peers", default="", help="comma-separated peers.py peers to run after ours")
+    ap.add_argument("--peers-script", default=".peers/peers.py")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    peak = matmul_ceiling()
+    record = {"date": datetime.now(timezone.utc).isoformat(),
+              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+              or os.environ.get("QLORAKIT_COMMIT", "unknown"),
+              "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "bf16_matmul_TFLOPs": round(peak, 1), "args": vars(args)}
+    try:
+        import triton
+
+        record["triton"] = triton.__version__
+    except ImportError:
+        pass
+    record["qlorakit"] = ours(args, peak)
+    peers = [p for p in args.peers.split(",") if p]
+    if peers:
+        peer_out = out / "peers-raw"
+        cmd = [sys.executable, args.peers_script, *peers, "--shape", args.shape, "--batches", args.batches,
+               "--steps", str(args.steps), "--out", str(peer_out)]
+        if args.layers:
+            cmd += ["--layers", str(args.layers)]
+        subprocess.run(cmd, check=False)
+        path = peer_out / "peers.json"
+        record["peers"] = json.loads(path.read_text()) if path.exists() else {}
+    (out / "train_step.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\nshape {args.shape}{f' ({args.layers} layers)' if args.layers else ''}, r={args.rank}, bf16 matmul "
+          f"{peak:.0f} TFLOP/s")
+    print(f"{'system':28s} {'batch':10s} {'tok/s':>9s} {'torch GiB':>10s} {'NVML GiB':>9s} {'MFU':>6s}")
+    rows = [("qlorakit", record["qlorakit"])]
+    rows += [(k, v) for k, v in record.get("peers", {}).items() if isinstance(v, dict) and "ceil" not in k]
+    for name, res in rows:
+        for key, v in res.items():
+            if key.startswith("B") and isinstance(v, dict):
+                print(f"{name[:28]:28s} {key:10s} {v['tok_per_s']:9.0f} {v['torch_peak_GiB']:10.2f} "
+                      f"{v['nvml_peak_GiB']:9.2f} {v.get('mfu', float('nan')):6.3f}")
+    for name, res in rows[1:]:
+        for key, v in res.items():
+            ours_v = record["qlorakit"].get(key)
+            if key.startswith("B") and isinstance(v, dict) and ours_v:
+                print(f"qlorakit / {name} {key}: speed x{ours_v['tok_per_s'] / v['tok_per_s']:.2f}, torch memory "
+                      f"x{ours_v['torch_peak_GiB'] / v['torch_peak_GiB']:.2f}, NVML memory "
+                      f"x{ours_v['nvml_peak_GiB'] / v['nvml_peak_GiB']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
