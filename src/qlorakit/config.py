@@ -18,10 +18,6 @@ from .errors import QloraConfigError
 
 log = logging.getLogger("qlorakit.config")
 
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit")
-SCHEDULERS = ("cosine", "linear", "constant")
-DATA_FORMATS = ("alpaca", "chat", "text")
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -78,7 +74,8 @@ class TrainingSection(_Section):
     max_steps: int | None = Field(None, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit"] = "paged_adamw_32bit"
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "offload_adamw_32bit",
+                       "offload_adamw_8bit"] = "paged_adamw_32bit"
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(0.3, gt=0)
