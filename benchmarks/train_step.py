@@ -87,9 +87,10 @@ def ours(args, peak_tflops: float) -> dict:
 
         opt = build_optimizer(args.optimizer, params, lr=2e-4, weight_decay=0.0)
         opt_name = args.optimizer
-    except ImportError:
+    except Exception as err:  # reported in the JSON and the table: the comparison then uses plain AdamW
+        print(f"qlorakit: optimizer {args.optimizer} failed ({err}); using torch.optim.AdamW(fused)", flush=True)
         opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
-        opt_name = "torch.optim.AdamW(fused)"
+        opt_name = f"torch.optim.AdamW(fused) ({args.optimizer} failed: {err})"
     runtime = Runtime(torch.device("cuda"), torch.bfloat16, torch.float32)
     cfg = model.config
     fields = dict(SHAPES[args.shape])
