@@ -114,7 +114,19 @@ class Linear4bit(nn.Module):
 
     @property
     def quant_state(self) -> QuantState:
-        """A QuantState view of the buffers (no copies)."""
+        """A QuantState view of the buffers (no copies). Rebuilt only when a buffer or the dtype changed: it is
+        read on every forward, and building it costs more host time than some of the kernels it feeds."""
+        b = self._buffers
+        key = (self.dtype, b["quant_map"], b["absmax"], b.get("nested_absmax"), b.get("nested_offset"),
+               b.get("nested_quant_map"))
+        cached = self.__dict__.get("_quant_state_cache")
+        if cached is not None and len(cached[0]) == len(key) and all(a is k for a, k in zip(cached[0], key)):
+            return cached[1]
+        state = self._build_quant_state()
+        self.__dict__["_quant_state_cache"] = (key, state)
+        return state
+
+    def _build_quant_state(self) -> QuantState:
         nested = None
         if self.nested_blocksize is not None:
             nested = NestedAbsmax(
