@@ -420,7 +420,7 @@ def main() -> int:
     bnb_mods = load_bnb()
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": sh("git", "rev-parse", "HEAD"),
+        "git_commit": os.environ.get("QLORAKIT_COMMIT") or sh("git", "rev-parse", "HEAD"),
         "git_dirty": sh("git", "status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
         "gpu": torch.cuda.get_device_name(device),
         "sm_count": props.multi_processor_count,

@@ -580,7 +580,7 @@ def main() -> int:
                   "error": f"{type(err).__name__}: {err}"}
     results: dict = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": sh("git", "rev-parse", "HEAD"),
+        "git_commit": os.environ.get("QLORAKIT_COMMIT") or sh("git", "rev-parse", "HEAD"),
         "git_dirty": sh("git", "status", "--porcelain", "--untracked-files=no") not in ("", "unknown"),
         "gpu": torch.cuda.get_device_name(device),
         "memory_total_bytes": total,

@@ -150,8 +150,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     peak = matmul_ceiling()
     record = {"date": datetime.now(timezone.utc).isoformat(),
-              "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-              or os.environ.get("QLORAKIT_COMMIT", "unknown"),
+              "commit": os.environ.get("QLORAKIT_COMMIT")
+              or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
               "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
               "bf16_matmul_TFLOPs": round(peak, 1), "args": vars(args)}
     try:
