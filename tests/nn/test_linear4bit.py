@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from qlorakit.nn import Linear4bit
 from qlorakit.quant import dequantize_4bit, quantize_4bit
 
+from backend_compare import assert_same_as_reference
+
 FORMATS = [
     pytest.param(qt, dq, bs, id=f"{qt}-{'dq' if dq else 'nodq'}-bs{bs}")
     for qt, dq, bs in itertools.product(("nf4", "fp4"), (True, False), (64, 128))
@@ -56,7 +58,7 @@ def test_forward_is_exactly_linear_with_the_dequantized_weight(
 
     expected = F.linear(x, dequantize_4bit(layer.weight, layer.quant_state, dtype), linear.bias)
     assert y.dtype == dtype and y.shape == (3, 5, 48)
-    assert torch.equal(y, expected)
+    assert_same_as_reference(y, expected)
 
 
 def test_output_follows_the_input_dtype_not_the_stored_dtype(make_linear):
@@ -64,7 +66,7 @@ def test_output_follows_the_input_dtype_not_the_stored_dtype(make_linear):
     x = torch.randn(4, 64)
     y = layer(x)
     assert y.dtype == torch.float32
-    assert torch.equal(y, F.linear(x, layer.dequantize(torch.float32), layer.bias.float()))
+    assert_same_as_reference(y, F.linear(x, layer.dequantize(torch.float32), layer.bias.float()))
 
 
 def test_odd_number_of_weights_and_a_short_last_block(make_linear):
@@ -73,7 +75,7 @@ def test_odd_number_of_weights_and_a_short_last_block(make_linear):
     layer = Linear4bit.from_linear(linear)
     assert layer.weight.shape == (168, 1)
     x = torch.randn(2, 67)
-    assert torch.equal(layer(x), F.linear(x, layer.dequantize(torch.float32), linear.bias))
+    assert_same_as_reference(layer(x), F.linear(x, layer.dequantize(torch.float32), linear.bias))
 
 
 def test_dequantize_defaults_to_the_original_dtype_and_shape(make_linear):
@@ -81,7 +83,7 @@ def test_dequantize_defaults_to_the_original_dtype_and_shape(make_linear):
     w = layer.dequantize()
     assert w.dtype == torch.bfloat16 and w.shape == (32, 128)
     w32 = layer.dequantize(torch.float32)
-    assert torch.equal(w32.to(torch.bfloat16), w)  # fp32 product rounded once either way
+    assert_same_as_reference(w, w32.to(torch.bfloat16))  # fp32 product rounded once either way
     # NF4 round-to-nearest: an error is at most half the widest code gap, (1 - 0.696) / 2 < 0.16, times absmax.
     original = make_linear(128, 32, dtype=torch.bfloat16).weight.float()
     assert (w32 - original).abs().max() <= 0.16 * original.abs().max()
@@ -101,7 +103,7 @@ def test_autocast_runs_in_the_autocast_dtype(make_linear):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
-    assert torch.equal(y, F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16()))
+    assert_same_as_reference(y, F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16()))
 
 
 def test_extra_repr_names_shape_format_and_double_quant(make_linear):
@@ -246,9 +248,9 @@ def test_state_dict_loads_into_bitsandbytes_and_back(make_linear, quant_type, do
 
     assert theirs.weight.quant_state.nested == double_quant
     dequantized = bnb.functional.dequantize_4bit(theirs.weight.data, theirs.weight.quant_state)
-    assert torch.equal(dequantized, ours.dequantize())
+    assert_same_as_reference(ours.dequantize(), dequantized)
     x = torch.randn(3, 200, requires_grad=True)  # requires_grad keeps bitsandbytes off its CPU repacking path
-    assert torch.equal(theirs(x), ours(x))
+    assert_same_as_reference(ours(x), theirs(x))
 
     back = Linear4bit.from_linear(make_linear(200, 24, seed=5))
     back.load_state_dict(theirs.state_dict())
