@@ -87,6 +87,10 @@ class TrainingSection(_Section):
     log_every: int = Field(1, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     resume: bool = True
+    distributed: Literal["auto", "ddp"] = Field(
+        "auto", description="under torchrun: 'auto' trains data-parallel when WORLD_SIZE > 1; 'ddp' requires "
+        "torchrun. Each rank takes gradient_accumulation / world_size of a step's micro-batches, so "
+        "gradient_accumulation must be a multiple of the world size")
 
     @model_validator(mode="after")
     def _effective_batch(self) -> "TrainingSection":

@@ -2,7 +2,8 @@
 
 A checkpoint folder `checkpoints/step-000120/` holds the adapter in PEFT format (so any checkpoint is a usable
 adapter), the optimizer state as safetensors + JSON (no pickle), the RNG states, and trainer_state.json (step,
-data position, schedule). `checkpoints/latest` names the newest complete one.
+data position, schedule). `checkpoints/latest` names the newest complete one. A data-parallel run adds the RNG
+states of ranks 1.. (`rng-rank1.safetensors`, ...), since their dropout streams differ from rank 0's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ STATE_NAME = "trainer_state.json"
 OPTIM_TENSORS = "optimizer.safetensors"
 OPTIM_META = "optimizer.json"
 RNG_TENSORS = "rng.safetensors"
+
+
+def _rank_rng_file(rank: int) -> str:
+    return RNG_TENSORS if rank == 0 else f"rng-rank{rank}.safetensors"
 
 
 def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -85,17 +90,20 @@ def save_checkpoint(
     base_model_name: str | None,
     keep: int = 2,
     rng: RngStates | None = None,
+    other_ranks_rng: list[RngStates] | None = None,
 ) -> Path:
     """Write checkpoint `step` under root/checkpoints atomically, point `latest` at it, prune old ones.
 
     rng: the RNG states a resumed run starts step `step + 1` with (capture_rng() at the end of step `step`);
-    None captures them now.
+    None captures them now. other_ranks_rng: those of ranks 1, 2, ... of a data-parallel run.
     """
     ckpt_root = Path(root) / "checkpoints"
     final = ckpt_root / f"step-{step:06d}"
     opt_tensors, opt_meta = _optimizer_to_files(optimizer)
     rng_tensors, rng_meta = rng if rng is not None else capture_rng()
     state = dict(trainer_state, step=step, rng=rng_meta)
+    if other_ranks_rng:
+        state["rng_ranks"] = {str(r): meta for r, (_, meta) in enumerate(other_ranks_rng, start=1)}
 
     save_adapter(model, final, base_model_name_or_path=base_model_name, qlorakit_record=adapter_record)
     # The adapter folder was renamed into place; the training state is added with per-file atomic writes and
@@ -103,8 +111,10 @@ def save_checkpoint(
     save_file(opt_tensors, str(final / (OPTIM_TENSORS + ".tmp")))
     os.replace(final / (OPTIM_TENSORS + ".tmp"), final / OPTIM_TENSORS)
     _write_json(final / OPTIM_META, opt_meta)
-    save_file(rng_tensors, str(final / (RNG_TENSORS + ".tmp")))
-    os.replace(final / (RNG_TENSORS + ".tmp"), final / RNG_TENSORS)
+    for rank, tensors in enumerate([rng_tensors] + [t for t, _ in other_ranks_rng or []]):
+        name = _rank_rng_file(rank)
+        save_file(tensors, str(final / (name + ".tmp")))
+        os.replace(final / (name + ".tmp"), final / name)
     _write_json(final / STATE_NAME, state)
     (ckpt_root / "latest.tmp").write_text(final.name + "\n")
     os.replace(ckpt_root / "latest.tmp", ckpt_root / "latest")
@@ -136,8 +146,12 @@ def latest_checkpoint(root: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore adapter weights, optimizer state and RNG states; return the trainer state."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int = 0) -> dict[str, Any]:
+    """Restore adapter weights, optimizer state and RNG states; return the trainer state.
+
+    rank: of a data-parallel run; it restores its own RNG states where the checkpoint has them (a checkpoint
+    written without them, e.g. on Ctrl-C, or by a run with fewer ranks, gives rank 0's).
+    """
     path = Path(path)
     try:
         state = json.loads((path / STATE_NAME).read_text())
@@ -145,9 +159,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         with safe_open(str(path / OPTIM_TENSORS), framework="pt") as f:
             opt_tensors = {k: f.get_tensor(k) for k in f.keys()}
         _optimizer_from_files(optimizer, opt_tensors, json.loads((path / OPTIM_META).read_text()))
-        with safe_open(str(path / RNG_TENSORS), framework="pt") as f:
+        own = str(rank) in state.get("rng_ranks", {}) and (path / _rank_rng_file(rank)).is_file()
+        with safe_open(str(path / _rank_rng_file(rank if own else 0)), framework="pt") as f:
             rng_tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, json.JSONDecodeError, KeyError, ValueError) as err:
         raise CheckpointFormatError(f"{path}: cannot resume from this checkpoint ({err})") from None
-    _restore_rng(rng_tensors, state["rng"])
+    _restore_rng(rng_tensors, state["rng_ranks"][str(rank)] if own else state["rng"])
     return state

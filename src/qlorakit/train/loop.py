@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import QlorakitError
 from .checkpoint import RngStates, capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import SINGLE_PROCESS, DistContext
 from .loss import IGNORE_INDEX, causal_lm_loss_sum
 from .metrics import MetricsWriter, plot_losses
 from .runtime import Runtime
@@ -116,20 +117,27 @@ def _targets_in(batch: dict[str, torch.Tensor]) -> int:
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
-                         packing: bool, attn_implementation: str) -> float:
+                         packing: bool, attn_implementation: str, dist: DistContext = SINGLE_PROCESS) -> float:
     """Backpropagate one optimizer step's loss, adding to the parameters' .grad; return that loss.
 
     The loss is the mean over the target tokens of all micro-batches together: each micro-batch's summed loss
     is divided by the step's total target count, so the gradient does not depend on how the step's examples
     are split into micro-batches (batch 4 x accumulation 1 == batch 1 x accumulation 4). NaN and inf pass
     through to the caller.
+
+    Data-parallel (`dist` enabled): `micro_batches` is the whole step on every rank; this rank forwards its
+    share, and the trainable parameters' gradients and the loss are summed over ranks, so every rank returns the
+    step's global loss with the step's full gradient in .grad.
     """
     n_targets = max(1, sum(_targets_in(b) for b in micro_batches))
     loss_sum = 0.0
-    for batch in micro_batches:
+    for batch in dist.my_share(micro_batches):
         part = forward_loss_sum(model, batch, runtime, packing, attn_implementation)
         (part / n_targets).backward()
         loss_sum += float(part.detach())
+    if dist.enabled:
+        dist.sum_gradients([p for p in model.parameters() if p.requires_grad])
+        loss_sum = dist.sum_floats([loss_sum], runtime.device)[0]
     return loss_sum / n_targets
 
 
@@ -144,7 +152,10 @@ class _ResumePoint:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtime, pad_id: int) -> dict[str, float]:
+def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtime, pad_id: int,
+             dist: DistContext = SINGLE_PROCESS) -> dict[str, float]:
+    """Mean token loss over `examples`; data-parallel, each rank takes its share of the batches and the sums are
+    all-reduced."""
     from ..data import epoch_batches
 
     was_training = model.training
@@ -152,10 +163,13 @@ def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtim
     plan = epoch_batches(examples.lengths, settings.batch_size, settings.max_seq_length, settings.packing,
                          seed=settings.seed, epoch=0)
     total, count = 0.0, 0
-    for rows in plan:
+    for rows in dist.my_share(plan):
         batch = examples.collate(rows, pad_id)
         total += float(forward_loss_sum(model, batch, runtime, settings.packing, settings.attn_implementation))
         count += _targets_in(batch)
+    if dist.enabled:
+        total, summed = dist.sum_floats([total, count], runtime.device)
+        count = int(summed)
     model.train(was_training)
     loss = total / max(1, count)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
@@ -186,8 +200,14 @@ def train_loop(
     adapter_record: dict[str, Any] | None = None,
     base_model_name: str | None = None,
     progress: bool = True,
+    dist: DistContext = SINGLE_PROCESS,
 ) -> TrainResult:
-    """Train the trainable parameters of `model` (LoRA adapters) on `train_examples`."""
+    """Train the trainable parameters of `model` (LoRA adapters) on `train_examples`.
+
+    Data-parallel (`dist` enabled): every rank runs this loop over the same plan with equal parameters (see
+    distributed.py); only rank 0 writes metrics, checkpoints and the plot, the others wait for each checkpoint.
+    Every rank resumes from the same checkpoint.
+    """
     from ..data import epoch_batches
 
     out = Path(settings.output_dir)
@@ -211,25 +231,32 @@ def train_loop(
     resumed_from = 0
     ckpt = latest_checkpoint(out) if settings.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer, rank=dist.rank)
         if state.get("total_steps") != total_steps:
             log.warning("qlorakit: checkpoint %s planned %s steps, this run plans %s; continuing with %s",
                         ckpt, state.get("total_steps"), total_steps, total_steps)
         step = resumed_from = int(state["step"])
         cursor = _Cursor(plan, int(state["epoch"]), int(state["batch_index"]))
         log.info("qlorakit: resumed from %s (step %d of %d)", ckpt, step, total_steps)
-    metrics = MetricsWriter(out, resume_from_step=resumed_from)
+    metrics: MetricsWriter | _NoMetrics = (MetricsWriter(out, resume_from_step=resumed_from) if dist.is_main
+                                           else _NoMetrics())
     result = TrainResult(steps=step, total_steps=total_steps, resumed_from=resumed_from)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def resume_point() -> _ResumePoint:
         return _ResumePoint(cursor.epoch, cursor.index, capture_rng())
 
-    def checkpoint_now() -> Path:
+    def checkpoint_now(wait_for_all: bool = True) -> Path:
         st = {"epoch": done.epoch, "batch_index": done.batch_index, "total_steps": total_steps,
               "settings_hash": _settings_hash(settings)}
-        return save_checkpoint(out, step, model, optimizer, st, record, base_model_name, settings.keep_checkpoints,
-                               rng=done.rng)
+        path = out / "checkpoints" / f"step-{step:06d}"
+        rngs = dist.gather_objects(done.rng) if wait_for_all and dist.enabled else [done.rng]
+        if dist.is_main:
+            path = save_checkpoint(out, step, model, optimizer, st, record, base_model_name,
+                                   settings.keep_checkpoints, rng=done.rng, other_ranks_rng=rngs[1:])
+        if wait_for_all:  # no rank reads or prunes checkpoints while rank 0 writes one
+            dist.barrier()
+        return path
 
     stop_requested = {"flag": False}
 
@@ -237,15 +264,16 @@ def train_loop(
         stop_requested["flag"] = True
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress,
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress or not dist.is_main,
                dynamic_ncols=True)
+    say = bar.write if dist.is_main else _say_nothing  # tqdm.write prints even with the bar disabled
     model.train()
     if eval_examples is not None and step == 0:
-        ev = evaluate(model, eval_examples, settings, runtime, pad_id)
+        ev = evaluate(model, eval_examples, settings, runtime, pad_id, dist)
         ev["step"] = 0
         result.eval_history.append(ev)
         metrics.write({"event": "eval", **ev})
-        bar.write(f"step 0 (before training): eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
+        say(f"step 0 (before training): eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
     t_last, tokens_since = time.perf_counter(), 0
     done = resume_point()
     try:
@@ -254,7 +282,8 @@ def train_loop(
             lr = settings.learning_rate * lr_factor(step, total_steps, warmup, settings.scheduler)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            loss = accumulate_gradients(model, micro, runtime, settings.packing, settings.attn_implementation)
+            loss = accumulate_gradients(model, micro, runtime, settings.packing, settings.attn_implementation,
+                                        dist)
             tokens_since += sum(int(b["attention_mask"].sum()) for b in micro)
             if not math.isfinite(loss):
                 raise TrainingDivergedError(_divergence_message(step + 1, loss, runtime, settings))
@@ -282,20 +311,22 @@ def train_loop(
                                 **({"mem": f"{mem:.1f}G"} if mem is not None else {}))
             bar.update(1)
             if eval_examples is not None and (step % settings.eval_every == 0 or step == total_steps):
-                ev = evaluate(model, eval_examples, settings, runtime, pad_id)
+                ev = evaluate(model, eval_examples, settings, runtime, pad_id, dist)
                 ev["step"] = step
                 result.eval_history.append(ev)
                 metrics.write({"event": "eval", **ev})
-                bar.write(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
+                say(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
             if step % settings.save_every == 0 and step < total_steps:
                 result.checkpoint = checkpoint_now()
-            if stop_requested["flag"] or (settings.stop_after_steps and step >= settings.stop_after_steps):
+            stop = stop_requested["flag"] if not dist.enabled else dist.any(stop_requested["flag"], runtime.device)
+            if stop or (settings.stop_after_steps and step >= settings.stop_after_steps):
                 result.checkpoint = checkpoint_now()
                 result.interrupted = True
                 break
     except KeyboardInterrupt:
         bar.close()
-        result.checkpoint = checkpoint_now()
+        # No barrier: the other ranks may be stopped anywhere (torchrun interrupts them all).
+        result.checkpoint = checkpoint_now(wait_for_all=False)
         result.interrupted = True
         log.info("qlorakit: interrupted at step %d; checkpoint saved to %s; run the same command to resume",
                  step, result.checkpoint)
@@ -305,8 +336,23 @@ def train_loop(
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     result.steps = step
-    plot_losses(metrics.path, out / "loss.png")
+    if dist.is_main:
+        plot_losses(metrics.path, out / "loss.png")
     return result
+
+
+def _say_nothing(message: str) -> None:
+    pass
+
+
+class _NoMetrics:
+    """The metrics writer of ranks other than 0: records are dropped (rank 0 writes the same global values)."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _main_thread() -> bool:

@@ -23,12 +23,20 @@ def _show(model, tokenizer, prompts: list[str], title: str, max_new_tokens: int)
 
 
 def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int = 96, progress: bool = True) -> int:
+    from .distributed import torchrun_env
+
     t0 = time.perf_counter()
+    env = torchrun_env()
+    if env is not None and env.rank != 0:  # under torchrun only rank 0 talks to the user
+        prompts = []
+        progress = False
     hooks = {}
     if prompts:
         hooks["before"] = lambda model, tok: _show(model, tok, prompts, "before training (base model)",
                                                    max_new_tokens)
     out = run_training(cfg, progress=progress, before_training=hooks.get("before"))
+    if env is not None and env.rank != 0:
+        return 130 if out.result.interrupted else 0
     if out.result.interrupted:
         print(f"stopped at step {out.result.steps}; checkpoint: {out.result.checkpoint}. "
               "Run the same command to resume.")

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import QloraConfig, dump_config
 from ..errors import QlorakitError
+from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, seed_everything, train_loop
 from .runtime import Runtime, pick_runtime
 
@@ -126,7 +127,24 @@ class RunOutput:
 
 def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: int | None = None,
                  device: str | None = None, before_training=None) -> RunOutput:
-    """Load, quantize, inject LoRA, prepare data, train, save the adapter in PEFT format."""
+    """Load, quantize, inject LoRA, prepare data, train, save the adapter in PEFT format.
+
+    Under torchrun (WORLD_SIZE > 1, training.distributed auto or ddp) this is one data-parallel rank: see
+    distributed.py. Only rank 0 writes files; the returned output is the same on every rank.
+    """
+    dist = init_distributed(mode=cfg.training.distributed)
+    try:
+        check_batch_split(cfg.training.gradient_accumulation, dist)
+        if dist.enabled and device is None and torch.cuda.is_available():
+            device = f"cuda:{dist.local_rank}"
+        return _run_training(cfg, dist, progress=progress and dist.is_main, stop_after_steps=stop_after_steps,
+                             device=device, before_training=before_training)
+    finally:
+        shutdown(dist)
+
+
+def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_after_steps: int | None,
+                  device: str | None, before_training) -> RunOutput:
     from ..adapters.fingerprint import base_fingerprint
     from ..adapters.peft_format import save_adapter
     from ..data import prepare_data
@@ -134,12 +152,15 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
     t0 = time.perf_counter()
     seed_everything(cfg.training.seed)
     out = Path(cfg.training.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.revision)
     runtime = pick_runtime(cfg.quantization.compute_dtype, cfg.lora.adapter_dtype, device)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     d = cfg.data
+    if not dist.is_main:  # rank 0 tokenises and fills the cache; the others then read it
+        dist.barrier()
     prepared = prepare_data(
         resolve_data_path(d.path), tokenizer, fmt=d.format, max_seq_length=cfg.training.max_seq_length,
         template=d.template, train_on_inputs=d.train_on_inputs, overlong=d.overlong, text_field=d.text_field,
@@ -147,6 +168,8 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
         eval_fraction=d.eval_fraction, max_eval_examples=d.max_eval_examples, seed=cfg.training.seed,
         cache_dir=Path(d.cache_dir) if d.cache_dir else _default_token_cache(),
     )
+    if dist.is_main:
+        dist.barrier()
     model = build_model(cfg, model_dir, runtime, progress)
     if cfg.training.gradient_checkpointing:
         from ..model.lora_inject import enable_activation_checkpointing
@@ -154,6 +177,9 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
         enable_activation_checkpointing(model)
     if before_training is not None:
         before_training(model, tokenizer)
+    dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    if dist.rank > 0:  # its own LoRA-dropout stream; rank 0 keeps the single-process one
+        torch.manual_seed(cfg.training.seed + 1_000_003 * dist.rank)
     optimizer = build_optimizer(cfg, model)
     fingerprint = base_fingerprint(model_dir)
     record = {
@@ -166,17 +192,22 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
     result = train_loop(
         model, prepared.train, prepared.eval, tokenizer.pad_token_id, loop_settings(cfg, stop_after_steps),
         runtime, optimizer, adapter_record=record, base_model_name=str(cfg.model.name), progress=progress,
+        dist=dist,
     )
     adapter_dir = None
     if not result.interrupted:
-        record["training"] = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
-                              "eval": result.eval_history[-1] if result.eval_history else None}
-        adapter_dir = save_adapter(model, out / "adapter", base_model_name_or_path=str(cfg.model.name),
-                                   qlorakit_record=record)
-        summary = {"adapter": str(adapter_dir), "metrics": str(out / "metrics.jsonl"),
-                   "loss_plot": str(out / "loss.png"), "steps": result.steps,
-                   "seconds": round(time.perf_counter() - t0, 1), "eval": result.eval_history}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        adapter_dir = out / "adapter"
+        if dist.is_main:  # the adapters are equal on every rank; one writes them
+            record["training"] = {"steps": result.steps,
+                                  "final_loss": result.losses[-1] if result.losses else None,
+                                  "eval": result.eval_history[-1] if result.eval_history else None}
+            adapter_dir = save_adapter(model, adapter_dir, base_model_name_or_path=str(cfg.model.name),
+                                       qlorakit_record=record)
+            summary = {"adapter": str(adapter_dir), "metrics": str(out / "metrics.jsonl"),
+                       "loss_plot": str(out / "loss.png"), "steps": result.steps,
+                       "seconds": round(time.perf_counter() - t0, 1), "eval": result.eval_history}
+            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        dist.barrier()
     return RunOutput(result, adapter_dir, out, model, tokenizer)
 
 

@@ -1,0 +1,123 @@
+"""Data-parallel training (training.distributed: ddp) with two gloo processes on the CPU, started by torchrun,
+against one process: the same per-step losses and the same saved adapter, and a two-process run stopped after
+step 2 and resumed gives them too.
+
+Why equality holds: both runs forward the same micro-batches (batch 2 x accumulation 2; each rank takes one of a
+step's two micro-batches) with the same single-threaded kernels, and normalise by the step's global target
+count. The only difference is where the two micro-batches' gradients are added (autograd accumulation in one
+process, the all-reduce in two): a + b either way. The tolerance (1e-6 relative) is there for other kernels
+or world sizes, where the sum's order can change the last bits; the observed difference is printed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pipeline_helpers import one_thread, read_events, run_tree, train_losses, write_yaml
+from safetensors.torch import load_file
+
+from qlorakit.config import config_from_dict
+from qlorakit.errors import QloraConfigError
+from qlorakit.train.distributed import DistContext, check_batch_split, init_distributed, resolve_mode
+from qlorakit.train.run import run_training
+
+STEPS = 4
+RTOL = 1e-6
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def _tree(model_dir, data, out):
+    return run_tree(model_dir, data, out, training={"max_steps": STEPS, "batch_size": 2,
+                                                   "gradient_accumulation": 2, "eval_every": 2})
+
+
+def _torchrun(*args: str, cwd: Path) -> None:
+    """Two processes on this machine (gloo), each single-threaded; both must have joined one data-parallel run."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    for rank in (0, 1):
+        assert f"data-parallel rank {rank} of 2 (gloo)" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def single_process(tiny_model_dir, pattern_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    with one_thread():
+        run_training(config_from_dict(_tree(tiny_model_dir, pattern_data, out)), progress=False)
+    return out
+
+
+def _max_rel_diff(a: dict[int, float], b: dict[int, float]) -> float:
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in b)
+
+
+def _assert_same_run(run: Path, ref: Path) -> None:
+    losses, ref_losses = train_losses(run), train_losses(ref)
+    assert sorted(losses) == list(range(1, STEPS + 1)) == sorted(ref_losses)
+    print(f"\n{run.parent.name}: max relative train-loss difference {_max_rel_diff(losses, ref_losses):.3g}")
+    for step, loss in ref_losses.items():
+        assert losses[step] == pytest.approx(loss, rel=RTOL, abs=0), step
+    evals = {r["step"]: r["eval_loss"] for r in read_events(run, "eval")}
+    ref_evals = {r["step"]: r["eval_loss"] for r in read_events(ref, "eval")}
+    assert evals.keys() == ref_evals.keys() == {0, 2, 4}
+    for step, loss in ref_evals.items():
+        assert evals[step] == pytest.approx(loss, rel=RTOL, abs=0), step
+
+    adapter, ref_adapter = load_file(run / "adapter" / ADAPTER_FILE), load_file(ref / "adapter" / ADAPTER_FILE)
+    assert adapter.keys() == ref_adapter.keys()
+    worst = 0.0
+    for key, ref_t in ref_adapter.items():
+        torch.testing.assert_close(adapter[key], ref_t, rtol=RTOL, atol=RTOL * float(ref_t.abs().max()))
+        worst = max(worst, float((adapter[key] - ref_t).abs().max()))
+    print(f"{run.parent.name}: max absolute adapter difference {worst:.3g}")
+
+
+def test_two_gloo_processes_match_one_process(tiny_model_dir, pattern_data, tmp_path, single_process):
+    """`torchrun --nproc-per-node 2 -m qlorakit.cli train CONFIG`, as the README says."""
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out))
+    _torchrun("-m", "qlorakit.cli", "train", str(config), "--no-progress", cwd=tmp_path)
+    _assert_same_run(out, single_process)
+    assert not list((out).glob("*.tmp*")) and (out / "summary.json").is_file()
+
+
+def test_two_process_run_stopped_and_resumed_matches_one_process(tiny_model_dir, pattern_data, tmp_path,
+                                                                 single_process):
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out))
+    _torchrun(str(WORKER), str(config), "2", cwd=tmp_path)
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert not (out / "adapter").exists()
+    assert (out / "checkpoints" / "step-000002" / "rng-rank1.safetensors").is_file()
+    _torchrun(str(WORKER), str(config), cwd=tmp_path)
+    _assert_same_run(out, single_process)
+
+
+def test_accumulation_must_divide_over_ranks():
+    check_batch_split(4, DistContext(rank=0, world_size=2))
+    with pytest.raises(QloraConfigError, match="multiple of the world size 2"):
+        check_batch_split(3, DistContext(rank=1, world_size=2))
+
+
+def test_without_torchrun_auto_is_one_process_and_ddp_is_refused(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert not init_distributed(mode="auto").enabled
+    with pytest.raises(QloraConfigError, match="not started by torchrun"):
+        resolve_mode("ddp", None)
+
+
+def test_distributed_key_is_validated(tiny_model_dir, pattern_data, tmp_path):
+    tree = _tree(tiny_model_dir, pattern_data, tmp_path / "run")
+    tree["training"]["distributed"] = "fsdp"
+    with pytest.raises(QloraConfigError, match="distributed"):
+        config_from_dict(tree)
