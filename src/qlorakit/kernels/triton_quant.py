@@ -21,8 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..errors import QuantizationError
-from ..quant.blockwise import check_blocksize, check_quant_type
+from ..quant.blockwise import check_quantize_args
 from ..quant.double_quant import DEFAULT_NESTED_BLOCKSIZE, double_quantize
 from ..quant.state import QuantState
 from .dispatch import register
@@ -81,12 +80,7 @@ def quantize_blocks_4bit_triton(
     x: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """As `quant.blockwise.quantize_blocks_4bit`: (packed uint8 [(n + 1) // 2, 1], absmax fp32 [n_blocks])."""
-    check_blocksize(blocksize)
-    check_quant_type(quant_type)
-    if not x.is_floating_point():
-        raise QuantizationError(f"can only quantize floating-point tensors, got {x.dtype}")
-    if x.numel() == 0:
-        raise QuantizationError(f"cannot quantize an empty tensor (shape {list(x.shape)}); it needs >= 1 element")
+    check_quantize_args(x, blocksize, quant_type)
     device = check_device("quantize_4bit", x)
     flat = x.reshape(-1).contiguous()
     n = flat.numel()

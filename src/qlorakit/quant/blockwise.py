@@ -44,6 +44,16 @@ def check_quant_type(quant_type: str) -> None:
         raise QuantizationError(f"quant_type {quant_type!r} is not supported; allowed: {', '.join(QUANT_TYPES)}")
 
 
+def check_quantize_args(x: torch.Tensor, blocksize: int, quant_type: str) -> None:
+    """What every 4-bit quantizer (reference or kernel) accepts: a non-empty float tensor, a known format."""
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    if not x.is_floating_point():
+        raise QuantizationError(f"can only quantize floating-point tensors, got {x.dtype}")
+    if x.numel() == 0:
+        raise QuantizationError(f"cannot quantize an empty tensor (shape {list(x.shape)}); it needs >= 1 element")
+
+
 def num_blocks(n: int, blocksize: int) -> int:
     return math.ceil(n / blocksize)
 
@@ -79,12 +89,7 @@ def quantize_blocks_4bit(
 
     Returns (packed uint8 [(n + 1) // 2, 1], absmax fp32 [ceil(n / blocksize)]), on x's device.
     """
-    check_blocksize(blocksize)
-    check_quant_type(quant_type)
-    if not x.is_floating_point():
-        raise QuantizationError(f"can only quantize floating-point tensors, got {x.dtype}")
-    if x.numel() == 0:
-        raise QuantizationError(f"cannot quantize an empty tensor (shape {list(x.shape)}); it needs >= 1 element")
+    check_quantize_args(x, blocksize, quant_type)
     flat = x.reshape(-1).to(torch.float32)
     scaled, absmax = _scale_into_unit(flat, blocksize)
     if scaled.numel() % 2:
