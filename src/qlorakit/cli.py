@@ -27,6 +27,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from .adapters.merge import merge_adapter
+
+    report = merge_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite, force=args.force,
+                           quantize=args.quantize, requantize=args.requantize, gguf=args.gguf,
+                           progress=not args.no_progress)
+    print(report.line())
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .infer.serve import serve_command
+
+    return serve_command(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .assets import prepare_all
 
@@ -114,6 +130,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--system", help="a system message")
     c.set_defaults(func=_cmd_chat)
+
+    m = sub.add_parser(
+        "merge", help="fold a LoRA adapter into its 16-bit base and write a standalone model folder",
+        description="Add scaling * B @ A (computed in fp32, rounded once to the stored dtype) to every adapted "
+        "weight, tensor by tensor, so peak host memory stays below the largest shard. Config, tokenizer and "
+        "generation config are copied; the output is written atomically.",
+    )
+    m.add_argument("--model", required=True, help="the base: a local Hugging Face folder (config.json + *.safetensors)")
+    m.add_argument("--adapter", required=True, help="a PEFT-format LoRA adapter folder (e.g. runs/quickstart/adapter)")
+    m.add_argument("--out", required=True, help="the merged model folder (must not exist unless --overwrite)")
+    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.add_argument("--force", action="store_true", help="merge even if the adapter was trained on another base")
+    m.add_argument("--quantize", choices=("nf4",),
+                   help="write the merged model as a bitsandbytes 4-bit checkpoint (as `qlorakit quantize` does)")
+    m.add_argument("--requantize", action="store_true",
+                   help="allow a 4-bit base: dequantize, merge, re-quantize, and report the added error "
+                   "(merging into the 16-bit base is better)")
+    m.add_argument("--gguf", choices=("f16", "bf16", "q8_0"),
+                   help="also write model-<type>.gguf (with the tokenizer) into --out, for llama.cpp and friends; "
+                   "Llama, Mistral and Qwen2 models with byte-level BPE tokenizers")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=_cmd_merge)
+
+    s = sub.add_parser(
+        "serve", help="serve the 4-bit base and LoRA adapters over an OpenAI-compatible HTTP API",
+        description="POST /v1/completions and /v1/chat/completions, GET /v1/models. The request's `model` picks an "
+        "adapter by NAME, or the base by its --model value. The base is loaded once; each request swaps its "
+        "adapter's LoRA tensors in, so requests are served one at a time. Greedy unless `temperature` > 0.",
+    )
+    s.add_argument("--model", default="default",
+                   help="base model: a local folder, a hub id in the local cache, or 'default' (SmolLM2-135M-Instruct)")
+    s.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="serve the PEFT adapter in DIR under the model name NAME (repeatable)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
+    s.add_argument("--force", action="store_true", help="serve adapters even if they were trained on another base")
+    s.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    s.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("demo", help="prepare the bundled default model and data in the user cache (idempotent)")
     d.set_defaults(func=_cmd_demo)

@@ -1,0 +1,254 @@
+"""`qlorakit serve`: an OpenAI-compatible HTTP server for one 4-bit base and several LoRA adapters.
+
+Endpoints (JSON in, JSON out): GET /v1/models, POST /v1/completions (raw prompt), POST /v1/chat/completions
+(the tokenizer's chat template). The request's `model` names an adapter (NAME of --adapter NAME=DIR) or the base
+(its --model value); any other name is a 404 JSON error.
+
+The base is loaded once; every module that any adapter targets gets one LoraLinear. Each adapter's A/B
+tensors stay in memory, and a request swaps its adapter's tensors (and scaling) into those layers before
+generating; modules an adapter does not target get a zero update. Requests are served one at a time, under one
+lock: the layers hold one adapter at a time. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
+so that replies are reproducible; pass `temperature` to sample. Streaming (`stream: true`) is refused (400).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterMismatchError, QlorakitError
+
+log = logging.getLogger("qlorakit.infer")
+
+
+@dataclass
+class AdapterWeights:
+    """One adapter, ready to swap in: module path -> (lora_A [r, in], lora_B [out, r]) in the compute dtype."""
+
+    name: str
+    path: Path
+    scaling: float
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
+    """`NAME=DIR` strings -> {NAME: DIR}; QlorakitError for a malformed or repeated NAME."""
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise QlorakitError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter support=runs/support/adapter")
+        if name in out:
+            raise QlorakitError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        out[name] = Path(folder)
+    return out
+
+
+def _read_adapter_weights(name: str, folder: Path, dtype: torch.dtype, fingerprint: str, force: bool
+                          ) -> AdapterWeights:
+    from ..adapters.peft_format import PEFT_PREFIX, read_adapter
+
+    config, tensors, record = read_adapter(folder)
+    saved = record.get("base_fingerprint")
+    if saved and saved != fingerprint and not force:
+        raise AdapterMismatchError(f"{folder}: adapter {name!r} was trained on another base model (fingerprint "
+                                   f"{saved[:12]}, this base is {fingerprint[:12]}); use --force to serve it anyway")
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
+            b = tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
+            modules[module] = (a.to(dtype), b.to(dtype))
+    return AdapterWeights(name, folder, scaling, modules)
+
+
+class AdapterServer:
+    """The loaded base, its LoRA layers and the adapters; `generate` serves one request at a time."""
+
+    def __init__(self, model: str, adapters: dict[str, Path], *, force: bool = False, device: str | None = None,
+                 progress: bool = True):
+        from ..adapters.fingerprint import base_fingerprint
+        from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
+        from ..model.loader import load_model
+        from ..train.run import load_tokenizer, resolve_model_dir
+
+        model_dir = resolve_model_dir(model)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        self.base_name = model
+        fingerprint = base_fingerprint(model_dir)
+        self.adapters = {name: _read_adapter_weights(name, folder, self.dtype, fingerprint, force)
+                         for name, folder in adapters.items()}
+        if model in self.adapters:
+            raise QlorakitError(f"--adapter {model}=...: an adapter may not be named like the base model")
+        self.tokenizer = load_tokenizer(model_dir)
+        self.net, report = load_model(model_dir, load_in_4bit=True, quant_type="nf4", blocksize=64,
+                                      double_quant=True, compute_dtype=self.dtype, device=dev, progress=progress)
+        log.info("qlorakit: %s", report.line())
+        targets = sorted({m for a in self.adapters.values() for m in a.tensors})
+        if targets:
+            inject_lora(self.net, targets, r=1, alpha=1.0, dropout=0.0, adapter_dtype=self.dtype)
+        self.layers = {name: self.net.get_submodule(name) for name in targets}
+        if dev.type == "cpu":
+            keep_dense_copies_on_cpu(self.net, self.dtype)
+        self.net.eval()
+        self.lock = threading.Lock()
+        self.active: str | None = None
+        self._activate(None, always=True)
+
+    @property
+    def model_ids(self) -> list[str]:
+        return [self.base_name, *self.adapters]
+
+    def _activate(self, name: str | None, always: bool = False) -> None:
+        """Put adapter `name`'s tensors into the LoRA layers (zero update elsewhere); None: the base alone."""
+        if self.active == name and not always:
+            return
+        adapter = self.adapters.get(name)
+        with torch.no_grad():
+            for module, layer in self.layers.items():
+                pair = adapter.tensors.get(module) if adapter else None
+                if pair is None:
+                    dev = layer.lora_A.weight.device
+                    pair = (torch.zeros(1, layer.in_features, dtype=self.dtype, device=dev),
+                            torch.zeros(layer.out_features, 1, dtype=self.dtype, device=dev))
+                layer.lora_A.weight = nn.Parameter(pair[0].to(layer.lora_A.weight.device), requires_grad=False)
+                layer.lora_B.weight = nn.Parameter(pair[1].to(layer.lora_B.weight.device), requires_grad=False)
+                layer.scaling = adapter.scaling if adapter else 0.0
+        self.active = name
+
+    def generate(self, model: str, prompt: str, *, chat_history: list[dict[str, str]] | None, chat: bool,
+                 max_tokens: int, temperature: float, top_p: float) -> tuple[str, int, int]:
+        """(reply text, prompt tokens, completion tokens) for `model` (an adapter name or the base name)."""
+        from .generate import generate, render_prompt
+
+        with self.lock:
+            self._activate(model if model in self.adapters else None)
+            text = generate(self.net, self.tokenizer, prompt, max_new_tokens=max_tokens, temperature=temperature,
+                            top_p=top_p, use_chat_template=chat, history=chat_history)
+        rendered = render_prompt(self.tokenizer, prompt, use_chat_template=chat, history=chat_history)
+        n_prompt = len(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        n_reply = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return text, n_prompt, n_reply
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "qlorakit"
+    app: AdapterServer  # set on the subclass that make_server builds
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        log.debug("qlorakit serve: " + fmt, *args)
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: HTTPStatus, message: str, code: str) -> None:
+        self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") == "/v1/models":
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "qlorakit"} for m in self.app.model_ids]
+            self._send(HTTPStatus.OK, {"object": "list", "data": data})
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}", "not_found")
+
+    def do_POST(self) -> None:  # noqa: N802
+        route = self.path.rstrip("/")
+        if route not in ("/v1/completions", "/v1/chat/completions"):
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}", "not_found")
+            return
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+        except ValueError as err:
+            self._error(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {err}", "invalid_json")
+            return
+        model = body.get("model")
+        if model not in self.app.model_ids:
+            self._error(HTTPStatus.NOT_FOUND, f"model {model!r} does not exist; served: "
+                        f"{', '.join(self.app.model_ids)}", "model_not_found")
+            return
+        chat = route == "/v1/chat/completions"
+        if body.get("stream"):
+            self._error(HTTPStatus.BAD_REQUEST, "stream=true is not supported; send stream=false", "unsupported")
+            return
+        try:
+            prompt, history = _prompt_of(body, chat)
+            max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+            temperature, top_p = float(body.get("temperature", 0.0)), float(body.get("top_p", 1.0))
+            if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+                raise ValueError("need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+        except (ValueError, TypeError, KeyError) as err:
+            self._error(HTTPStatus.BAD_REQUEST, str(err), "invalid_request")
+            return
+        text, n_prompt, n_reply = self.app.generate(model, prompt, chat_history=history, chat=chat,
+                                                    max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        finish = "length" if n_reply >= max_tokens else "stop"
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        self._send(HTTPStatus.OK, {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_reply, "total_tokens": n_prompt + n_reply},
+        })
+
+
+def _prompt_of(body: dict[str, Any], chat: bool) -> tuple[str, list[dict[str, str]] | None]:
+    """(the last user text, the earlier messages) of a chat request, or (prompt, None) of a completion request."""
+    if not chat:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ValueError("'prompt' must be a string (one prompt per request)")
+        return prompt, None
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
+        raise ValueError("'messages' must be a non-empty list ending with a user message")
+    history = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages[:-1]]
+    return str(messages[-1]["content"]), history
+
+
+def make_server(app: AdapterServer, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer bound to host:port (port 0: an ephemeral port, see server.server_address)."""
+    handler = type("Handler", (_Handler,), {"app": app})
+    return ThreadingHTTPServer((host, port), handler)
+
+
+def serve_command(args) -> int:
+    app = AdapterServer(args.model, parse_adapter_specs(args.adapter or []), force=args.force, device=args.device)
+    server = make_server(app, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"qlorakit: serving {', '.join(app.model_ids)} on http://{host}:{port}/v1 (one request at a time)",
+          flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0

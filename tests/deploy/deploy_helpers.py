@@ -1,0 +1,63 @@
+"""Helpers for the deploy tests: PEFT adapters with random weights on a tiny base, logits, sharded copies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+ALL_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+INPUT_IDS = torch.tensor([[5, 17, 42, 99, 123, 7, 250, 3, 64, 11], [300, 2, 2, 18, 77, 140, 9, 31, 6, 200]])
+
+
+def make_adapter(base_dir: Path, out_dir: Path, seed: int, targets: list[str] | None = None, r: int = 8,
+                 alpha: float = 16.0) -> Path:
+    """A PEFT LoRA adapter of `base_dir` with random A and B (B scaled so the update is visible but moderate),
+    fp32 tensors, and qlorakit's sidecar with the base fingerprint."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlorakit.adapters.fingerprint import base_fingerprint
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or ALL_LINEARS, lora_dropout=0.0,
+                        task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(out_dir)
+    record = {"base_fingerprint": base_fingerprint(base_dir), "base_model": str(base_dir)}
+    (out_dir / "qlorakit_adapter.json").write_text(json.dumps(record))
+    return out_dir
+
+
+def save_sharded_copy(src: Path, dst: Path) -> Path:
+    """`src` saved again in ~50 KB shards with model.safetensors.index.json, plus its tokenizer files."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    model.save_pretrained(dst, safe_serialization=True, max_shard_size="50KB")
+    for path in src.iterdir():
+        if path.name.startswith("tokenizer") or path.name in ("special_tokens_map.json", "chat_template.jinja"):
+            shutil.copy2(path, dst / path.name)
+    return dst
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=INPUT_IDS).logits.float()
+
+
+def peft_logits(base_dir: Path, adapter_dir: Path) -> torch.Tensor:
+    """The reference: PEFT applying the adapter to the fp32 base (no merge)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return logits(PeftModel.from_pretrained(base, str(adapter_dir)))

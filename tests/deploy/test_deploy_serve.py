@@ -1,0 +1,103 @@
+"""`qlorakit serve`: an OpenAI-compatible server on 127.0.0.1 with two adapters on one 4-bit base. Interleaved
+requests for either adapter (and the base) get exactly the reply `qlorakit generate` gives with that adapter
+(greedy); unknown models and routes are JSON 404s."""
+
+from __future__ import annotations
+
+import json
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from qlorakit import cli
+from qlorakit.errors import QlorakitError
+from qlorakit.infer.serve import AdapterServer, make_server, parse_adapter_specs
+
+PROMPT = "What is two plus two?"
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, adapter, adapter_b):
+    app = AdapterServer(str(tiny_base), {"alpha": adapter, "beta": adapter_b}, device="cpu", progress=False)
+    httpd = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", str(tiny_base)
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _cli_generate(capsys, base: str, adapter_dir, chat: bool) -> str:
+    args = ["generate", "--model", base, "--prompt", PROMPT, "--max-new-tokens", str(MAX_TOKENS), "--device", "cpu"]
+    if adapter_dir is not None:
+        args += ["--adapter", str(adapter_dir)]
+    if not chat:
+        args.append("--no-chat-template")
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def test_models_lists_the_base_and_adapters(server):
+    url, base = server
+    status, body = _call(url + "/v1/models")
+    assert status == 200 and [m["id"] for m in body["data"]] == [base, "alpha", "beta"]
+
+
+def test_interleaved_requests_match_qlorakit_generate(server, adapter, adapter_b, capsys):
+    url, base = server
+    dirs = {"alpha": adapter, "beta": adapter_b, base: None}
+    order = [("alpha", False), ("beta", False), (base, False), ("alpha", True), ("beta", True), ("alpha", False)]
+    replies = {}
+    for model, chat in order:
+        if chat:
+            status, body = _call(url + "/v1/chat/completions", {
+                "model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS})
+            text = body["choices"][0]["message"]["content"]
+            assert body["object"] == "chat.completion"
+        else:
+            status, body = _call(url + "/v1/completions", {"model": model, "prompt": PROMPT,
+                                                            "max_tokens": MAX_TOKENS})
+            text = body["choices"][0]["text"]
+            assert body["object"] == "text_completion"
+        assert status == 200 and body["model"] == model
+        replies.setdefault((model, chat), set()).add(text)
+    for (model, chat), texts in replies.items():
+        assert texts == {_cli_generate(capsys, base, dirs[model], chat)}, (model, chat)
+    assert replies[("alpha", False)] != replies[("beta", False)]  # the adapters really differ
+    assert all(len(texts) == 1 and "" not in texts for texts in replies.values())  # deterministic, non-empty
+
+
+def test_unknown_model_and_route_are_json_404s(server):
+    url, _ = server
+    status, body = _call(url + "/v1/completions", {"model": "nope", "prompt": "hi"})
+    assert status == 404 and body["error"]["code"] == "model_not_found" and "alpha" in body["error"]["message"]
+    status, body = _call(url + "/v1/embeddings", {"model": "alpha", "input": "hi"})
+    assert status == 404 and body["error"]["code"] == "not_found"
+    status, body = _call(url + "/v1/chat/completions", {"model": "alpha", "messages": []})
+    assert status == 400
+    status, body = _call(url + "/v1/completions", {"model": "alpha", "prompt": "hi", "stream": True})
+    assert status == 400 and "stream" in body["error"]["message"]
+
+
+def test_adapter_specs_are_name_equals_dir():
+    assert parse_adapter_specs(["a=x/y", "b=z"]) == {"a": Path("x/y"), "b": Path("z")}
+    with pytest.raises(QlorakitError, match="expected NAME=DIR"):
+        parse_adapter_specs(["just-a-dir"])
+    with pytest.raises(QlorakitError, match="given twice"):
+        parse_adapter_specs(["a=x", "a=y"])
