@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import sys
 import uuid
@@ -34,14 +33,15 @@ from .. import kernels
 from ..errors import AdapterMismatchError, CheckpointFormatError, QlorakitError
 from ..model.checkpoint_files import INDEX_FILE, find_checkpoint_files, require_model_folder
 from ..model.quantize_checkpoint import (
-    _check_out_dir,
-    _commit,
-    _converted,
-    _copy_side_files,
-    _read_config_json,
-    _write_json,
+    check_out_dir,
+    commit,
+    converted,
+    copy_side_files,
+    read_config_json,
+    write_json,
 )
 from ..model.safetensors_writer import SafetensorsWriter
+from ..nn.lora import lora_scaling
 from ..quant.bnb_format import quant_state_from_tensors, quant_state_to_tensors, quantization_config
 from .export_gguf import GGUF_TYPES, check_exportable, export_gguf
 from .fingerprint import base_fingerprint
@@ -104,7 +104,7 @@ def lora_deltas(adapter_dir: str | Path) -> tuple[dict[str, LoraDelta], dict]:
     if config.get("fan_in_fan_out"):
         raise CheckpointFormatError(f"{adapter_dir}: fan_in_fan_out adapters (Conv1D bases) are not supported")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    scaling = lora_scaling(r, alpha, bool(config.get("use_rslora")))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         for ab in ("A", "B"):
@@ -162,7 +162,7 @@ def merge_adapter(
     if gguf is not None:
         check_exportable(src)  # fail before merging, not after
     out = Path(out_dir)
-    _check_out_dir(src, out, overwrite)
+    check_out_dir(src, out, overwrite)
     deltas, record = lora_deltas(adapter_dir)
     saved_fp = record.get("base_fingerprint")
     if saved_fp and not force:
@@ -190,7 +190,7 @@ def merge_adapter(
         from ..model.targets import target_linears_of
 
         targets = target_linears_of(src)
-        config = _read_config_json(src)  # refuses a config that already has a quantization_config
+        config = read_config_json(src)  # refuses a config that already has a quantization_config
 
     report = MergeReport(out, quantized=quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -212,14 +212,14 @@ def merge_adapter(
                 total_size += writer.nbytes
         if checkpoint.sharded:
             index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_json(partial / INDEX_FILE, index)
+            write_json(partial / INDEX_FILE, index)
         if quantize:
             config["quantization_config"] = quantization_config(quantize, True, torch.bfloat16)
-        _write_json(partial / "config.json", config)
-        _copy_side_files(src, partial)
+        write_json(partial / "config.json", config)
+        copy_side_files(src, partial)
         if gguf is not None:
             report.gguf_file = out / export_gguf(partial, partial / f"model-{gguf}.gguf", gguf, progress).name
-        _commit(partial, out, overwrite)
+        commit(partial, out, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -248,7 +248,7 @@ def _merged_shard(path: Path, names: list[str], deltas: dict[str, LoraDelta], fo
             if delta is not None:
                 tensor = (tensor.float() + delta.weight()).to(tensor.dtype)
                 report.merged_linears += 1
-            entries = _converted(name, tensor, targets, 64, quantize, True) if quantize else [(name, tensor)]
+            entries = converted(name, tensor, targets, 64, quantize, True) if quantize else [(name, tensor)]
         yield from entries
 
 

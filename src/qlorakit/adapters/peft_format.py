@@ -171,7 +171,7 @@ def load_adapter(
     If both the adapter and the caller know the base model's fingerprint and they differ, refuse with
     AdapterMismatchError unless force. Returns the adapter's qlorakit record.
     """
-    config, tensors, record = read_adapter(adapter_dir)
+    _, tensors, record = read_adapter(adapter_dir)
     saved_fp = record.get("base_fingerprint")
     if base_fingerprint and saved_fp and saved_fp != base_fingerprint and not force:
         raise AdapterMismatchError(

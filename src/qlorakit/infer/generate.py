@@ -3,7 +3,6 @@ tokens streamed as they come, stopping at EOS."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from threading import Thread
 from typing import TextIO
@@ -108,10 +107,3 @@ def stream_generate(
         model.train(was_training)
     if errors:
         raise errors[0]
-
-
-def print_generation(model, tokenizer, prompt: str, out: TextIO = sys.stdout, **kw) -> str:
-    out.write(f">>> {prompt}\n")
-    reply = generate(model, tokenizer, prompt, stream=out, **kw)
-    out.write("\n")
-    return reply

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -59,6 +58,7 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 def _read_adapter_weights(name: str, folder: Path, dtype: torch.dtype, fingerprint: str, force: bool
                           ) -> AdapterWeights:
     from ..adapters.peft_format import PEFT_PREFIX, read_adapter
+    from ..nn.lora import lora_scaling
 
     config, tensors, record = read_adapter(folder)
     saved = record.get("base_fingerprint")
@@ -66,7 +66,7 @@ def _read_adapter_weights(name: str, folder: Path, dtype: torch.dtype, fingerpri
         raise AdapterMismatchError(f"{folder}: adapter {name!r} was trained on another base model (fingerprint "
                                    f"{saved[:12]}, this base is {fingerprint[:12]}); use --force to serve it anyway")
     r, alpha = int(config["r"]), float(config["lora_alpha"])
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    scaling = lora_scaling(r, alpha, bool(config.get("use_rslora")))
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for key, a in tensors.items():
         if key.endswith(".lora_A.weight"):

@@ -77,8 +77,8 @@ def quantize_checkpoint(
     cdtype = _compute_dtype(compute_dtype)
     src = require_model_folder(model_dir)
     out = Path(out_dir)
-    _check_out_dir(src, out, overwrite)
-    config = _read_config_json(src)
+    check_out_dir(src, out, overwrite)
+    config = read_config_json(src)
     checkpoint = find_checkpoint_files(src)
     targets = target_linears_of(src)
     _check_target_weights(src, targets, checkpoint.key_to_file())
@@ -95,7 +95,7 @@ def quantize_checkpoint(
                     for name in names:
                         tensor = f.get_tensor(name)
                         total_params += tensor.numel()
-                        for key, value in _converted(name, tensor, targets, blocksize, quant_type, double_quant):
+                        for key, value in converted(name, tensor, targets, blocksize, quant_type, double_quant):
                             writer.add(key, value)
                             weight_map[key] = path.name
                         bar.update()
@@ -105,11 +105,11 @@ def quantize_checkpoint(
                 "metadata": {"total_parameters": total_params, "total_size": total_size},
                 "weight_map": dict(sorted(weight_map.items())),
             }
-            _write_json(partial / INDEX_FILE, index)
+            write_json(partial / INDEX_FILE, index)
         config["quantization_config"] = quantization_config(quant_type, double_quant, cdtype)
-        _write_json(partial / "config.json", config)
-        _copy_side_files(src, partial)
-        _commit(partial, out, overwrite)
+        write_json(partial / "config.json", config)
+        copy_side_files(src, partial)
+        commit(partial, out, overwrite)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -153,7 +153,7 @@ def load_quantized_linears(model_dir: str | Path) -> dict[str, Linear4bit]:
     return linears
 
 
-def _converted(
+def converted(
     name: str,
     tensor: torch.Tensor,
     targets: dict[str, TargetLinear],
@@ -180,7 +180,8 @@ def _compute_dtype(value: str | torch.dtype) -> torch.dtype:
     raise QuantizationError(f"compute_dtype {value!r} is not allowed; use one of {', '.join(COMPUTE_DTYPES)}")
 
 
-def _read_config_json(folder: Path) -> dict:
+def read_config_json(folder: Path) -> dict:
+    """`folder`/config.json as a dict; refuses unreadable JSON, a non-object and an existing quantization_config."""
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -229,7 +230,8 @@ def _check_target_weights(folder: Path, targets: dict[str, TargetLinear], stored
                 )
 
 
-def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
+def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that is the source or inside it, is a file, or exists without `overwrite`."""
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise QlorakitError(f"{out}: the output folder may not be the source folder or inside it ({src})")
     if out.exists() or out.is_symlink():
@@ -239,7 +241,7 @@ def _check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
             raise QlorakitError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
 
 
-def _commit(partial: Path, out: Path, overwrite: bool) -> None:
+def commit(partial: Path, out: Path, overwrite: bool) -> None:
     """Rename the complete `partial` folder to `out`, replacing an existing `out` only when `overwrite`."""
     if not (out.exists() or out.is_symlink()):
         os.rename(partial, out)
@@ -256,7 +258,7 @@ def _commit(partial: Path, out: Path, overwrite: bool) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
+def copy_side_files(src: Path, dst: Path) -> None:
     """Top-level files other than weights and config.json: tokenizer, generation config, chat template, licence."""
     for path in sorted(src.iterdir()):
         name = path.name
@@ -271,6 +273,7 @@ def _copy_side_files(src: Path, dst: Path) -> None:
         shutil.copy2(path, dst / name)
 
 
-def _write_json(path: Path, obj: object) -> None:
+def write_json(path: Path, obj: object) -> None:
+    """Write `obj` as transformers writes config.json and the shard index."""
     # transformers writes config.json and the index this way: 2-space indent, sorted keys, a final newline.
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")

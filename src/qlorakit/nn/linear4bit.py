@@ -148,10 +148,15 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        cached = self.__dict__.get("_dense_cache")
+        cached = self.dense_copy
         if cached is not None and cached.dtype == x.dtype:
             return torch.nn.functional.linear(x, cached, None if self.bias is None else self.bias.to(x.dtype))
         return linear_4bit(x, self.weight, self.quant_state, self.bias)
+
+    @property
+    def dense_copy(self) -> torch.Tensor | None:
+        """The dequantized weight [out_features, in_features] that keep_dense_copy keeps, or None."""
+        return self.__dict__.get("_dense_cache")
 
     def keep_dense_copy(self, dtype: torch.dtype | None) -> int:
         """Keep (dtype) or drop (None) a dequantized copy of the weight that forward uses instead of

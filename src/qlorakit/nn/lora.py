@@ -41,7 +41,7 @@ class LoraLinear(nn.Module):
         in_features, out_features = base_layer.in_features, base_layer.out_features
         device = _device_of(base_layer)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -63,7 +63,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        if self.fused and base.__dict__.get("_dense_cache") is None:
+        if self.fused and base.dense_copy is None:
             if torch.is_autocast_enabled(x.device.type):
                 x = x.to(torch.get_autocast_dtype(x.device.type))
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
@@ -85,10 +85,15 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}"
 
 
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA (as PEFT computes it)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def _device_of(module: nn.Module) -> torch.device:
     for t in list(module.parameters()) + list(module.buffers()):
         return t.device
     return torch.device("cpu")
 
 
-__all__ = ["Linear4bit", "LoraLinear"]
+__all__ = ["Linear4bit", "LoraLinear", "lora_scaling"]

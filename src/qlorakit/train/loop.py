@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..errors import QlorakitError
 from .checkpoint import RngStates, capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import SINGLE_PROCESS, DistContext
-from .loss import IGNORE_INDEX, causal_lm_loss_sum
+from .loss import causal_lm_loss_sum, count_targets
 from .metrics import MetricsWriter, plot_losses
 from .runtime import Runtime
 from .schedule import lr_factor, warmup_steps_for
@@ -112,10 +112,6 @@ def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], runtime: 
         return causal_lm_loss_sum(hidden, head.weight, batch["labels"].to(runtime.device))
 
 
-def _targets_in(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
                          packing: bool, attn_implementation: str, dist: DistContext = SINGLE_PROCESS) -> float:
     """Backpropagate one optimizer step's loss, adding to the parameters' .grad; return that loss.
@@ -129,7 +125,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     share, and the trainable parameters' gradients and the loss are summed over ranks, so every rank returns the
     step's global loss with the step's full gradient in .grad.
     """
-    n_targets = max(1, sum(_targets_in(b) for b in micro_batches))
+    n_targets = max(1, sum(count_targets(b["labels"]) for b in micro_batches))
     loss_sum = 0.0
     for batch in dist.my_share(micro_batches):
         part = forward_loss_sum(model, batch, runtime, packing, attn_implementation)
@@ -166,7 +162,7 @@ def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtim
     for rows in dist.my_share(plan):
         batch = examples.collate(rows, pad_id)
         total += float(forward_loss_sum(model, batch, runtime, settings.packing, settings.attn_implementation))
-        count += _targets_in(batch)
+        count += count_targets(batch["labels"])
     if dist.enabled:
         total, summed = dist.sum_floats([total, count], runtime.device)
         count = int(summed)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from ..data.pieces import IGNORE_INDEX
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -39,4 +39,5 @@ def causal_lm_loss_sum(
 
 
 def count_targets(labels: torch.Tensor) -> int:
+    """Target tokens of a batch: labels [B, T] int64 positions 1.. that are not IGNORE_INDEX (what the loss sums)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
