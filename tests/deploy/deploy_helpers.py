@@ -24,6 +24,7 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int, targets: list[str] | 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets or ALL_LINEARS, lora_dropout=0.0,
                         task_type="CAUSAL_LM")
+    torch.manual_seed(seed)  # PEFT draws lora_A from the global RNG: seed it, or the adapter depends on test order
     model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

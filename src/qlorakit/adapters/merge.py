@@ -42,7 +42,13 @@ from ..model.quantize_checkpoint import (
 )
 from ..model.safetensors_writer import SafetensorsWriter
 from ..nn.lora import lora_scaling
-from ..quant.bnb_format import quant_state_from_tensors, quant_state_to_tensors, quantization_config
+from ..quant.bnb_format import (
+    QUANT_STATE_KEY,
+    WEIGHT_STATE_MARK,
+    quant_state_from_tensors,
+    quant_state_to_tensors,
+    quantization_config,
+)
 from .export_gguf import GGUF_TYPES, check_exportable, export_gguf
 from .fingerprint import base_fingerprint
 from .peft_format import PEFT_PREFIX, read_adapter
@@ -50,7 +56,6 @@ from .peft_format import PEFT_PREFIX, read_adapter
 log = logging.getLogger("qlorakit.adapters")
 
 QUANTIZE_CHOICES = ("nf4",)
-_QS_MARK = ".weight.quant_state.bitsandbytes__"
 _STATE_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")
 
 
@@ -175,7 +180,7 @@ def merge_adapter(
     config = _read_raw_config(src)
     checkpoint = find_checkpoint_files(src)
     where = checkpoint.key_to_file()
-    four_bit = sorted(k.split(_QS_MARK)[0] + ".weight" for k in where if _QS_MARK in k)
+    four_bit = sorted(k.split(WEIGHT_STATE_MARK)[0] + ".weight" for k in where if WEIGHT_STATE_MARK in k)
     if four_bit and not requantize:
         raise QlorakitError(
             f"{src}: is a 4-bit (bitsandbytes) checkpoint; merging into NF4 weights re-rounds every weight and "
@@ -236,7 +241,7 @@ def _merged_shard(path: Path, names: list[str], deltas: dict[str, LoraDelta], fo
     """
     for name in names:
         done(1)
-        if _QS_MARK in name or any(name == w + s for w in four_bit for s in _STATE_SUFFIXES):
+        if WEIGHT_STATE_MARK in name or any(name == w + s for w in four_bit for s in _STATE_SUFFIXES):
             continue  # a 4-bit weight's constants: written with its weight below
         if name in four_bit:
             with safe_open(str(path), framework="pt") as f:
@@ -289,7 +294,7 @@ def _check_targets(src: Path, checkpoint, where: dict[str, Path], deltas: dict[s
     for key, delta in deltas.items():
         with safe_open(str(where[key]), framework="pt") as f:
             if key in four_bit:
-                meta_key = next(k for k in where if k.startswith(key + ".quant_state.bitsandbytes__"))
+                meta_key = next(k for k in where if k.startswith(key + "." + QUANT_STATE_KEY))
                 shape = list(json.loads(bytes(f.get_tensor(meta_key).tolist()).decode())["shape"])
             else:
                 shape = list(f.get_slice(key).get_shape())

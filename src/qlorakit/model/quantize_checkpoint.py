@@ -28,7 +28,12 @@ from .. import kernels
 from ..errors import CheckpointFormatError, QlorakitError, QuantizationError
 from ..nn.linear4bit import Linear4bit
 from ..quant.blockwise import check_blocksize, check_quant_type
-from ..quant.bnb_format import quant_state_from_tensors, quant_state_to_tensors, quantization_config
+from ..quant.bnb_format import (
+    WEIGHT_STATE_MARK,
+    quant_state_from_tensors,
+    quant_state_to_tensors,
+    quantization_config,
+)
 from .checkpoint_files import INDEX_FILE, PICKLE_SUFFIXES, find_checkpoint_files, require_model_folder
 from .safetensors_writer import SafetensorsWriter
 from .targets import TargetLinear, target_linears_of
@@ -37,7 +42,6 @@ log = logging.getLogger("qlorakit.model")
 
 COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _FLOAT_DTYPES = ("BF16", "F16", "F32", "F64")  # safetensors' names of the dtypes a weight is quantized from
-_QS_MARK = ".weight.quant_state.bitsandbytes__"
 _QUANT_SUFFIXES = (
     "weight",
     "weight.absmax",
@@ -127,10 +131,10 @@ def load_quantized_linears(model_dir: str | Path) -> dict[str, Linear4bit]:
     """
     checkpoint = find_checkpoint_files(model_dir)
     where = checkpoint.key_to_file()
-    modules = {name[: name.index(_QS_MARK)]: where[name] for name in where if _QS_MARK in name}
+    modules = {name[: name.index(WEIGHT_STATE_MARK)]: where[name] for name in where if WEIGHT_STATE_MARK in name}
     if not modules:
         raise CheckpointFormatError(
-            f"{checkpoint.folder}: no bitsandbytes 4-bit weights (no '*{_QS_MARK}nf4|fp4' tensors) in "
+            f"{checkpoint.folder}: no bitsandbytes 4-bit weights (no '*{WEIGHT_STATE_MARK}nf4|fp4' tensors) in "
             f"{', '.join(p.name for p in checkpoint.files)}"
         )
     linears: dict[str, Linear4bit] = {}

@@ -23,7 +23,9 @@ from .blockwise import check_blocksize, check_quant_type
 from .double_quant import NestedAbsmax
 from .state import QuantState
 
-_QS_KEY = "quant_state.bitsandbytes__"
+QUANT_STATE_KEY = "quant_state.bitsandbytes__"
+# What marks a quantized weight in a state dict: "<module>" + WEIGHT_STATE_MARK + "nf4" (or "fp4").
+WEIGHT_STATE_MARK = ".weight." + QUANT_STATE_KEY
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -70,13 +72,13 @@ def quant_state_to_tensors(prefix: str, packed: torch.Tensor, state: QuantState)
         out[prefix + "weight.absmax"] = state.absmax
         out[prefix + "weight.quant_map"] = state.code
     blob = json.dumps(meta).encode("utf-8")
-    out[prefix + "weight." + _QS_KEY + state.quant_type] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    out[prefix + "weight." + QUANT_STATE_KEY + state.quant_type] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     return out
 
 
 def is_quantized_weight(tensors: Mapping[str, object], prefix: str) -> bool:
     """True when `tensors` holds a bitsandbytes 4-bit state for prefix + "weight"."""
-    head = prefix + "weight." + _QS_KEY
+    head = prefix + "weight." + QUANT_STATE_KEY
     return any(k.startswith(head) for k in tensors)
 
 
@@ -87,7 +89,7 @@ def quant_state_from_tensors(
 
     Raises CheckpointFormatError naming `where` and the key when an entry is missing or inconsistent.
     """
-    head = prefix + "weight." + _QS_KEY
+    head = prefix + "weight." + QUANT_STATE_KEY
     meta_keys = [k for k in tensors if k.startswith(head)]
     if len(meta_keys) != 1:
         raise CheckpointFormatError(f"{where}: expected one {head}<nf4|fp4> entry, found {len(meta_keys)}")
