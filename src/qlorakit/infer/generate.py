@@ -31,23 +31,11 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module,
-    tokenizer,
-    prompt: str,
-    *,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    use_chat_template: bool = True,
-    history: list[dict[str, str]] | None = None,
-    stream: TextIO | None = None,
-    seed: int | None = 0,
-) -> str:
-    """Generate a reply to `prompt`; greedy when temperature == 0. Streams text to `stream` if given."""
+def generate(model: nn.Module, tokenizer, prompt: str, *, stream: TextIO | None = None, **options) -> str:
+    """Generate a reply to `prompt` (options as for stream_generate; greedy when temperature == 0), writing the
+    text to `stream` as it comes if given."""
     pieces = []
-    for piece in stream_generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, use_chat_template=use_chat_template, history=history, seed=seed):
+    for piece in stream_generate(model, tokenizer, prompt, **options):
         pieces.append(piece)
         if stream is not None:
             stream.write(piece)

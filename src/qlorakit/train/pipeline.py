@@ -30,11 +30,11 @@ def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int =
     if env is not None and env.rank != 0:  # under torchrun only rank 0 talks to the user
         prompts = []
         progress = False
-    hooks = {}
+    before = None
     if prompts:
-        hooks["before"] = lambda model, tok: _show(model, tok, prompts, "before training (base model)",
-                                                   max_new_tokens)
-    out = run_training(cfg, progress=progress, before_training=hooks.get("before"))
+        def before(model, tok):
+            _show(model, tok, prompts, "before training (base model)", max_new_tokens)
+    out = run_training(cfg, progress=progress, before_training=before)
     if env is not None and env.rank != 0:
         return 130 if out.result.interrupted else 0
     if out.result.interrupted:
