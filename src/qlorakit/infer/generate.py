@@ -4,11 +4,16 @@ tokens streamed as they come, stopping at EOS."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+import logging
 from threading import Thread
 from typing import TextIO
 
 import torch
 from torch import nn
+
+from ..errors import QlorakitError
+
+log = logging.getLogger("qlorakit.infer")
 
 
 def render_prompt(tokenizer, prompt: str, *, use_chat_template: bool = True,
@@ -55,28 +60,67 @@ def stream_generate(
     history: list[dict[str, str]] | None = None,
     seed: int | None = 0,
 ) -> Iterator[str]:
-    """Yield decoded text pieces as they are generated."""
-    from transformers import TextIteratorStreamer
+    """Yield decoded text pieces as they are generated: greedy when temperature == 0, else sampling with
+    `temperature` and nucleus `top_p`. Decodes through qlorakit's static-cache decoder (CUDA graphs on a GPU,
+    `decode.py`); a model that decoder cannot take goes through transformers' `generate`, and the log says so."""
+    from .decode import StaticDecoder, decode_tokens
 
     text = render_prompt(tokenizer, prompt, use_chat_template=use_chat_template, history=history)
     device = next(model.parameters()).device
     enc = tokenizer(text, return_tensors="pt", add_special_tokens=not use_chat_template or not tokenizer.chat_template)
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            StaticDecoder.check(model)
+        except QlorakitError as why:
+            _say_once("hf-generate", "qlorakit: decoding through transformers' generate (eager): %s", why)
+            yield from _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperature, top_p, seed)
+            return
+        ids: list[int] = []
+        shown = ""
+        for tok in decode_tokens(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                 eos_ids=eos, pad_id=pad, temperature=temperature, top_p=top_p, seed=seed):
+            t = int(tok[0])
+            if t in eos:
+                break
+            ids.append(t)
+            now = tokenizer.decode(ids, skip_special_tokens=True)
+            if now.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+                continue
+            if now.startswith(shown):
+                yield now[len(shown):]
+                shown = now
+        rest = tokenizer.decode(ids, skip_special_tokens=True)
+        if rest.startswith(shown) and len(rest) > len(shown):
+            yield rest[len(shown):]
+    finally:
+        model.train(was_training)
+
+
+_said: set[str] = set()
+
+
+def _say_once(key: str, msg: str, *args) -> None:
+    if key not in _said:
+        _said.add(key)
+        log.warning(msg, *args)
+
+
+def _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperature, top_p, seed) -> Iterator[str]:
+    """transformers' generate in a thread, its text streamed back."""
+    from transformers import TextIteratorStreamer
+
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(
-        input_ids=enc["input_ids"].to(device),
-        attention_mask=enc["attention_mask"].to(device),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=_eos_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        streamer=streamer,
-        do_sample=temperature > 0,
-    )
+    kwargs = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+                  max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, streamer=streamer,
+                  do_sample=temperature > 0)
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
         if seed is not None:
             torch.manual_seed(seed)
-    was_training = model.training
-    model.eval()
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -92,6 +136,5 @@ def stream_generate(
         yield from streamer
     finally:
         worker.join()
-        model.train(was_training)
     if errors:
         raise errors[0]
