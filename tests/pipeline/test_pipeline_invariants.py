@@ -98,23 +98,3 @@ def test_batch_4_by_accumulation_1_equals_batch_1_by_accumulation_4(model, examp
 
     assert loss_4x1 == pytest.approx(loss_1x4, rel=1e-6)
     _assert_close(grads_4x1, grads_1x4, rtol=1e-5)
-
-
-def test_the_hook_before_the_last_backward_runs_once_per_step_after_the_earlier_backwards(model, examples):
-    """The training loop starts the optimizer's early prefetch of paged states through this hook: it must run
-    once, after the earlier micro-batches' backward passes and before the last one."""
-    net, attn = model
-    rows = epoch_batches(examples.lengths, 1, 32, False, seed=3, epoch=0)[:3]
-    micro = [examples.collate(r, PAD_ID) for r in rows]
-    seen = []
-    for p in net.parameters():
-        p.grad = None
-
-    def hook():
-        seen.append({n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad})
-
-    accumulate_gradients(net, micro, RUNTIME, False, attn, before_last_backward=hook)
-    assert len(seen) == 1
-    before_last, final = seen[0], _lora_grads(net)
-    assert all(bool(g.abs().sum() > 0) for g in before_last.values())  # the first two backwards are done
-    assert any(not torch.equal(before_last[k], final[k]) for k in final)  # the last one came after the hook

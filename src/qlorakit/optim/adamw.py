@@ -196,16 +196,6 @@ class AdamW(torch.optim.Optimizer):
                 arena.update(work[id(arena)], self._apply)
         return loss
 
-    def prefetch_states(self) -> None:
-        """Start bringing paged states to the GPU now, for the next step(): call it before the last backward of
-        a step (qlorakit's training loop does). The driver's per-call host cost of the prefetch (~0.6 ms per GiB
-        of states on an H200, paid even when nothing was evicted) then overlaps the backward pass instead of
-        adding to step(). Does nothing for states that are not paged, or before the first step (no states yet)."""
-        for arena in self._arenas:
-            early = getattr(arena, "prefetch_early", None)
-            if early is not None:
-                early()
-
     # --- what it holds ---------------------------------------------------------------------------------------
 
     @property

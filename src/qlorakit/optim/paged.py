@@ -15,7 +15,6 @@ at once, so that the next check already counts it.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 
 import torch
@@ -101,71 +100,6 @@ def prefetch(buf: torch.Tensor, to_host: bool = False) -> None:
     idx = buf.device.index
     cuda_runtime().prefetch(buf.data_ptr(), buf.numel() * buf.element_size(), None if to_host else idx,
                             torch.cuda.current_stream(idx).cuda_stream)
-
-
-class BackgroundPrefetch:
-    """Prefetches of one managed buffer queued from a helper thread on a side stream.
-
-    cudaMemPrefetchAsync walks the whole range in the driver even when every page is already on the GPU, and
-    that walk is host time (about 0.6 ms per GiB on an H200), paid on the thread that calls it. `start()` hands
-    the call to a helper thread and returns at once, so the walk overlaps whatever the caller launches next (the
-    backward pass); `join()` makes the current stream wait for the migration. The side stream first waits for
-    the work queued on the caller's stream at `start()`, so the prefetch never moves pages under a kernel that
-    is still writing them.
-    """
-
-    def __init__(self, buf: torch.Tensor):
-        self.buf = buf
-        self.index = buf.device.index
-        self.stream = torch.cuda.Stream(device=buf.device)
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending: tuple[threading.Event, torch.cuda.Event, list[BaseException]] | None = None
-        self._worker = threading.Thread(target=self._run, name="qlorakit-prefetch", daemon=True)
-        self._worker.start()
-
-    def _run(self) -> None:
-        rt = cuda_runtime()
-        rt.set_device(self.index)
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            after, finished, done, errors = job
-            try:
-                self.stream.wait_event(after)
-                rt.prefetch(self.buf.data_ptr(), self.buf.numel(), self.index, self.stream.cuda_stream)
-                finished.record(self.stream)
-            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread by join()
-                errors.append(err)
-            finally:
-                done.set()
-
-    @property
-    def pending(self) -> bool:
-        return self._pending is not None
-
-    def start(self) -> None:
-        """Queue a prefetch to the GPU; nothing happens if one is already pending."""
-        if self._pending is not None:
-            return
-        after = torch.cuda.current_stream(self.index).record_event()
-        done, finished, errors = threading.Event(), torch.cuda.Event(), []
-        self._pending = (done, finished, errors)
-        self._jobs.put((after, finished, done, errors))
-
-    def join(self) -> None:
-        """Make the current stream wait for the pending prefetch (the host waits only for the driver call)."""
-        if self._pending is None:
-            return
-        done, finished, errors = self._pending
-        self._pending = None
-        done.wait()
-        if errors:
-            raise errors[0]
-        torch.cuda.current_stream(self.index).wait_event(finished)
-
-    def close(self) -> None:
-        self._jobs.put(None)
 
 
 def memory_kind(t: torch.Tensor) -> str:

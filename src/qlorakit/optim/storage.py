@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paged import BackgroundPrefetch, allocate_managed, prefetch
+from .paged import allocate_managed, prefetch
 from .reference import StepConstants, UpdateItem, state_pointers
 from .state_8bit import num_blocks, state_maps
 
@@ -131,31 +131,14 @@ class Arena:
             reset_states(s, v)
         self.kernel_states, self.pointers = kernel_views(slots, self.views)
         self.prefetch_enabled = True  # a measurement switch (benchmarks/optim.py): off = rely on page faults
-        self._background: BackgroundPrefetch | None = None
 
     def state_bytes(self) -> int:
         return sum(s.state_bytes() for s in self.slots)
 
-    def prefetch_early(self) -> None:
-        """Managed states: start the next update's prefetch now, from a helper thread (see BackgroundPrefetch),
-        so that the driver's host-side cost overlaps the caller's work; update() then only waits for it."""
-        if self.placement != "managed" or not self.prefetch_enabled:
-            return
-        if self._background is None:
-            self._background = BackgroundPrefetch(self.buffer)
-        self._background.start()
-
     def update(self, work: list[Work], apply: Apply) -> None:
         if self.placement == "managed" and self.prefetch_enabled:
-            if self._background is not None and self._background.pending:
-                self._background.join()
-            else:
-                prefetch(self.buffer)
+            prefetch(self.buffer)
         apply(items_for(work, self.slots, self.kernel_states, self.pointers))
-
-    def __del__(self) -> None:
-        if getattr(self, "_background", None) is not None:
-            self._background.close()
 
     def synchronize(self) -> None:
         """Nothing to wait for: reads of device/managed views are ordered on the current stream."""

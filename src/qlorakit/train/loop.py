@@ -9,7 +9,6 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,15 +113,13 @@ def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], runtime: 
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
-                         packing: bool, attn_implementation: str, dist: DistContext = SINGLE_PROCESS,
-                         before_last_backward: Callable[[], None] | None = None) -> float:
+                         packing: bool, attn_implementation: str, dist: DistContext = SINGLE_PROCESS) -> float:
     """Backpropagate one optimizer step's loss, adding to the parameters' .grad; return that loss.
 
     The loss is the mean over the target tokens of all micro-batches together: each micro-batch's summed loss
     is divided by the step's total target count, so the gradient does not depend on how the step's examples
     are split into micro-batches (batch 4 x accumulation 1 == batch 1 x accumulation 4). NaN and inf pass
-    through to the caller. `before_last_backward` runs just before the step's last backward (the optimizer's
-    early prefetch of paged states).
+    through to the caller.
 
     Data-parallel (`dist` enabled): `micro_batches` is the whole step on every rank; this rank forwards its
     share, and the trainable parameters' gradients and the loss are summed over ranks, so every rank returns the
@@ -130,11 +127,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     """
     n_targets = max(1, sum(count_targets(b["labels"]) for b in micro_batches))
     loss_sum = 0.0
-    share = dist.my_share(micro_batches)
-    for i, batch in enumerate(share):
+    for batch in dist.my_share(micro_batches):
         part = forward_loss_sum(model, batch, runtime, packing, attn_implementation)
-        if before_last_backward is not None and i == len(share) - 1:
-            before_last_backward()
         (part / n_targets).backward()
         loss_sum += float(part.detach())
     if dist.enabled:
@@ -285,7 +279,7 @@ def train_loop(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss = accumulate_gradients(model, micro, runtime, settings.packing, settings.attn_implementation,
-                                        dist, getattr(optimizer, "prefetch_states", None))
+                                        dist)
             tokens_since += sum(int(b["attention_mask"].sum()) for b in micro)
             if not math.isfinite(loss):
                 raise TrainingDivergedError(_divergence_message(step + 1, loss, runtime, settings))
