@@ -87,9 +87,10 @@ class TrainingSection(_Section):
     log_every: int = Field(1, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     resume: bool = True
-    distributed: Literal["auto", "ddp"] = Field(
-        "auto", description="under torchrun: 'auto' trains data-parallel when WORLD_SIZE > 1; 'ddp' requires "
-        "torchrun. Each rank takes gradient_accumulation / world_size of a step's micro-batches, so "
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun: 'auto' trains data-parallel when WORLD_SIZE > 1 (every rank holds "
+        "the whole model); 'ddp' requires torchrun; 'fsdp' requires torchrun and shards the model, adapters, "
+        "gradients and optimizer states over the ranks (FSDP2). Each rank takes gradient_accumulation / world_size of a step's micro-batches, so "
         "gradient_accumulation must be a multiple of the world size")
 
     @model_validator(mode="after")

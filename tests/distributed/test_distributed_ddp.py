@@ -22,7 +22,7 @@ from pipeline_helpers import one_thread, read_events, run_tree, train_losses, wr
 from safetensors.torch import load_file
 
 from qlorakit.config import config_from_dict
-from qlorakit.errors import QloraConfigError
+from qlorakit.errors import CheckpointFormatError, QloraConfigError
 from qlorakit.train.distributed import DistContext, check_batch_split, init_distributed, resolve_mode
 from qlorakit.train.run import run_training
 
@@ -32,20 +32,24 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def _tree(model_dir, data, out):
+def _tree(model_dir, data, out, **training):
     return run_tree(model_dir, data, out, training={"max_steps": STEPS, "batch_size": 2,
-                                                   "gradient_accumulation": 2, "eval_every": 2})
+                                                   "gradient_accumulation": 2, "eval_every": 2, **training})
 
 
-def _torchrun(*args: str, cwd: Path) -> None:
-    """Two processes on this machine (gloo), each single-threaded; both must have joined one data-parallel run."""
+def _torchrun(*args: str, cwd: Path, sharded: bool = False) -> None:
+    """Two processes on this machine (gloo), each single-threaded; both must have joined one data-parallel run
+    (sharded by FSDP2 if `sharded`)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     for rank in (0, 1):
-        assert f"data-parallel rank {rank} of 2 (gloo)" in proc.stderr, proc.stderr[-3000:]
+        mark = f"data-parallel rank {rank} of 2 (gloo{', FSDP2' if sharded else ''})"
+        assert mark in proc.stderr, proc.stderr[-3000:]
+    if sharded:
+        assert "FSDP2 over 2 ranks" in proc.stderr and "packed 4-bit weights sharded as uint8" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -81,25 +85,41 @@ def _assert_same_run(run: Path, ref: Path) -> None:
     print(f"{run.parent.name}: max absolute adapter difference {worst:.3g}")
 
 
-def test_two_gloo_processes_match_one_process(tiny_model_dir, pattern_data, tmp_path, single_process):
+MODES = {"ddp": {}, "fsdp": {"distributed": "fsdp"}}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_gloo_processes_match_one_process(tiny_model_dir, pattern_data, tmp_path, single_process, mode):
     """`torchrun --nproc-per-node 2 -m qlorakit.cli train CONFIG`, as the README says."""
     out = tmp_path / "run"
-    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out))
-    _torchrun("-m", "qlorakit.cli", "train", str(config), "--no-progress", cwd=tmp_path)
+    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out, **MODES[mode]))
+    _torchrun("-m", "qlorakit.cli", "train", str(config), "--no-progress", cwd=tmp_path, sharded=mode == "fsdp")
     _assert_same_run(out, single_process)
     assert not list((out).glob("*.tmp*")) and (out / "summary.json").is_file()
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_two_process_run_stopped_and_resumed_matches_one_process(tiny_model_dir, pattern_data, tmp_path,
-                                                                 single_process):
+                                                                 single_process, mode):
     out = tmp_path / "run"
-    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out))
-    _torchrun(str(WORKER), str(config), "2", cwd=tmp_path)
+    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out, **MODES[mode]))
+    _torchrun(str(WORKER), str(config), "2", cwd=tmp_path, sharded=mode == "fsdp")
+    step2 = out / "checkpoints" / "step-000002"
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000002"
     assert not (out / "adapter").exists()
-    assert (out / "checkpoints" / "step-000002" / "rng-rank1.safetensors").is_file()
-    _torchrun(str(WORKER), str(config), cwd=tmp_path)
+    assert (step2 / "rng-rank1.safetensors").is_file()
+    # A sharded run keeps each rank's optimizer shard; the adapter in the checkpoint is whole either way.
+    assert (step2 / "optimizer-rank1.safetensors").is_file() == (mode == "fsdp")
+    if mode == "fsdp":
+        with pytest.raises(CheckpointFormatError, match="sharded \\(fsdp\\) run of 2 ranks"):
+            run_training(config_from_dict(_tree(tiny_model_dir, pattern_data, out)), progress=False)
+    _torchrun(str(WORKER), str(config), cwd=tmp_path, sharded=mode == "fsdp")
     _assert_same_run(out, single_process)
+
+
+def test_fsdp_shards_the_packed_weights_as_uint8_and_gathers_them_unchanged(tiny_model_dir, tmp_path):
+    """Each rank holds part of every packed 4-bit weight, as uint8; gathered, the bytes are the quantized ones."""
+    _torchrun(str(Path(__file__).with_name("fsdp_worker.py")), str(tiny_model_dir), cwd=tmp_path, sharded=True)
 
 
 def test_accumulation_must_divide_over_ranks():
@@ -118,6 +138,6 @@ def test_without_torchrun_auto_is_one_process_and_ddp_is_refused(monkeypatch):
 
 def test_distributed_key_is_validated(tiny_model_dir, pattern_data, tmp_path):
     tree = _tree(tiny_model_dir, pattern_data, tmp_path / "run")
-    tree["training"]["distributed"] = "fsdp"
+    tree["training"]["distributed"] = "zero3"
     with pytest.raises(QloraConfigError, match="distributed"):
         config_from_dict(tree)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import AdapterMismatchError, CheckpointFormatError
 from ..nn.lora import LoraLinear
+from ..sharding import copy_whole_into, full
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -35,11 +36,12 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """PEFT-keyed LoRA tensors of `model` (contiguous CPU copies, in the adapter dtype)."""
+    """PEFT-keyed LoRA tensors of `model` (contiguous CPU copies, in the adapter dtype). Sharded (FSDP2) adapters
+    are gathered whole: then every rank must call this together."""
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().to("cpu").contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().to("cpu").contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = full(m.lora_A.weight.detach()).to("cpu").contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = full(m.lora_B.weight.detach()).to("cpu").contiguous()
     return out
 
 
@@ -118,9 +120,11 @@ def save_adapter(
     *,
     base_model_name_or_path: str | None = None,
     qlorakit_record: dict[str, Any] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write the adapter of `model` to `out_dir` atomically (temporary folder, then rename)."""
-    tensors = lora_state_dict(model)
+    """Write the adapter of `model` to `out_dir` atomically (temporary folder, then rename). `tensors`: its
+    lora_state_dict, when already gathered (sharded runs gather on every rank, then one rank writes)."""
+    tensors = lora_state_dict(model) if tensors is None else tensors
     config = peft_adapter_config(model, base_model_name_or_path)
     record = dict(qlorakit_record or {})
     meta = {"format": "pt"}
@@ -195,5 +199,5 @@ def load_adapter(
                 if t.shape != lin.weight.shape:
                     raise CheckpointFormatError(f"{adapter_dir}: {name}.lora_{ab} has shape {list(t.shape)}, "
                                                 f"the model expects {list(lin.weight.shape)}")
-                lin.weight.copy_(t.to(lin.weight.dtype))
+                copy_whole_into(lin.weight, t)
     return record

@@ -7,6 +7,9 @@ computed in fp32 whatever the parameter dtype (`reference.py` states it exactly)
 of at least `min_8bit_size` elements keep both moments in 8 bits per element plus one fp32 absmax per
 `block_size` elements (`state_8bit.py`); smaller ones keep fp32 moments.
 
+Sharded parameters (DTensors, under FSDP2) are updated shard by shard: each rank keeps states for its own shard
+only, and state_dict() holds this rank's shard states.
+
 Memory: all states are allocated together at the first step, one buffer per device and placement (`storage.py`),
 for every parameter of the groups (torch.optim.AdamW allocates per parameter when it first has a gradient).
 paged=True puts the states of parameters of at least `min_paged_size` elements in CUDA unified memory
@@ -32,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..sharding import local
 from .errors import OptimizerError
 from .reference import StepConstants, adamw_update_32bit, adamw_update_8bit
 from .storage import KEYS_8BIT, KEYS_32BIT, PLACEMENT_WORDS, Arena, Slot, Work, reset_states
@@ -104,7 +108,7 @@ class AdamW(torch.optim.Optimizer):
     # --- where each parameter's states go -------------------------------------------------------------------
 
     def _quantized(self, group: dict[str, Any], p: torch.Tensor) -> bool:
-        return group["state_bits"] == 8 and p.numel() >= group["min_8bit_size"]
+        return group["state_bits"] == 8 and local(p).numel() >= group["min_8bit_size"]
 
     def _placement(self, p: torch.Tensor) -> str:
         if p.device.type != "cuda":
@@ -112,7 +116,7 @@ class AdamW(torch.optim.Optimizer):
                 _say_once("paged-no-cuda", "qlorakit: paged optimizer states need CUDA; the parameters are on %s, "
                           "so the states stay in ordinary %s memory", p.device, p.device.type)
             return "cpu" if p.device.type == "cpu" else "device"
-        if self.paged and p.numel() >= self.min_paged_size:
+        if self.paged and local(p).numel() >= self.min_paged_size:
             return "pinned" if self.paged == "pinned" else "managed"
         return "device"
 
@@ -126,7 +130,7 @@ class AdamW(torch.optim.Optimizer):
         for (device, placement), members in pending.items():
             slots, offset = [], 0
             for group, p in members:
-                slot = Slot.make(p.numel(), self._quantized(group, p), group["block_size"], offset)
+                slot = Slot.make(local(p).numel(), self._quantized(group, p), group["block_size"], offset)
                 slots.append(slot)
                 offset += slot.nbytes
             if placement == "pinned":
@@ -190,7 +194,8 @@ class AdamW(torch.optim.Optimizer):
                 c = constants.get(st["step"])
                 if c is None:
                     c = constants[st["step"]] = StepConstants.for_step(lr, betas, eps, wd, st["step"])
-                work.setdefault(id(arena), []).append(Work(idx, p, p.grad, c))
+                # A sharded (FSDP2) parameter is updated through its local shard, with the shard of its gradient.
+                work.setdefault(id(arena), []).append(Work(idx, local(p), local(p.grad), c))
         for arena in self._arenas:
             if id(arena) in work:
                 arena.update(work[id(arena)], self._apply)

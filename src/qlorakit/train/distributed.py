@@ -1,4 +1,4 @@
-"""Data-parallel training across the processes `torchrun` starts (training.distributed: auto | ddp).
+"""Data-parallel training across the processes `torchrun` starts (training.distributed: auto | ddp | fsdp).
 
 Every rank loads and quantizes the whole base model and holds the same LoRA adapters; the 4-bit buffers are
 frozen and never communicated. One optimizer step's micro-batches (gradient_accumulation of them, batch_size rows
@@ -15,8 +15,8 @@ by the order of the gradient sums (with two ranks and two micro-batches, not at 
 0: ranks above 0 draw their dropout masks from their own seed, and checkpoints keep every rank's RNG states, so
 resuming a run with dropout is still exact for the same world size.
 
-Not here: sharding (FSDP2). The 4-bit buffers would stay replicated anyway (FSDP2 shards parameters only), and
-qlorakit's optimizers do not yet step DTensor parameters.
+training.distributed: fsdp shards the model instead of replicating it (fsdp.py): the micro-batches are dealt out
+the same way, and FSDP2's reduce-scatter replaces the all-reduce.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     owns_group: bool = False  # True when init_distributed created the process group (and so destroys it)
+    sharded: bool = False  # FSDP2 (training.distributed: fsdp): gradients are reduce-scattered by FSDP itself
 
     @property
     def enabled(self) -> bool:
@@ -100,8 +101,8 @@ class DistContext:
 
     def sum_gradients(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Replace each parameter's .grad by its sum over ranks (a missing .grad counts as zeros), with one
-        all-reduce per gradient dtype over a flat buffer."""
-        if not self.enabled:
+        all-reduce per gradient dtype over a flat buffer. Sharded runs: nothing to do (FSDP reduce-scatters)."""
+        if not self.enabled or self.sharded:
             return
         by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
         for p in params:
@@ -126,7 +127,8 @@ class DistContext:
         return out
 
     def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Copy rank 0's values into every rank's parameters (a guard: equal seeds already give equal inits)."""
+        """Copy rank 0's values into every rank's parameters (a guard: equal seeds already give equal inits).
+        Call it before sharding."""
         if not self.enabled:
             return
         with torch.no_grad():
@@ -138,15 +140,17 @@ SINGLE_PROCESS = DistContext()
 
 
 def resolve_mode(mode: str, env: TorchrunEnv | None) -> str:
-    """'single' or 'ddp' for training.distributed `mode` in environment `env`."""
-    if mode not in ("auto", "ddp"):
-        raise QloraConfigError(f"training.distributed {mode!r}: allowed are 'auto' and 'ddp'")
+    """'single', 'ddp' or 'fsdp' for training.distributed `mode` in environment `env`."""
+    if mode not in ("auto", "ddp", "fsdp"):
+        raise QloraConfigError(f"training.distributed {mode!r}: allowed are 'auto', 'ddp' and 'fsdp'")
     world = env.world_size if env is not None else 1
-    if mode == "ddp" and env is None:
-        raise QloraConfigError("training.distributed is 'ddp' but this process was not started by torchrun "
+    if mode in ("ddp", "fsdp") and env is None:
+        raise QloraConfigError(f"training.distributed is {mode!r} but this process was not started by torchrun "
                                "(RANK/WORLD_SIZE unset); run `torchrun --nproc-per-node N -m qlorakit.cli train "
                                "CONFIG`, or set training.distributed: auto")
-    return "ddp" if world > 1 else "single"
+    if world == 1:
+        return "single"
+    return "fsdp" if mode == "fsdp" else "ddp"
 
 
 def init_distributed(backend: str | None = None, mode: str = "auto") -> DistContext:
@@ -157,7 +161,8 @@ def init_distributed(backend: str | None = None, mode: str = "auto") -> DistCont
     set from LOCAL_RANK. An already initialised default group is used as it is (and left for its owner).
     """
     env = torchrun_env()
-    if resolve_mode(mode, env) == "single":
+    resolved = resolve_mode(mode, env)
+    if resolved == "single":
         return SINGLE_PROCESS
     assert env is not None
     for key, value in _COMM_ENV_DEFAULTS.items():
@@ -170,8 +175,10 @@ def init_distributed(backend: str | None = None, mode: str = "auto") -> DistCont
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
         owns = True
-    ctx = DistContext(dist.get_rank(), dist.get_world_size(), env.local_rank, owns_group=owns)
-    log.info("qlorakit: data-parallel rank %d of %d (%s)", ctx.rank, ctx.world_size, dist.get_backend())
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), env.local_rank, owns_group=owns,
+                      sharded=resolved == "fsdp")
+    log.info("qlorakit: data-parallel rank %d of %d (%s%s)", ctx.rank, ctx.world_size, dist.get_backend(),
+             ", FSDP2" if ctx.sharded else "")
     return ctx
 
 

@@ -17,9 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters.peft_format import lora_state_dict
 from ..errors import QlorakitError
-from .checkpoint import RngStates, capture_rng, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (RngStates, capture_rng, latest_checkpoint, load_checkpoint, optimizer_files,
+                         save_checkpoint)
 from .distributed import SINGLE_PROCESS, DistContext
+from .fsdp import grad_norm_value, loss_root, set_gradient_sync
 from .loss import causal_lm_loss_sum, count_targets
 from .metrics import MetricsWriter, plot_losses
 from .runtime import Runtime
@@ -104,12 +107,14 @@ def _model_inputs(batch: dict[str, torch.Tensor], packing: bool, attn_implementa
 def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], runtime: Runtime, packing: bool,
                      attn_implementation: str) -> torch.Tensor:
     """Summed token loss of one micro-batch (fp32 scalar), from the decoder's hidden states."""
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
     inputs = _model_inputs(batch, packing, attn_implementation, runtime.compute_dtype, runtime.device)
+    labels = batch["labels"].to(runtime.device)
+    root = loss_root(model)
     with runtime.autocast():
-        hidden = decoder(**inputs, use_cache=False).last_hidden_state
-        return causal_lm_loss_sum(hidden, head.weight, batch["labels"].to(runtime.device))
+        if root is not None:  # sharded (FSDP2): the same computation inside the root module's forward
+            return root(inputs, labels)
+        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        return causal_lm_loss_sum(hidden, model.get_output_embeddings().weight, labels)
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
@@ -127,7 +132,10 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     """
     n_targets = max(1, sum(count_targets(b["labels"]) for b in micro_batches))
     loss_sum = 0.0
-    for batch in dist.my_share(micro_batches):
+    share = dist.my_share(micro_batches)
+    for i, batch in enumerate(share):
+        if dist.sharded:  # reduce-scatter once, after the rank's last micro-batch
+            set_gradient_sync(model, i == len(share) - 1)
         part = forward_loss_sum(model, batch, runtime, packing, attn_implementation)
         (part / n_targets).backward()
         loss_sum += float(part.detach())
@@ -159,10 +167,17 @@ def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtim
     plan = epoch_batches(examples.lengths, settings.batch_size, settings.max_seq_length, settings.packing,
                          seed=settings.seed, epoch=0)
     total, count = 0.0, 0
-    for rows in dist.my_share(plan):
+    share: list = dist.my_share(plan)
+    rounds = len(share)
+    if dist.sharded:  # every rank must join every forward's collectives: pad with repeats that are not counted
+        rounds = -(-len(plan) // dist.world_size)
+    for i in range(rounds):
+        rows = share[i] if i < len(share) else plan[0]
         batch = examples.collate(rows, pad_id)
-        total += float(forward_loss_sum(model, batch, runtime, settings.packing, settings.attn_implementation))
-        count += count_targets(batch["labels"])
+        part = float(forward_loss_sum(model, batch, runtime, settings.packing, settings.attn_implementation))
+        if i < len(share):
+            total += part
+            count += count_targets(batch["labels"])
     if dist.enabled:
         total, summed = dist.sum_floats([total, count], runtime.device)
         count = int(summed)
@@ -227,7 +242,8 @@ def train_loop(
     resumed_from = 0
     ckpt = latest_checkpoint(out) if settings.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, rank=dist.rank)
+        state = load_checkpoint(ckpt, model, optimizer, rank=dist.rank,
+                                sharded_world=dist.world_size if dist.sharded else None)
         if state.get("total_steps") != total_steps:
             log.warning("qlorakit: checkpoint %s planned %s steps, this run plans %s; continuing with %s",
                         ckpt, state.get("total_steps"), total_steps, total_steps)
@@ -246,10 +262,21 @@ def train_loop(
         st = {"epoch": done.epoch, "batch_index": done.batch_index, "total_steps": total_steps,
               "settings_hash": _settings_hash(settings)}
         path = out / "checkpoints" / f"step-{step:06d}"
+        if dist.sharded and not wait_for_all:
+            # Gathering the shards needs every rank, and after Ctrl-C the others may be stopped anywhere.
+            log.warning("qlorakit: a sharded (fsdp) run cannot save on Ctrl-C; the last checkpoint is kept (stop "
+                        "with SIGTERM to save the current step)")
+            return latest_checkpoint(out) or path
         rngs = dist.gather_objects(done.rng) if wait_for_all and dist.enabled else [done.rng]
+        adapter_tensors = optims = None
+        if dist.sharded:
+            adapter_tensors = lora_state_dict(model)
+            optims = dist.gather_objects(optimizer_files(optimizer))
         if dist.is_main:
             path = save_checkpoint(out, step, model, optimizer, st, record, base_model_name,
-                                   settings.keep_checkpoints, rng=done.rng, other_ranks_rng=rngs[1:])
+                                   settings.keep_checkpoints, rng=done.rng, other_ranks_rng=rngs[1:],
+                                   adapter_tensors=adapter_tensors,
+                                   other_ranks_optimizer=optims[1:] if optims is not None else None)
         if wait_for_all:  # no rank reads or prunes checkpoints while rank 0 writes one
             dist.barrier()
         return path
@@ -285,7 +312,7 @@ def train_loop(
                 raise TrainingDivergedError(_divergence_message(step + 1, loss, runtime, settings))
             grad_norm = None
             if settings.max_grad_norm:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
+                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -30,6 +30,11 @@ def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int =
     if env is not None and env.rank != 0:  # under torchrun only rank 0 talks to the user
         prompts = []
         progress = False
+    if prompts and env is not None and env.world_size > 1 and cfg.training.distributed == "fsdp":
+        log.warning("qlorakit: sample replies are not generated in a sharded (fsdp) run (rank 0 alone cannot "
+                    "run a sharded model); after training: qlorakit generate --model %s --adapter %s/adapter",
+                    cfg.model.name, cfg.training.output_dir)
+        prompts = []
     before = None
     if prompts:
         def before(model, tok):

@@ -146,7 +146,7 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
 def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_after_steps: int | None,
                   device: str | None, before_training) -> RunOutput:
     from ..adapters.fingerprint import base_fingerprint
-    from ..adapters.peft_format import save_adapter
+    from ..adapters.peft_format import lora_state_dict, save_adapter
     from ..data import prepare_data
 
     t0 = time.perf_counter()
@@ -178,6 +178,10 @@ def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_a
     if before_training is not None:
         before_training(model, tokenizer)
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    if dist.sharded:
+        from .fsdp import shard_model
+
+        shard_model(model, runtime.device, dist.world_size)
     if dist.rank > 0:  # its own LoRA-dropout stream; rank 0 keeps the single-process one
         torch.manual_seed(cfg.training.seed + 1_000_003 * dist.rank)
     optimizer = build_optimizer(cfg, model)
@@ -197,12 +201,14 @@ def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_a
     adapter_dir = None
     if not result.interrupted:
         adapter_dir = out / "adapter"
+        # Sharded: every rank gathers the adapter (a collective), rank 0 writes it.
+        tensors = lora_state_dict(model) if dist.sharded else None
         if dist.is_main:  # the adapters are equal on every rank; one writes them
             record["training"] = {"steps": result.steps,
                                   "final_loss": result.losses[-1] if result.losses else None,
                                   "eval": result.eval_history[-1] if result.eval_history else None}
             adapter_dir = save_adapter(model, adapter_dir, base_model_name_or_path=str(cfg.model.name),
-                                       qlorakit_record=record)
+                                       qlorakit_record=record, tensors=tensors)
             summary = {"adapter": str(adapter_dir), "metrics": str(out / "metrics.jsonl"),
                        "loss_plot": str(out / "loss.png"), "steps": result.steps,
                        "seconds": round(time.perf_counter() - t0, 1), "eval": result.eval_history}
