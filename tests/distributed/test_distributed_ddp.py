@@ -117,6 +117,33 @@ def test_two_process_run_stopped_and_resumed_matches_one_process(tiny_model_dir,
     _assert_same_run(out, single_process)
 
 
+def test_two_nodes_through_torchrun_rendezvous_match_one_process(tiny_model_dir, pattern_data, tmp_path,
+                                                                 single_process):
+    """Two 'hosts' of one process each, as two torchrun launchers meeting at a c10d rendezvous endpoint (the
+    README's several-hosts command, with localhost as the first host's address), sharded with FSDP2."""
+    import socket
+
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out, distributed="fsdp"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "qlorakit-test",
+           "-m", "qlorakit.cli", "train", str(config), "--no-progress"]
+    nodes = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    logs = [node.communicate(timeout=300) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, logs):
+        assert node.returncode == 0, f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-6000:]}"
+    both = logs[0][1] + logs[1][1]
+    for rank in (0, 1):
+        assert f"data-parallel rank {rank} of 2 (gloo, FSDP2)" in both, both[-3000:]
+    _assert_same_run(out, single_process)
+
+
 def test_fsdp_shards_the_packed_weights_as_uint8_and_gathers_them_unchanged(tiny_model_dir, tmp_path):
     """Each rank holds part of every packed 4-bit weight, as uint8; gathered, the bytes are the quantized ones."""
     _torchrun(str(Path(__file__).with_name("fsdp_worker.py")), str(tiny_model_dir), cwd=tmp_path, sharded=True)

@@ -17,6 +17,13 @@ from qlorakit.model.lora_inject import inject_lora
 NEW = 12
 
 
+@pytest.fixture(autouse=True)
+def reference_kernels(monkeypatch):
+    """These tests are about the decode loop, not the 4-bit kernels (tests/kernels compares those): they run the
+    reference even in CI's Triton pass, where the interpreter would take minutes per one-row decode."""
+    monkeypatch.setenv("QLORAKIT_KERNELS", "reference")
+
+
 def _model(tiny_model_dir, attn: str, four_bit: bool):
     if four_bit:
         net, _ = load_model(tiny_model_dir, compute_dtype=torch.float32, attn_implementation=attn, progress=False)
