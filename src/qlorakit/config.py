@@ -76,6 +76,11 @@ class TrainingSection(_Section):
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "offload_adamw_32bit",
                        "offload_adamw_8bit"] = "paged_adamw_32bit"
+    paged_prefetch: Literal["auto", "always", "never"] = Field(
+        "auto", description="paged optimizers: when to prefetch the states to the GPU before an update. 'auto' "
+        "while the driver is evicting them (detected from the update's timing), 'always' before every update "
+        "(~0.8 ms of driver time per GiB of states even when nothing moved), 'never' (evicted pages come back by "
+        "page faults)")
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(0.3, gt=0)

@@ -13,7 +13,7 @@ only, and state_dict() holds this rank's shard states.
 Memory: all states are allocated together at the first step, one buffer per device and placement (`storage.py`),
 for every parameter of the groups (torch.optim.AdamW allocates per parameter when it first has a gradient).
 paged=True puts the states of parameters of at least `min_paged_size` elements in CUDA unified memory
-(`paged.py`); paged='pinned' puts them in pinned host memory and streams them through the GPU (`offload.py`);
+(`paged.py`; `prefetch` auto | always | never says when they are prefetched back to the GPU, PrefetchPolicy); paged='pinned' puts them in pinned host memory and streams them through the GPU (`offload.py`);
 smaller parameters' states stay in ordinary GPU memory. On a machine without CUDA, paging does nothing and says
 so once.
 
@@ -75,7 +75,7 @@ class AdamW(torch.optim.Optimizer):
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  state_bits: int = 32, paged: bool | str = False, min_8bit_size: int = 4096,
-                 block_size: int = 256, min_paged_size: int = 4096):
+                 block_size: int = 256, min_paged_size: int = 4096, prefetch: str = "auto"):
         if not lr >= 0.0:
             raise OptimizerError(f"lr {lr!r} must be >= 0")
         if not eps >= 0.0:
@@ -90,11 +90,14 @@ class AdamW(torch.optim.Optimizer):
             raise OptimizerError(f"block_size {block_size!r} is not allowed; use a power of two from 64 to 4096")
         if paged not in (False, True, "pinned"):
             raise OptimizerError(f"paged {paged!r} is not allowed; use False, True (unified memory) or 'pinned'")
+        if prefetch not in ("auto", "always", "never"):
+            raise OptimizerError(f"prefetch {prefetch!r} is not allowed; use 'auto', 'always' or 'never'")
         defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
                         weight_decay=float(weight_decay), state_bits=int(state_bits), block_size=int(block_size),
                         min_8bit_size=int(min_8bit_size))
         super().__init__(params, defaults)
         self.paged = paged
+        self.prefetch = prefetch
         self.min_paged_size = int(min_paged_size)
         self._arenas: list[Any] = []
         # id(param) -> (arena, slot index, the param's state dict): one int-keyed lookup per parameter and step
@@ -138,7 +141,7 @@ class AdamW(torch.optim.Optimizer):
 
                 arena: Any = OffloadArena(device, slots)
             else:
-                arena = Arena(placement, device, slots)
+                arena = Arena(placement, device, slots, prefetch_mode=self.prefetch)
             self._arenas.append(arena)
             for i, (_, p) in enumerate(members):
                 self.state[p] = {"step": 0, **arena.views[i]}

@@ -23,9 +23,11 @@ OPTIMIZERS: dict[str, tuple[int, bool | str]] = {
 
 
 def build_optimizer(name: str, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float,
-                    weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> AdamW:
+                    weight_decay: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                    paged_prefetch: str = "auto") -> AdamW:
     """The optimizer called `name` over `params` (tensors or param-group dicts)."""
     if name not in OPTIMIZERS:
         raise OptimizerError(f"optimizer {name!r} is not known; allowed: {', '.join(OPTIMIZERS)}")
     bits, paged = OPTIMIZERS[name]
-    return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_bits=bits, paged=paged)
+    return AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, state_bits=bits, paged=paged,
+                 prefetch=paged_prefetch)

@@ -7,7 +7,8 @@ one contiguous range per chunk for offloaded ones.
 
 Placements:
   device   ordinary GPU memory from torch's caching allocator (torch counts it);
-  managed  CUDA unified memory (`paged`), prefetched to the GPU before every update;
+  managed  CUDA unified memory (`paged`), prefetched to the GPU before an update when pages were evicted
+           (paged.PrefetchPolicy: auto, always or never);
   pinned   pinned host memory, streamed through two GPU staging buffers every step (`offload`);
   cpu      ordinary host memory, for parameters on the CPU.
 """
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .paged import allocate_managed, prefetch
+from .paged import PrefetchPolicy, allocate_managed, prefetch
 from .reference import StepConstants, UpdateItem, state_pointers
 from .state_8bit import num_blocks, state_maps
 
@@ -29,7 +30,7 @@ KEYS_8BIT = ("exp_avg_codes", "exp_avg_sq_codes", "exp_avg_absmax", "exp_avg_sq_
 PLACEMENTS = ("device", "managed", "pinned", "cpu")
 PLACEMENT_WORDS = {
     "device": "ordinary GPU memory (torch's allocator)",
-    "managed": "CUDA unified memory (paged: prefetched before each update, evictable by the driver)",
+    "managed": "CUDA unified memory (paged: evictable by the driver, prefetched back before updates while it evicts)",
     "pinned": "pinned host memory (offloaded: copied to the GPU and back around each update)",
     "cpu": "CPU memory",
 }
@@ -117,7 +118,7 @@ Apply = Callable[[list[UpdateItem]], None]
 class Arena:
     """States of several parameters of one device in one buffer (placements device, managed, cpu)."""
 
-    def __init__(self, placement: str, device: torch.device, slots: list[Slot]):
+    def __init__(self, placement: str, device: torch.device, slots: list[Slot], prefetch_mode: str = "auto"):
         self.placement, self.device, self.slots = placement, device, slots
         self.nbytes = max(1, sum(s.nbytes for s in slots))
         if placement == "managed":
@@ -130,15 +131,18 @@ class Arena:
         for s, v in zip(slots, self.views):
             reset_states(s, v)
         self.kernel_states, self.pointers = kernel_views(slots, self.views)
-        self.prefetch_enabled = True  # a measurement switch (benchmarks/optim.py): off = rely on page faults
+        self.prefetch = (PrefetchPolicy(prefetch_mode, prefetch_fn=lambda: prefetch(self.buffer))
+                         if placement == "managed" else None)
 
     def state_bytes(self) -> int:
         return sum(s.state_bytes() for s in self.slots)
 
     def update(self, work: list[Work], apply: Apply) -> None:
-        if self.placement == "managed" and self.prefetch_enabled:
-            prefetch(self.buffer)
+        if self.prefetch is not None:
+            self.prefetch.before_update()
         apply(items_for(work, self.slots, self.kernel_states, self.pointers))
+        if self.prefetch is not None:
+            self.prefetch.after_update()
 
     def synchronize(self) -> None:
         """Nothing to wait for: reads of device/managed views are ordered on the current stream."""

@@ -98,7 +98,8 @@ def build_optimizer(cfg: QloraConfig, model: nn.Module) -> torch.optim.Optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     name = cfg.training.optimizer
     optimizer = make_optimizer(name, params, lr=cfg.training.learning_rate,
-                               weight_decay=cfg.training.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+                               weight_decay=cfg.training.weight_decay, betas=(0.9, 0.999), eps=1e-8,
+                               paged_prefetch=cfg.training.paged_prefetch)
     log.info("qlorakit: optimizer %s: %s", name, optimizer.describe())
     return optimizer
 
