@@ -120,3 +120,14 @@ def test_unknown_modes_are_refused():
         PrefetchPolicy("sometimes")
     with pytest.raises(PagedMemoryError, match="sometimes"):
         PrefetchPolicy("auto").set_mode("sometimes")
+
+
+def test_a_new_mode_starts_afresh():
+    card = Card()
+    policy = _policy(card, "never")
+    card.update(policy)
+    card.evicted = True
+    card.update(policy)  # slow, under 'never'
+    policy.set_mode("auto")
+    card.update(policy)  # the slow update was timed under 'never': it does not switch prefetching on
+    assert not policy.prefetching and card.prefetch_calls == 0

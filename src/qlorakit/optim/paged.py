@@ -146,6 +146,7 @@ class PrefetchPolicy:
         self.mode = mode
         self.prefetching = mode == "always"
         self.quiet = 0
+        self._pending = None  # an update timed under the previous mode decides nothing under this one
 
     def _review(self) -> None:
         """Read the last update's timings, if its events have completed, and adjust `prefetching`."""
