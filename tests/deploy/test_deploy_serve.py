@@ -101,3 +101,21 @@ def test_adapter_specs_are_name_equals_dir():
         parse_adapter_specs(["just-a-dir"])
     with pytest.raises(QlorakitError, match="given twice"):
         parse_adapter_specs(["a=x", "a=y"])
+
+
+def test_one_batch_with_a_different_adapter_per_row_matches_one_request_each(tiny_base, adapter, adapter_b):
+    """generate_batch decodes rows for alpha, beta, the base and alpha again together (left-padded prompts of
+    different lengths), each row with its own adapter: the same replies as one request at a time."""
+    app = AdapterServer(str(tiny_base), {"alpha": adapter, "beta": adapter_b}, device="cpu", progress=False)
+    base = str(tiny_base)
+    models = ["alpha", "beta", base, "alpha"]
+    prompts = [PROMPT, "Name a colour.", "Say something nice about the weather today.", "Hi"]
+    batch = app.generate_batch(models, prompts, max_tokens=MAX_TOKENS, chat=True)
+    one_by_one = [app.generate(m, p, chat_history=None, chat=True, max_tokens=MAX_TOKENS, temperature=0.0,
+                               top_p=1.0)[0] for m, p in zip(models, prompts)]
+    assert batch == one_by_one
+    base_reply = app.generate(base, PROMPT, chat_history=None, chat=True, max_tokens=MAX_TOKENS, temperature=0.0,
+                              top_p=1.0)[0]
+    assert batch[0] != base_reply  # row 0 really took its adapter
+    with pytest.raises(QlorakitError, match="unknown model 'gamma'"):
+        app.generate_batch(["gamma"], [PROMPT], max_tokens=2)

@@ -138,3 +138,44 @@ def _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperat
         worker.join()
     if errors:
         raise errors[0]
+
+
+@torch.no_grad()
+def generate_batch(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_p: float = 1.0, use_chat_template: bool = True,
+                   seed: int | None = 0) -> list[str]:
+    """Replies to several prompts decoded together in one left-padded batch (the static decoder; each row stops at
+    its own end-of-sequence token)."""
+    from .decode import decode_tokens
+
+    texts = [render_prompt(tokenizer, p, use_chat_template=use_chat_template) for p in prompts]
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"  # the decoder takes left-padded rows
+    if pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True,
+                        add_special_tokens=not use_chat_template or not tokenizer.chat_template)
+    finally:
+        tokenizer.padding_side = side
+        if pad_token is None:
+            tokenizer.pad_token = None
+    was_training = model.training
+    model.eval()
+    try:
+        steps = list(decode_tokens(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                   eos_ids=eos, pad_id=pad, temperature=temperature, top_p=top_p, seed=seed))
+    finally:
+        model.train(was_training)
+    replies = []
+    for row in range(len(prompts)):
+        ids = []
+        for tok in steps:
+            t = int(tok[row])
+            if t in eos:
+                break
+            ids.append(t)
+        replies.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return replies

@@ -4,10 +4,11 @@ Endpoints (JSON in, JSON out): GET /v1/models, POST /v1/completions (raw prompt)
 (the tokenizer's chat template). The request's `model` names an adapter (NAME of --adapter NAME=DIR) or the base
 (its --model value); any other name is a 404 JSON error.
 
-The base is loaded once; every module that any adapter targets gets one LoraLinear. Each adapter's A/B
-tensors stay in memory, and a request swaps its adapter's tensors (and scaling) into those layers before
-generating; modules an adapter does not target get a zero update. Requests are served one at a time, under one
-lock: the layers hold one adapter at a time. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
+The base is loaded once; every module that any adapter targets gets one LoraLinear holding all adapters' A/B
+tensors stacked (nn.lora.AdapterBankSlot); each row of a batch takes the adapter its request named, and modules
+an adapter does not target get a zero update, so nothing is swapped between requests. HTTP requests are served
+one at a time, under one lock; `AdapterServer.generate_batch` decodes several prompts for several adapters in one
+batch. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
 so that replies are reproducible; pass `temperature` to sample. Streaming (`stream: true`) is refused (400).
 """
 
@@ -30,6 +31,8 @@ from torch import nn
 from ..errors import AdapterMismatchError, QlorakitError
 
 log = logging.getLogger("qlorakit.infer")
+
+MAX_ROWS = 64  # rows of one batch (generate_batch); each may take its own adapter
 
 
 @dataclass
@@ -106,30 +109,59 @@ class AdapterServer:
         if dev.type == "cpu":
             keep_dense_copies_on_cpu(self.net, self.dtype)
         self.net.eval()
+        self.order = [None, *self.adapters]  # bank index -> adapter name (0: the base alone)
+        self.rows = torch.zeros(MAX_ROWS, dtype=torch.long, device=dev)
+        self._build_bank(dev)
         self.lock = threading.Lock()
-        self.active: str | None = None
-        self._activate(None, always=True)
 
     @property
     def model_ids(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
-    def _activate(self, name: str | None, always: bool = False) -> None:
-        """Put adapter `name`'s tensors into the LoRA layers (zero update elsewhere); None: the base alone."""
-        if self.active == name and not always:
-            return
-        adapter = self.adapters.get(name)
-        with torch.no_grad():
-            for module, layer in self.layers.items():
-                pair = adapter.tensors.get(module) if adapter else None
+    def _build_bank(self, device: torch.device) -> None:
+        """Stack every adapter's A and B per layer (ranks padded with zeros, index 0 all zeros) and hand each
+        LoraLinear its AdapterBankSlot: a batch's rows then each take their own adapter, with no swapping."""
+        from ..nn.lora import AdapterBankSlot
+
+        for module, layer in self.layers.items():
+            ranks = [a.tensors[module][0].shape[0] for a in self.adapters.values() if module in a.tensors]
+            r = max(ranks)
+            n = len(self.order)
+            a_stack = torch.zeros(n, r, layer.in_features, dtype=self.dtype, device=device)
+            b_stack = torch.zeros(n, layer.out_features, r, dtype=self.dtype, device=device)
+            scale = torch.zeros(n, dtype=torch.float32, device=device)
+            for i, name in enumerate(self.order[1:], start=1):
+                adapter = self.adapters[name]
+                pair = adapter.tensors.get(module)
                 if pair is None:
-                    dev = layer.lora_A.weight.device
-                    pair = (torch.zeros(1, layer.in_features, dtype=self.dtype, device=dev),
-                            torch.zeros(layer.out_features, 1, dtype=self.dtype, device=dev))
-                layer.lora_A.weight = nn.Parameter(pair[0].to(layer.lora_A.weight.device), requires_grad=False)
-                layer.lora_B.weight = nn.Parameter(pair[1].to(layer.lora_B.weight.device), requires_grad=False)
-                layer.scaling = adapter.scaling if adapter else 0.0
-        self.active = name
+                    continue  # this adapter leaves the module alone: a zero update
+                a, b = pair
+                a_stack[i, :a.shape[0]] = a.to(device)
+                b_stack[i, :, :b.shape[1]] = b.to(device)
+                scale[i] = adapter.scaling
+            layer.set_bank(AdapterBankSlot(a_stack, b_stack, scale, self.rows))
+
+    def select(self, models: list[str]) -> None:
+        """Row i of the next batch takes adapter models[i] (an adapter name, or the base's name: no adapter)."""
+        if len(models) > MAX_ROWS:
+            raise QlorakitError(f"{len(models)} rows in one batch; at most {MAX_ROWS}")
+        index = [self.order.index(m) if m in self.adapters else 0 for m in models]
+        self.rows[:len(index)].copy_(torch.tensor(index, dtype=torch.long))
+
+    def generate_batch(self, models: list[str], prompts: list[str], *, max_tokens: int, chat: bool = True,
+                       temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+        """One reply per prompt, all decoded in one batch, row i with adapter models[i] (or the base)."""
+        from .generate import generate_batch
+
+        if len(models) != len(prompts):
+            raise QlorakitError(f"{len(models)} model names for {len(prompts)} prompts")
+        unknown = sorted({m for m in models if m not in self.model_ids})
+        if unknown:
+            raise QlorakitError(f"unknown model {unknown[0]!r}; this server has {', '.join(self.model_ids)}")
+        with self.lock:
+            self.select(models)
+            return generate_batch(self.net, self.tokenizer, prompts, max_new_tokens=max_tokens,
+                                  use_chat_template=chat, temperature=temperature, top_p=top_p)
 
     def generate(self, model: str, prompt: str, *, chat_history: list[dict[str, str]] | None, chat: bool,
                  max_tokens: int, temperature: float, top_p: float) -> tuple[str, int, int]:
@@ -137,7 +169,7 @@ class AdapterServer:
         from .generate import generate, render_prompt
 
         with self.lock:
-            self._activate(model if model in self.adapters else None)
+            self.select([model])
             text = generate(self.net, self.tokenizer, prompt, max_new_tokens=max_tokens, temperature=temperature,
                             top_p=top_p, use_chat_template=chat, history=chat_history)
         rendered = render_prompt(self.tokenizer, prompt, use_chat_template=chat, history=chat_history)

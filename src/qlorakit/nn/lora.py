@@ -61,8 +61,16 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def set_bank(self, bank: "AdapterBankSlot | None") -> None:
+        """Serve several adapters at once (inference): each row of x takes the adapter `bank.rows` names (see
+        AdapterBankSlot); None goes back to this layer's own lora_A / lora_B."""
+        self.__dict__["_bank"] = bank
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        bank = self.__dict__.get("_bank")
+        if bank is not None:
+            return bank.forward(base(x), x)
         if self.fused and base.dense_copy is None:
             if torch.is_autocast_enabled(x.device.type):
                 x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -85,6 +93,27 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, rslora={self.use_rslora}"
 
 
+class AdapterBankSlot:
+    """One layer's share of several adapters, for inference: A [n, R, in] and B [n, out, R] stacked (ranks
+    padded with zeros to the largest R; adapter 0 is all zeros, i.e. the base alone), scale [n], and `rows`, a
+    LongTensor [batch] shared by all layers of a model, naming each row's adapter. Shapes stay fixed whatever
+    the rows choose, so a captured CUDA graph follows later changes of `rows` (copy_ into it)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor):
+        self.a, self.b, self.scale, self.rows = a, b, scale, rows
+
+    def forward(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y (the base output, [batch, ..., out]) plus each row's own adapter update of x [batch, ..., in]."""
+        batch = x.shape[0]
+        rows = self.rows[:batch]
+        xs = x.reshape(batch, -1, x.shape[-1]).to(self.a.dtype)
+        a = self.a.index_select(0, rows)  # [batch, R, in]
+        b = self.b.index_select(0, rows)  # [batch, out, R]
+        update = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+        update = update * self.scale.index_select(0, rows).view(batch, 1, 1).to(update.dtype)
+        return y + update.reshape(y.shape).to(y.dtype)
+
+
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
     """The factor on B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA (as PEFT computes it)."""
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -96,4 +125,4 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["Linear4bit", "LoraLinear", "lora_scaling"]
+__all__ = ["AdapterBankSlot", "Linear4bit", "LoraLinear", "lora_scaling"]
