@@ -96,6 +96,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--skip-hf-ours", action="store_true", help="skip qlorakit layers under transformers' generate")
+    ap.add_argument("--bank-adapters", type=int, default=4,
+                    help="also decode with this many adapters held at once, one per row (0: skip)")
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -154,6 +156,21 @@ def main() -> int:
     measure("qlorakit nf4+lora / static+graph", static_run, model, batches, n, vocab, results)
     if not args.skip_hf_ours:
         measure("qlorakit nf4+lora / hf generate", hf_run, model, batches, n, vocab, results)
+    if args.bank_adapters:
+        # Several adapters at once (what `qlorakit serve` holds): each row of the batch takes adapter i % n.
+        from qlorakit.nn.lora import AdapterBankSlot
+
+        k = args.bank_adapters
+        rows = torch.tensor([i % (k + 1) for i in range(64)], device="cuda")
+        for lora in ours.values():
+            a = torch.randn(k + 1, 64, lora.in_features, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+            b = torch.randn(k + 1, lora.out_features, 64, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.01
+            a[0].zero_()
+            b[0].zero_()
+            lora.set_bank(AdapterBankSlot(a, b, torch.full((k + 1,), 0.25, device="cuda"), rows))
+        name = f"qlorakit nf4+{k} adapters per row / static+graph"
+        graph_check(f"qlorakit nf4+{k} adapters per row", model, batches, vocab, checks)
+        measure(name, static_run, model, batches, n, vocab, results)
 
     record = {"date": datetime.now(timezone.utc).isoformat(), "commit": os.environ.get("QLORAKIT_COMMIT", "?"),
               "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "args": vars(args),
