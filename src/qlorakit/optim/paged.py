@@ -2,9 +2,10 @@
 
 A managed buffer is an ordinary CUDA tensor to torch and to the kernels, but its pages belong to the driver,
 not to torch's caching allocator: torch.cuda.memory_allocated() and set_per_process_memory_fraction() do not
-see it, and when the card runs short the driver may move its pages to host memory and back on access. Before
-each update the optimizer prefetches its buffer to the GPU (cudaMemPrefetchAsync on the current stream), so an
-evicted buffer comes back in one bulk migration instead of page faults. Nothing here evicts on purpose.
+see it, and when the card runs short the driver may move its pages to host memory and back on access. Before an
+update the optimizer prefetches its buffer to the GPU (cudaMemPrefetchAsync on the current stream) when
+PrefetchPolicy says so (by default: while evictions are seen), so an evicted buffer comes back in one bulk
+migration instead of page faults. Nothing here evicts on purpose.
 
 Safety on a shared card: asking the driver for more managed memory than the card has free can hang the GPU.
 So every allocation first reads cudaMemGetInfo and refuses (PagedMemoryError, nothing allocated) unless the
