@@ -126,6 +126,14 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_to_main(self, obj: T) -> list[T] | None:
+        """Every rank's `obj` (picklable), in rank order, on rank 0 only (None elsewhere)."""
+        if not self.enabled:
+            return [obj]
+        out: list | None = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
     def broadcast_parameters(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Copy rank 0's values into every rank's parameters (a guard: equal seeds already give equal inits).
         Call it before sharding."""

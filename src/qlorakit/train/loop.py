@@ -271,7 +271,7 @@ def train_loop(
         adapter_tensors = optims = None
         if dist.sharded:
             adapter_tensors = lora_state_dict(model)
-            optims = dist.gather_objects(optimizer_files(optimizer))
+            optims = dist.gather_to_main(optimizer_files(optimizer))  # each rank's optimizer shard
         if dist.is_main:
             path = save_checkpoint(out, step, model, optimizer, st, record, base_model_name,
                                    settings.keep_checkpoints, rng=done.rng, other_ranks_rng=rngs[1:],
