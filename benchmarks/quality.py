@@ -35,10 +35,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--workdir", default="runs/quality")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides for every variant, e.g. --set lora.rank=64")
     args = ap.parse_args()
     results = {}
     for name, sets in VARIANTS.items():
-        overrides = sets + [f"training.output_dir={args.workdir}/{name}", f"training.max_steps={args.steps}",
+        overrides = sets + args.set + [f"training.output_dir={args.workdir}/{name}", f"training.max_steps={args.steps}",
                             f"training.eval_every={args.steps}", f"training.save_every={args.steps}",
                             "training.resume=false"]
         cfg = load_config(args.config, overrides)
@@ -55,7 +57,8 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     record = {"date": datetime.now(timezone.utc).isoformat(), "commit": commit, "machine": platform.processor() or
               platform.machine(), "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "config": args.config, "steps": args.steps, "results": results,
+              "torch": torch.__version__, "config": args.config, "overrides": args.set, "steps": args.steps,
+              "results": results,
               "verdict": verdict}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     dest = Path(args.out) / f"quality-{record['device']}.json"
