@@ -15,6 +15,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..model.checkpoint_files import find_checkpoint_files
+from ..quant.bnb_format import quant_state_blob
 
 _VOLATILE_CONFIG_KEYS = {"quantization_config", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
                          "use_cache", "_attn_implementation_autoset", "architectures_autoset"}
@@ -35,7 +36,7 @@ def base_fingerprint(model_dir: str | Path) -> str:
             for name in names:
                 if any(m in name for m in _QSTATE_MARKERS):
                     if ".quant_state." in name:
-                        meta = json.loads(bytes(f.get_tensor(name).tolist()).decode())
+                        meta = quant_state_blob(f.get_tensor(name))
                         logical_4bit[name.split(".quant_state.")[0]] = list(meta["shape"])
                     continue
                 shape = list(f.get_slice(name).get_shape())

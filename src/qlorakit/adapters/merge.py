@@ -45,6 +45,7 @@ from ..nn.lora import lora_scaling
 from ..quant.bnb_format import (
     QUANT_STATE_KEY,
     WEIGHT_STATE_MARK,
+    quant_state_blob,
     quant_state_from_tensors,
     quant_state_to_tensors,
     quantization_config,
@@ -239,9 +240,10 @@ def _merged_shard(path: Path, names: list[str], deltas: dict[str, LoraDelta], fo
     Each tensor is read through its own short-lived memory map: pages of one long-open map stay in the resident
     set until it closes, which would make peak memory the whole shard rather than one tensor.
     """
+    constants = {w + s for w in four_bit for s in _STATE_SUFFIXES}
     for name in names:
         done(1)
-        if WEIGHT_STATE_MARK in name or any(name == w + s for w in four_bit for s in _STATE_SUFFIXES):
+        if WEIGHT_STATE_MARK in name or name in constants:
             continue  # a 4-bit weight's constants: written with its weight below
         if name in four_bit:
             with safe_open(str(path), framework="pt") as f:
@@ -291,11 +293,12 @@ def _check_targets(src: Path, checkpoint, where: dict[str, Path], deltas: dict[s
         raise CheckpointFormatError(f"{src}: no tensor {missing[0]!r} for the adapter's "
                                     f"{missing[0].removesuffix('.weight')} ({len(missing)} of {len(deltas)} "
                                     "adapted weights missing); is this the adapter's base model?")
+    marker = "." + QUANT_STATE_KEY
+    meta_keys = {k.split(marker)[0]: k for k in where if marker in k}  # weight name -> its quant-state entry
     for key, delta in deltas.items():
         with safe_open(str(where[key]), framework="pt") as f:
             if key in four_bit:
-                meta_key = next(k for k in where if k.startswith(key + "." + QUANT_STATE_KEY))
-                shape = list(json.loads(bytes(f.get_tensor(meta_key).tolist()).decode())["shape"])
+                shape = list(quant_state_blob(f.get_tensor(meta_keys[key]))["shape"])
             else:
                 shape = list(f.get_slice(key).get_shape())
         if shape != delta.shape:

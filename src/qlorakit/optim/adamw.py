@@ -29,12 +29,12 @@ load; loading copies into the existing buffers, so paged and offloaded states st
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
+from ..kernels.dispatch import requested_backend
 from ..sharding import local
 from .errors import OptimizerError
 from .reference import StepConstants, adamw_update_32bit, adamw_update_8bit
@@ -52,10 +52,9 @@ def _say_once(key: str, msg: str, *args: Any) -> None:
 
 
 def _backend(device: torch.device) -> str:
-    """'triton' or 'reference' for tensors on `device`, from QLORAKIT_KERNELS (auto | reference | triton)."""
-    choice = os.environ.get("QLORAKIT_KERNELS", "auto").strip().lower() or "auto"
-    if choice not in ("auto", "reference", "triton"):
-        raise OptimizerError(f"QLORAKIT_KERNELS={choice!r} is not allowed; use auto, reference or triton")
+    """'triton' or 'reference' for tensors on `device`, from QLORAKIT_KERNELS (auto | reference | triton), read
+    as the kernels' dispatch point reads it."""
+    choice = requested_backend()
     if choice == "reference" or (choice == "auto" and device.type != "cuda"):
         return "reference"
     try:

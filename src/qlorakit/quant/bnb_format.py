@@ -26,6 +26,12 @@ from .state import QuantState
 QUANT_STATE_KEY = "quant_state.bitsandbytes__"
 # What marks a quantized weight in a state dict: "<module>" + WEIGHT_STATE_MARK + "nf4" (or "fp4").
 WEIGHT_STATE_MARK = ".weight." + QUANT_STATE_KEY
+
+
+def quant_state_blob(t: torch.Tensor) -> dict:
+    """The JSON record that a `...weight.quant_state.bitsandbytes__<type>` uint8 tensor holds (quant_type,
+    blocksize, dtype, shape and the nested settings). ValueError if it is not UTF-8 JSON."""
+    return json.loads(bytes(t.to(torch.uint8).cpu().tolist()).decode("utf-8"))
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -101,7 +107,7 @@ def quant_state_from_tensors(
         return tensors[key]
 
     try:
-        meta = json.loads(bytes(need(meta_key).to(torch.uint8).cpu().tolist()).decode("utf-8"))
+        meta = quant_state_blob(need(meta_key))
         quant_type, blocksize, shape = meta["quant_type"], int(meta["blocksize"]), torch.Size(meta["shape"])
         dtype = parse_dtype(meta["dtype"], f"{where}: {meta_key} dtype")
         nested_meta = None
