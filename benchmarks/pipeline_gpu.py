@@ -58,6 +58,7 @@ def main() -> int:
         "optimizer": "paged_adamw_32bit", "bf16": True, "gradient_checkpointing": True, "eval_every": 20,
         "save_every": 20, "resume": False})
     tree["quantization"]["compute_dtype"] = "bfloat16"
+    tree["lora"].update(rank=64, alpha=128)  # adapters of >= 4096 values: their optimizer states are paged
     config = write_yaml(work / "run.yaml", tree)
     logs = Collect()
     logging.getLogger("qlorakit").addHandler(logs)
@@ -81,7 +82,7 @@ def main() -> int:
     events = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [e["eval_loss"] for e in events if e.get("event") == "eval"]
     fallbacks = [line for line in logs.lines if "runs on the PyTorch reference" in line or "without CUDA graphs" in line
-                 or "through transformers' generate" in line]
+                 or "through transformers' generate" in line or "paged optimizer states need CUDA" in line]
     record = {
         "date": datetime.now(timezone.utc).isoformat(), "commit": os.environ.get("QLORAKIT_COMMIT", "?"),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,

@@ -138,3 +138,18 @@ def test_generate_streams_the_decoded_tokens(tiny_model_dir):
     ref = _hf_greedy(net, enc["input_ids"], enc["attention_mask"], eos, pad=tok.pad_token_id)[0].tolist()
     ref = ref[:ref.index(eos[0])] if eos[0] in ref else ref
     assert text == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_the_loader_leaves_no_buffer_behind_on_another_device(tiny_model_dir):
+    """RoPE's inv_freq is computed by the architecture on the CPU; a model loaded for a GPU must have it there
+    too (else every forward copies it host-to-device, which a CUDA graph cannot capture). Checked with the
+    loader's buffer move towards the meta device, the one other device this machine has."""
+    from qlorakit.model.loader import buffers_to
+
+    net, _ = load_model(tiny_model_dir, compute_dtype=torch.float32, progress=False)
+    names = [n for n, b in net.named_buffers() if b is not None]
+    assert any("inv_freq" in n for n in names)
+    assert buffers_to(net, torch.device("cpu")) == 0  # loaded for the CPU: all there already
+    moved = buffers_to(net, torch.device("meta"))
+    assert moved == len(names)
+    assert all(b.device.type == "meta" for _, b in net.named_buffers() if b is not None)

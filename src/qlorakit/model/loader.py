@@ -90,6 +90,21 @@ def build_empty_model(model_dir: Path, compute_dtype: torch.dtype, attn_implemen
     return model
 
 
+def buffers_to(model: nn.Module, device: torch.device) -> int:
+    """Move every buffer that is not on `device` there (the ones the architecture computed itself, e.g. RoPE's
+    inv_freq, are built on the CPU); returns how many moved. A buffer left on the CPU would be copied to the GPU
+    on every forward (a host wait each time), and such a copy cannot be captured in a CUDA graph."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    moved = 0
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device != device and buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
+                moved += 1
+    return moved
+
+
 def _owner_of(key: str, targets: dict[str, TargetLinear]) -> tuple[str, str] | None:
     """(target module path, 'weight' | 'bias') if `key` belongs to a target linear."""
     if ".weight" in key:
@@ -228,6 +243,7 @@ def load_model(
     if missing:
         raise CheckpointFormatError(f"{model_dir}: tensor {missing[0]!r} is not in the checkpoint "
                                     f"({len(missing)} missing)")
+    buffers_to(model, torch.device(device))
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
