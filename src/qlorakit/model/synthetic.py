@@ -8,6 +8,7 @@ from torch import nn
 
 from .. import kernels
 from ..nn.linear4bit import Linear4bit
+from .loader import buffers_to
 from .targets import find_target_linears
 
 SHAPES = {
@@ -59,5 +60,6 @@ def synthetic_llama(shape: str | dict, *, layers: int | None = None, device: str
         model.get_submodule(owner)._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     if config.tie_word_embeddings:
         model.tie_weights()
+    buffers_to(model, device)  # RoPE's inv_freq is built on the CPU
     model.eval()
     return model
