@@ -117,3 +117,12 @@ def read_events(run_dir: Path, event: str) -> list[dict[str, Any]]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss, from run_dir/metrics.jsonl."""
     return {r["step"]: r["loss"] for r in read_events(run_dir, "train")}
+
+
+def randomize_lora_b(net, scale: float, seed: int) -> None:
+    """Give every lora_B a random value (injected adapters start at zero, which would hide the adapter path)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=gen))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline_helpers import randomize_lora_b
+
 from qlorakit.errors import QlorakitError
 from qlorakit.infer.decode import StaticDecoder, choose_next, decode_tokens
 from qlorakit.model.loader import load_model
@@ -28,11 +30,7 @@ def _model(tiny_model_dir, attn: str, four_bit: bool):
     if four_bit:
         net, _ = load_model(tiny_model_dir, compute_dtype=torch.float32, attn_implementation=attn, progress=False)
         inject_lora(net, "all-linear", r=4, alpha=8, dropout=0.0)
-        gen = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for name, p in net.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+        randomize_lora_b(net, 0.2, seed=2)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline_helpers import randomize_lora_b
+
 from qlorakit.data import IGNORE_INDEX, TokenizedExamples, epoch_batches
 from qlorakit.model.loader import load_model
 from qlorakit.model.lora_inject import inject_lora
@@ -23,11 +25,7 @@ def model(request, tiny_model_dir):
     net, _ = load_model(tiny_model_dir, compute_dtype=torch.float32, attn_implementation=request.param,
                         progress=False)
     inject_lora(net, "all-linear", r=8, alpha=16, dropout=0.0)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    randomize_lora_b(net, 0.1, seed=0)
     net.train()
     return net, request.param
 

@@ -31,7 +31,8 @@ MASKS = ("sdpa", "eager")  # attention implementations whose 4-D mask this modul
 _said: set[str] = set()
 
 
-def _say_once(key: str, msg: str, *args) -> None:
+def say_once(key: str, msg: str, *args) -> None:
+    """Log a warning the first time `key` comes up in this process (a fast path not taken says so once)."""
     if key not in _said:
         _said.add(key)
         log.warning(msg, *args)
@@ -167,7 +168,7 @@ class StaticDecoder:
             self.graph, self.logits, self.graphs = None, None, False
             torch.cuda.synchronize(self.device)
             self._restore(saved)
-            _say_once(f"graph-{type(err).__name__}", "qlorakit: decoding without CUDA graphs (eager, host-bound): "
+            say_once(f"graph-{type(err).__name__}", "qlorakit: decoding without CUDA graphs (eager, host-bound): "
                       "capturing the decode step failed: %s: %s", type(err).__name__, str(err).splitlines()[0][:300])
 
     def _restore(self, saved) -> None:

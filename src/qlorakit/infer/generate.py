@@ -63,7 +63,7 @@ def stream_generate(
     """Yield decoded text pieces as they are generated: greedy when temperature == 0, else sampling with
     `temperature` and nucleus `top_p`. Decodes through qlorakit's static-cache decoder (CUDA graphs on a GPU,
     `decode.py`); a model that decoder cannot take goes through transformers' `generate`, and the log says so."""
-    from .decode import StaticDecoder, decode_tokens
+    from .decode import StaticDecoder, decode_tokens, say_once
 
     text = render_prompt(tokenizer, prompt, use_chat_template=use_chat_template, history=history)
     device = next(model.parameters()).device
@@ -76,7 +76,7 @@ def stream_generate(
         try:
             StaticDecoder.check(model)
         except QlorakitError as why:
-            _say_once("hf-generate", "qlorakit: decoding through transformers' generate (eager): %s", why)
+            say_once("hf-generate", "qlorakit: decoding through transformers' generate (eager): %s", why)
             yield from _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperature, top_p, seed)
             return
         ids: list[int] = []
@@ -98,15 +98,6 @@ def stream_generate(
             yield rest[len(shown):]
     finally:
         model.train(was_training)
-
-
-_said: set[str] = set()
-
-
-def _say_once(key: str, msg: str, *args) -> None:
-    if key not in _said:
-        _said.add(key)
-        log.warning(msg, *args)
 
 
 def _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperature, top_p, seed) -> Iterator[str]:
