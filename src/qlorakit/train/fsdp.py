@@ -65,10 +65,9 @@ class LossRoot(nn.Module):
         self.lm = lm
 
     def forward(self, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        from .loss import causal_lm_loss_sum
+        from .loss import decoder_loss_sum
 
-        hidden = self.lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        return causal_lm_loss_sum(hidden, self.lm.get_output_embeddings().weight, labels)
+        return decoder_loss_sum(self.lm, inputs, labels)
 
 
 def loss_root(model: nn.Module) -> LossRoot | None:

@@ -23,7 +23,7 @@ from .checkpoint import (RngStates, capture_rng, latest_checkpoint, load_checkpo
                          save_checkpoint)
 from .distributed import SINGLE_PROCESS, DistContext
 from .fsdp import grad_norm_value, loss_root, set_gradient_sync
-from .loss import causal_lm_loss_sum, count_targets
+from .loss import count_targets, decoder_loss_sum
 from .metrics import MetricsWriter, plot_losses
 from .runtime import Runtime
 from .schedule import lr_factor, warmup_steps_for
@@ -113,8 +113,7 @@ def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], runtime: 
     with runtime.autocast():
         if root is not None:  # sharded (FSDP2): the same computation inside the root module's forward
             return root(inputs, labels)
-        hidden = model.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        return causal_lm_loss_sum(hidden, model.get_output_embeddings().weight, labels)
+        return decoder_loss_sum(model, inputs, labels)
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,

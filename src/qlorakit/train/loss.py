@@ -41,3 +41,9 @@ def causal_lm_loss_sum(
 def count_targets(labels: torch.Tensor) -> int:
     """Target tokens of a batch: labels [B, T] int64 positions 1.. that are not IGNORE_INDEX (what the loss sums)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def decoder_loss_sum(lm: torch.nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """causal_lm_loss_sum of a causal LM's decoder hidden states and its head's weight (no logits tensor)."""
+    hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    return causal_lm_loss_sum(hidden, lm.get_output_embeddings().weight, labels)
