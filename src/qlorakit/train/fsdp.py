@@ -31,6 +31,13 @@ from ..sharding import full
 log = logging.getLogger("qlorakit.train")
 
 
+def integer_parameters_shardable() -> bool:
+    """Whether this torch's FSDP2 can shard a frozen uint8 parameter (torch >= 2.13: measured; 2.11 fails with
+    'only Tensors of floating point dtype can require gradients' inside fully_shard)."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= (2, 13)
+
+
 def _packed_to_parameters(model: nn.Module) -> int:
     """Re-register every Linear4bit's packed weight buffer as a frozen uint8 parameter (FSDP shards parameters
     only); returns the number of bytes converted."""
@@ -82,7 +89,13 @@ def shard_model(model: nn.Module, device: torch.device, world_size: int) -> nn.M
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
-    packed = _packed_to_parameters(model)
+    if integer_parameters_shardable():
+        packed = _packed_to_parameters(model)
+    else:
+        packed = 0
+        log.warning("qlorakit: FSDP2 in torch %s cannot shard integer parameters (it asks them to require "
+                    "gradients; fixed in torch 2.13): the packed 4-bit weights stay whole on every rank, the rest is "
+                    "sharded", torch.__version__)
     blocks = _blocks(model)
     for block in blocks:
         fully_shard(block, mesh=mesh)
