@@ -40,7 +40,7 @@ def main() -> int:
     from qlorakit.model.synthetic import synthetic_llama
     from qlorakit.optim import build_optimizer
     from qlorakit.train.distributed import check_batch_split, init_distributed, shutdown
-    from qlorakit.train.fsdp import grad_norm_value, shard_model
+    from qlorakit.train.fsdp import grad_norm_value, integer_parameters_shardable, shard_model
     from qlorakit.train.loop import accumulate_gradients
     from qlorakit.train.runtime import Runtime
 
@@ -97,7 +97,8 @@ def main() -> int:
            "build_s": round(build_s, 1), "weights_GiB_per_rank_before_sharding": round(weights_gib, 2),
            "model_GiB_per_rank_after_setup": [round(x, 2) for x in helds],
            "torch_peak_GiB_per_rank": [round(x, 2) for x in peaks], "losses": losses,
-           "step_times": [round(x, 4) for x in times]}
+           "step_times": [round(x, 4) for x in times],
+           "packed_4bit_sharded": bool(ctx.sharded and integer_parameters_shardable())}
     if ctx.is_main:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
