@@ -119,3 +119,39 @@ def test_one_batch_with_a_different_adapter_per_row_matches_one_request_each(tin
     assert batch[0] != base_reply  # row 0 really took its adapter
     with pytest.raises(QlorakitError, match="unknown model 'gamma'"):
         app.generate_batch(["gamma"], [PROMPT], max_tokens=2)
+
+
+def test_concurrent_requests_are_decoded_together_each_with_its_adapter(tiny_base, adapter, adapter_b):
+    """Six HTTP requests sent at once for alpha, beta and the base: the decoding thread batches them (fewer
+    batches than requests), and every reply is the one that request gets alone."""
+    app = AdapterServer(str(tiny_base), {"alpha": adapter, "beta": adapter_b}, device="cpu", progress=False,
+                        batch_window_ms=300.0)
+    base = str(tiny_base)
+    alone = {m: app.generate_batch([m], [PROMPT], max_tokens=MAX_TOKENS, chat=True)[0] for m in ("alpha", "beta", base)}
+    before = dict(app.stats)
+    httpd = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions"
+    models = ["alpha", "beta", base, "beta", "alpha", base]
+    replies: dict[int, str] = {}
+
+    def ask(i: int, model: str) -> None:
+        status, body = _call(url, {"model": model, "messages": [{"role": "user", "content": PROMPT}],
+                                   "max_tokens": MAX_TOKENS})
+        assert status == 200
+        replies[i] = body["choices"][0]["message"]["content"]
+
+    try:
+        askers = [threading.Thread(target=ask, args=(i, m)) for i, m in enumerate(models)]
+        for t in askers:
+            t.start()
+        for t in askers:
+            t.join(timeout=120)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+    assert [replies[i] for i in range(len(models))] == [alone[m] for m in models]
+    rows, batches = app.stats["rows"] - before["rows"], app.stats["batches"] - before["batches"]
+    assert rows == len(models) and batches < len(models)

@@ -12,6 +12,7 @@ from pipeline_helpers import run_tree, write_yaml
 
 from qlorakit import cli
 from qlorakit.train import loop
+from qlorakit.train import loss as loss_module
 
 
 def _error_line(capsys) -> str:
@@ -107,7 +108,7 @@ def test_incomplete_model_folder_is_one_line_exit_2(present, tiny_model_dir, pat
 
 def test_nan_loss_stops_the_run_naming_the_step_and_causes(tiny_model_dir, pattern_data, tmp_path, monkeypatch,
                                                             capsys):
-    real = loop.causal_lm_loss_sum
+    real = loss_module.causal_lm_loss_sum
     calls = {"n": 0}
 
     def loss_nan_at_step_2(*args, **kwargs):
@@ -118,7 +119,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_causes(tiny_model_dir, patte
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(loop, "causal_lm_loss_sum", loss_nan_at_step_2)
+    monkeypatch.setattr(loss_module, "causal_lm_loss_sum", loss_nan_at_step_2)
     config = write_yaml(tmp_path / "run.yaml", run_tree(tiny_model_dir, pattern_data, tmp_path / "run"))
     assert cli.main(["train", str(config), "--no-progress"]) == 2
     line = _error_line(capsys)

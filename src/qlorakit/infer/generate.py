@@ -131,42 +131,54 @@ def _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperat
         raise errors[0]
 
 
+def prompt_ids(tokenizer, prompt: str, *, use_chat_template: bool = True,
+               history: list[dict[str, str]] | None = None) -> list[int]:
+    """The token ids the model sees for `prompt` (rendered as stream_generate renders it)."""
+    text = render_prompt(tokenizer, prompt, use_chat_template=use_chat_template, history=history)
+    special = not use_chat_template or not getattr(tokenizer, "chat_template", None)
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
 @torch.no_grad()
-def generate_batch(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 128,
-                   temperature: float = 0.0, top_p: float = 1.0, use_chat_template: bool = True,
-                   seed: int | None = 0) -> list[str]:
-    """Replies to several prompts decoded together in one left-padded batch (the static decoder; each row stops at
-    its own end-of-sequence token)."""
+def decode_rows(model: nn.Module, tokenizer, rows: list[list[int]], max_new_tokens: list[int], *,
+                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0) -> list[list[int]]:
+    """Decode several prompts (token ids) together in one left-padded batch with the static decoder; each row
+    stops at its own end-of-sequence token or its own max_new_tokens. Returns each row's new ids (EOS dropped).
+    Greedy rows do not depend on the others; sampled ones draw from one generator for the whole batch."""
     from .decode import decode_tokens
 
-    texts = [render_prompt(tokenizer, p, use_chat_template=use_chat_template) for p in prompts]
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"  # the decoder takes left-padded rows
-    if pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        enc = tokenizer(texts, return_tensors="pt", padding=True,
-                        add_special_tokens=not use_chat_template or not tokenizer.chat_template)
-    finally:
-        tokenizer.padding_side = side
-        if pad_token is None:
-            tokenizer.pad_token = None
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding: the decoder's rows end together
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
     was_training = model.training
     model.eval()
     try:
-        steps = list(decode_tokens(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                                   eos_ids=eos, pad_id=pad, temperature=temperature, top_p=top_p, seed=seed))
+        steps = list(decode_tokens(model, ids, mask, max_new_tokens=max(max_new_tokens), eos_ids=eos, pad_id=pad,
+                                   temperature=temperature, top_p=top_p, seed=seed))
     finally:
         model.train(was_training)
-    replies = []
-    for row in range(len(prompts)):
-        ids = []
-        for tok in steps:
+    out = []
+    for row, limit in enumerate(max_new_tokens):
+        new = []
+        for tok in steps[:limit]:
             t = int(tok[row])
             if t in eos:
                 break
-            ids.append(t)
-        replies.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return replies
+            new.append(t)
+        out.append(new)
+    return out
+
+
+def generate_batch(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_p: float = 1.0, use_chat_template: bool = True,
+                   seed: int | None = 0) -> list[str]:
+    """Replies to several prompts decoded together in one batch (decode_rows)."""
+    rows = [prompt_ids(tokenizer, p, use_chat_template=use_chat_template) for p in prompts]
+    new = decode_rows(model, tokenizer, rows, [max_new_tokens] * len(rows), temperature=temperature, top_p=top_p,
+                      seed=seed)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]

@@ -6,9 +6,10 @@ Endpoints (JSON in, JSON out): GET /v1/models, POST /v1/completions (raw prompt)
 
 The base is loaded once; every module that any adapter targets gets one LoraLinear holding all adapters' A/B
 tensors stacked (nn.lora.AdapterBankSlot); each row of a batch takes the adapter its request named, and modules
-an adapter does not target get a zero update, so nothing is swapped between requests. HTTP requests are served
-one at a time, under one lock; `AdapterServer.generate_batch` decodes several prompts for several adapters in one
-batch. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
+an adapter does not target get a zero update, so nothing is swapped between requests. One decoding thread takes
+the requests: those that arrive within a few milliseconds of each other (batch_window_ms, up to max_batch) with
+the same sampling settings are decoded together in one batch, whatever adapters they name.
+`AdapterServer.generate_batch` does the same for a list of prompts from Python. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
 so that replies are reproducible; pass `temperature` to sample. Streaming (`stream: true`) is refused (400).
 """
 
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -80,10 +82,10 @@ def _read_adapter_weights(name: str, folder: Path, dtype: torch.dtype, fingerpri
 
 
 class AdapterServer:
-    """The loaded base, its LoRA layers and the adapters; `generate` serves one request at a time."""
+    """The loaded base, its LoRA layers with every adapter stacked, and the decoding thread that batches requests."""
 
     def __init__(self, model: str, adapters: dict[str, Path], *, force: bool = False, device: str | None = None,
-                 progress: bool = True):
+                 progress: bool = True, max_batch: int = 16, batch_window_ms: float = 5.0):
         from ..adapters.fingerprint import base_fingerprint
         from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
         from ..model.loader import load_model
@@ -113,6 +115,13 @@ class AdapterServer:
         self.rows = torch.zeros(MAX_ROWS, dtype=torch.long, device=dev)
         self._build_bank(dev)
         self.lock = threading.Lock()
+        if not 1 <= max_batch <= MAX_ROWS:
+            raise QlorakitError(f"max_batch {max_batch}: allowed 1 to {MAX_ROWS}")
+        self.max_batch, self.batch_window_s = max_batch, batch_window_ms / 1000.0
+        self._jobs: queue.Queue = queue.Queue()
+        self._queue_lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+        self.stats = {"batches": 0, "rows": 0}
 
     @property
     def model_ids(self) -> list[str]:
@@ -151,31 +160,89 @@ class AdapterServer:
     def generate_batch(self, models: list[str], prompts: list[str], *, max_tokens: int, chat: bool = True,
                        temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
         """One reply per prompt, all decoded in one batch, row i with adapter models[i] (or the base)."""
-        from .generate import generate_batch
-
         if len(models) != len(prompts):
             raise QlorakitError(f"{len(models)} model names for {len(prompts)} prompts")
         unknown = sorted({m for m in models if m not in self.model_ids})
         if unknown:
             raise QlorakitError(f"unknown model {unknown[0]!r}; this server has {', '.join(self.model_ids)}")
-        with self.lock:
-            self.select(models)
-            return generate_batch(self.net, self.tokenizer, prompts, max_new_tokens=max_tokens,
-                                  use_chat_template=chat, temperature=temperature, top_p=top_p)
+        jobs = [self._job(m, p, None, chat, max_tokens, temperature, top_p) for m, p in zip(models, prompts)]
+        self._decode(jobs)
+        return [j.result[0] for j in jobs]
 
     def generate(self, model: str, prompt: str, *, chat_history: list[dict[str, str]] | None, chat: bool,
                  max_tokens: int, temperature: float, top_p: float) -> tuple[str, int, int]:
-        """(reply text, prompt tokens, completion tokens) for `model` (an adapter name or the base name)."""
-        from .generate import generate, render_prompt
+        """(reply text, prompt tokens, completion tokens) for `model` (an adapter name or the base name). Requests
+        that arrive within `batch_window_s` of each other with the same sampling settings are decoded together,
+        one row each, with their own adapters."""
+        job = self._job(model, prompt, chat_history, chat, max_tokens, temperature, top_p)
+        with self._queue_lock:
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._serve_jobs, name="qlorakit-serve", daemon=True)
+                self._worker.start()
+        self._jobs.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _job(self, model, prompt, history, chat, max_tokens, temperature, top_p) -> _Job:
+        from .generate import prompt_ids
+
+        ids = prompt_ids(self.tokenizer, prompt, use_chat_template=chat, history=history)
+        return _Job(model, ids, max_tokens, temperature, top_p)
+
+    def _serve_jobs(self) -> None:
+        """The decoding thread: take the next request, wait up to batch_window_s for more (at most max_batch),
+        decode each group of equal sampling settings as one batch."""
+        while True:
+            batch = [self._jobs.get()]
+            deadline = time.monotonic() + self.batch_window_s
+            while len(batch) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(self._jobs.get(timeout=left))
+                except queue.Empty:
+                    break
+            groups: dict[tuple[float, float], list[_Job]] = {}
+            for job in batch:
+                groups.setdefault((job.temperature, job.top_p), []).append(job)
+            for jobs in groups.values():
+                try:
+                    self._decode(jobs)
+                except BaseException as err:  # noqa: BLE001 - each waiting request gets the error
+                    for job in jobs:
+                        job.error = err
+                finally:
+                    for job in jobs:
+                        job.done.set()
+
+    def _decode(self, jobs: list[_Job]) -> None:
+        from .generate import decode_rows
 
         with self.lock:
-            self.select([model])
-            text = generate(self.net, self.tokenizer, prompt, max_new_tokens=max_tokens, temperature=temperature,
-                            top_p=top_p, use_chat_template=chat, history=chat_history)
-        rendered = render_prompt(self.tokenizer, prompt, use_chat_template=chat, history=chat_history)
-        n_prompt = len(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        n_reply = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return text, n_prompt, n_reply
+            self.select([j.model for j in jobs])
+            new = decode_rows(self.net, self.tokenizer, [j.ids for j in jobs], [j.max_tokens for j in jobs],
+                              temperature=jobs[0].temperature, top_p=jobs[0].top_p)
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(jobs)
+        for job, ids in zip(jobs, new):
+            job.result = (self.tokenizer.decode(ids, skip_special_tokens=True), len(job.ids), len(ids))
+
+
+@dataclass
+class _Job:
+    """One request waiting for the decoding thread."""
+
+    model: str
+    ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple[str, int, int] | None = None
+    error: BaseException | None = None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -277,8 +344,8 @@ def serve_command(args) -> int:
     app = AdapterServer(args.model, parse_adapter_specs(args.adapter or []), force=args.force, device=args.device)
     server = make_server(app, args.host, args.port)
     host, port = server.server_address[:2]
-    print(f"qlorakit: serving {', '.join(app.model_ids)} on http://{host}:{port}/v1 (one request at a time)",
-          flush=True)
+    print(f"qlorakit: serving {', '.join(app.model_ids)} on http://{host}:{port}/v1 (concurrent requests decoded "
+          f"together, up to {app.max_batch} per batch)", flush=True)
     try:
         server.serve_forever()
     finally:
