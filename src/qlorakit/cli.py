@@ -156,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve", help="serve the 4-bit base and LoRA adapters over an OpenAI-compatible HTTP API",
         description="POST /v1/completions and /v1/chat/completions, GET /v1/models. The request's `model` picks an "
-        "adapter by NAME, or the base by its --model value. The base is loaded once; each request swaps its "
-        "adapter's LoRA tensors in, so requests are served one at a time. Greedy unless `temperature` > 0.",
+        "adapter by NAME, or the base by its --model value. The base is loaded once with every adapter held at "
+        "once; requests that arrive together (within --batch-window-ms, up to --max-batch) are decoded in one "
+        "batch, each row with its own adapter. Greedy unless `temperature` > 0.",
     )
     s.add_argument("--model", default="default",
                    help="base model: a local folder, a hub id in the local cache, or 'default' (SmolLM2-135M-Instruct)")
@@ -167,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     s.add_argument("--force", action="store_true", help="serve adapters even if they were trained on another base")
     s.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (1 to 64)")
+    s.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long the first waiting request waits for others to join its batch")
     s.set_defaults(func=_cmd_serve)
 
     d = sub.add_parser("demo", help="prepare the bundled default model and data in the user cache (idempotent)")

@@ -86,6 +86,10 @@ class AdapterServer:
 
     def __init__(self, model: str, adapters: dict[str, Path], *, force: bool = False, device: str | None = None,
                  progress: bool = True, max_batch: int = 16, batch_window_ms: float = 5.0):
+        if not 1 <= max_batch <= MAX_ROWS:
+            raise QlorakitError(f"--max-batch {max_batch}: allowed 1 to {MAX_ROWS}")
+        if not batch_window_ms >= 0:
+            raise QlorakitError(f"--batch-window-ms {batch_window_ms}: must be >= 0")
         from ..adapters.fingerprint import base_fingerprint
         from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
         from ..model.loader import load_model
@@ -115,8 +119,6 @@ class AdapterServer:
         self.rows = torch.zeros(MAX_ROWS, dtype=torch.long, device=dev)
         self._build_bank(dev)
         self.lock = threading.Lock()
-        if not 1 <= max_batch <= MAX_ROWS:
-            raise QlorakitError(f"max_batch {max_batch}: allowed 1 to {MAX_ROWS}")
         self.max_batch, self.batch_window_s = max_batch, batch_window_ms / 1000.0
         self._jobs: queue.Queue = queue.Queue()
         self._queue_lock = threading.Lock()
@@ -341,7 +343,8 @@ def make_server(app: AdapterServer, host: str = "127.0.0.1", port: int = 8000) -
 
 
 def serve_command(args) -> int:
-    app = AdapterServer(args.model, parse_adapter_specs(args.adapter or []), force=args.force, device=args.device)
+    app = AdapterServer(args.model, parse_adapter_specs(args.adapter or []), force=args.force, device=args.device,
+                        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
     server = make_server(app, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"qlorakit: serving {', '.join(app.model_ids)} on http://{host}:{port}/v1 (concurrent requests decoded "
