@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -37,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
+
+from bench_common import Run, sh  # noqa: E402
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -60,27 +61,6 @@ L2_BYTES = 60 * 2**20  # H200; read from the device when torch exposes it
 # Relative error bounds against an fp64 product of the same dequantized W (bf16 inputs and output: the output
 # rounding, 2^-9 relative, dominates; fp32 accumulation adds far less).
 TOL_BF16 = 1e-2
-
-
-class Run:
-    def __init__(self) -> None:
-        self.checks: list[dict] = []
-
-    def check(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.checks.append({"name": name, "pass": bool(ok), "detail": detail})
-        print(f"{'PASS' if ok else 'FAIL'}  {name}{'  ' + detail if detail else ''}", flush=True)
-        return ok
-
-    @property
-    def failed(self) -> list[str]:
-        return [c["name"] for c in self.checks if not c["pass"]]
-
-
-def sh(*cmd: str) -> str:
-    try:
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - git missing or no repository: metadata only
-        return "unknown"
 
 
 def load_bnb():

@@ -45,7 +45,6 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -54,6 +53,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
+
+from bench_common import Run, sh  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -70,32 +71,6 @@ NEED_FREE = 16 * 2**30
 QLORA_STEP_S = 2048 / 3942  # DESIGN.md anchor: QLoRA step, Llama-3-8B shape, r=64, B1 x T2048, bnb 0.50.2
 PLACEMENTS = {"device": False, "managed": True, "pinned": "pinned"}
 GIB = 2**30
-
-
-class Run:
-    def __init__(self) -> None:
-        self.checks: list[dict] = []
-        self.targets: list[dict] = []
-
-    def check(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.checks.append({"name": name, "pass": bool(ok), "detail": detail})
-        print(f"{'PASS' if ok else 'FAIL'}  {name}{'  ' + detail if detail else ''}", flush=True)
-        return ok
-
-    def target(self, name: str, met: bool, detail: str) -> None:
-        self.targets.append({"name": name, "met": bool(met), "detail": detail})
-        print(f"{'MET ' if met else 'MISS'}  {name}  {detail}", flush=True)
-
-    @property
-    def failed(self) -> list[str]:
-        return [c["name"] for c in self.checks if not c["pass"]]
-
-
-def sh(*cmd: str) -> str:
-    try:
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - git missing or no repository: metadata only
-        return "unknown"
 
 
 def release() -> None:
