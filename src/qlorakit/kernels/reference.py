@@ -30,8 +30,67 @@ def linear_4bit_grad_input_ref(grad_y: torch.Tensor, packed: torch.Tensor, state
     return grad_y @ w
 
 
+@register("linear_4bit_cat", "reference")
+def linear_4bit_cat_ref(x: torch.Tensor, packed: list[torch.Tensor], states: list[QuantState]) -> torch.Tensor:
+    """Y = X [W_0; W_1; ...]^T: several 4-bit weights [N_i, K] on one input. x [M, K]; returns [M, sum N_i]."""
+    w = torch.cat([dequantize_4bit(p, s, x.dtype) for p, s in zip(packed, states)])
+    return x @ w.t()
+
+
+@register("linear_4bit_cat_grad_input", "reference")
+def linear_4bit_cat_grad_input_ref(grad_y: torch.Tensor, packed: list[torch.Tensor],
+                                   states: list[QuantState]) -> torch.Tensor:
+    """dX = dY [W_0; W_1; ...]. grad_y [M, sum N_i]; returns [M, K] in grad_y.dtype."""
+    w = torch.cat([dequantize_4bit(p, s, grad_y.dtype) for p, s in zip(packed, states)])
+    return grad_y @ w
+
+
 @register("quantize_4bit", "reference")
 def quantize_ref(
     x: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool
 ) -> tuple[torch.Tensor, QuantState]:
     return quantize_4bit(x, blocksize, quant_type, double_quant)
+
+
+# --- the elementwise parts of a Llama block (fused on the GPU by kernels/triton_block.py) ----------------------
+
+@register("rms_norm", "reference")
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd) for x [M, H]: rstd = rsqrt(mean(fp32(x)^2) + eps) [M] fp32 and y = weight * x.dtype(fp32(x) *
+    rstd), as transformers' LlamaRMSNorm computes it (y in the promoted dtype of weight and x)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    return weight * (xf * rstd[:, None]).to(x.dtype), rstd
+
+
+@register("rms_norm_backward", "reference")
+def rms_norm_backward_ref(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                          rstd: torch.Tensor) -> torch.Tensor:
+    """dx [M, H] in x.dtype for y = rms_norm(x, weight) (weight frozen): with n = fp32(x) rstd and
+    dn = fp32(dy * weight), dx = rstd dn - rstd^3 / H * fp32(x) * sum(dn * fp32(x))."""
+    xf = x.float()
+    dn = (dy * weight).float()
+    r = rstd[:, None]
+    dot = (dn * xf).sum(-1, keepdim=True)
+    return (r * dn - r.pow(3) * xf * (dot / x.shape[-1])).to(x.dtype)
+
+
+@register("swiglu", "reference")
+def swiglu_ref(gu: torch.Tensor) -> torch.Tensor:
+    """gu [M, 2I] = [gate | up] -> silu(gate) * up [M, I] in gu's dtype (each op rounded as torch rounds it)."""
+    g, u = gu.chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
+@register("swiglu_backward", "reference")
+def swiglu_backward_ref(d_act: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """[d gate | d up] [M, 2I] of silu(gate) * up for d_act [M, I]: d up = d_act * silu(gate) and d gate =
+    d_act * up * sig(gate) * (1 + gate (1 - sig(gate))), in fp32 rounded once to gu's dtype."""
+    g, u = gu.chunk(2, dim=-1)
+    gf, da = g.float(), d_act.float()
+    sig = torch.sigmoid(gf)
+    out = torch.empty_like(gu)
+    dg, du = out.chunk(2, dim=-1)
+    du.copy_(da * torch.nn.functional.silu(g).float())
+    dg.copy_(da * u.float() * sig * (1.0 + gf * (1.0 - sig)))
+    return out

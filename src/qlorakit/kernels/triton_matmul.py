@@ -5,6 +5,8 @@ Which path computes a call (measured on an H200 by benchmarks/kernels.py; docs/k
   2 <= rows <= SMALL_M_MAX          -> `matmul_4bit_small`: fused dequantize-in-GEMM on the tensor cores;
   otherwise (and every fp64 call)   -> dequantize W into the workspace (Triton), then torch's matmul (cuBLAS).
 linear_4bit_grad_input always dequantizes then multiplies (training has thousands of rows).
+linear_4bit_cat / linear_4bit_cat_grad_input (several weights on one input: Q/K/V, gate/up) dequantize every
+weight into consecutive rows of one workspace and run ONE matmul over the stacked [sum N_i, K] weight.
 
 The workspace: one flat buffer per (device, dtype, stream) that grows to the largest weight seen and is
 overwritten by the next call on that stream, so a 4-bit model never holds more than one dense weight per
@@ -97,3 +99,35 @@ def linear_4bit_grad_input_triton(grad_y: torch.Tensor, packed: torch.Tensor, st
     """dX = dY W. grad_y: [..., N]; returns [..., K] in grad_y.dtype."""
     w = dense_weight(packed, state, grad_y.dtype, grad_y)
     return grad_y @ w
+
+
+def _stacked_weight(packed: list[torch.Tensor], states: list[QuantState], dtype: torch.dtype,
+                    *inputs: torch.Tensor) -> torch.Tensor:
+    """[W_0; W_1; ...] [sum N_i, K] in `dtype`, each weight dequantized into its rows of the workspace (or of a
+    fresh tensor when autograd records the call, as dense_weight)."""
+    k = int(states[0].shape[1])
+    if any(int(s.shape[1]) != k for s in states):
+        raise ValueError(f"linear_4bit_cat: the weights' in_features differ: {[int(s.shape[1]) for s in states]}")
+    n = sum(int(s.shape[0]) for s in states)
+    device = packed[0].device
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    w = torch.empty((n, k), dtype=dtype, device=device) if recording else workspace(torch.Size((n, k)), dtype, device)
+    row = 0
+    for p, s in zip(packed, states):
+        rows = int(s.shape[0])
+        dequantize_into(p, s, w[row:row + rows])
+        row += rows
+    return w
+
+
+@register("linear_4bit_cat", "triton")
+def linear_4bit_cat_triton(x: torch.Tensor, packed: list[torch.Tensor], states: list[QuantState]) -> torch.Tensor:
+    """Y = X [W_0; W_1; ...]^T. x [M, K] in the compute dtype; returns [M, sum N_i] in x.dtype."""
+    return x @ _stacked_weight(packed, states, x.dtype, x).t()
+
+
+@register("linear_4bit_cat_grad_input", "triton")
+def linear_4bit_cat_grad_input_triton(grad_y: torch.Tensor, packed: list[torch.Tensor],
+                                      states: list[QuantState]) -> torch.Tensor:
+    """dX = dY [W_0; W_1; ...]. grad_y [M, sum N_i]; returns [M, K] in grad_y.dtype."""
+    return grad_y @ _stacked_weight(packed, states, grad_y.dtype, grad_y)

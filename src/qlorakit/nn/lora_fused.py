@@ -1,12 +1,14 @@
 """One autograd function for a LoRA layer on a 4-bit base: y = x W^T + b + s * (drop(x) A^T) B^T.
 
-It saves dropout(x) (what the adapter gradient needs; x itself without dropout), the dropout mask as bool,
-and x_drop A^T ([.., r], small); never a dequantized weight and never an fp32 copy of x. Backward computes dX = dY W through the
-dispatched 4-bit kernel plus the low-rank term, and the adapter gradients, in the compute dtype of x.
+It saves x itself (which the layer before usually keeps alive anyway) and x_drop A^T ([.., r], small); never a
+dequantized weight, never an fp32 copy of x, and no dropout mask: backward redraws the same mask from the
+random generator's state at the forward (`DropoutDraw`). Backward computes dX = dY W through the dispatched
+4-bit kernel plus the low-rank term, and the adapter gradients, in the compute dtype of x.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -15,46 +17,94 @@ from .. import kernels
 from ..quant.state import QuantState
 
 
+class DropoutDraw:
+    """Where the random generator of `device` stood before a run of dropout draws, so that backward draws the
+    same masks again instead of keeping them (a bool mask is half the size of a bf16 activation).
+
+    The draws are torch.native_dropout, as nn.Dropout makes them; replaying the same calls on tensors of the
+    same shapes, in the same order, under `replay()` gives bit-identical masks. The generator's own state is
+    restored afterwards, so later draws are unaffected."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+    @contextmanager
+    def replay(self):
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(self.state, self.device)
+            else:
+                torch.set_rng_state(self.state)
+            yield
+
+
 class _LoraLinear4bitFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a_w: torch.Tensor, b_w: torch.Tensor, packed: torch.Tensor,
                 state: QuantState, bias: torch.Tensor | None, scaling: float, p: float, training: bool):
         dt = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            mask = None
-            x_drop = x
-            if training and p > 0:
-                # The same draw as nn.Dropout / F.dropout, so fused and composed layers see the same mask.
-                x_drop, mask = torch.native_dropout(x, p, True)
+            draw = DropoutDraw(x.device) if training and p > 0 else None
+            # The same draw as nn.Dropout / F.dropout, so fused and composed layers see the same mask.
+            x_drop = torch.native_dropout(x, p, True)[0] if draw is not None else x
             y = kernels.call("linear_4bit", x, packed, state, bias)
             n_out = y.shape[-1]
             xa = x_drop.reshape(-1, x.shape[-1]) @ a_w.to(dt).t()
+            del x_drop
             y.view(-1, n_out).addmm_(xa, b_w.to(dt).t(), alpha=scaling)
-        # The adapter gradient needs x_drop (= x without dropout), never x itself; dX's low-rank term needs the mask.
-        ctx.save_for_backward(x_drop, mask if mask is not None else torch.empty(0, dtype=torch.bool), xa, a_w, b_w)
-        ctx.packed, ctx.state, ctx.scaling, ctx.p, ctx.has_mask = packed, state, scaling, p, mask is not None
+        ctx.save_for_backward(x, xa, a_w, b_w)
+        ctx.packed, ctx.state, ctx.scaling, ctx.p, ctx.draw = packed, state, scaling, p, draw
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
-        x_drop, mask, xa, a_w, b_w = ctx.saved_tensors
+        x, xa, a_w, b_w = ctx.saved_tensors
         dt, s = dy.dtype, ctx.scaling
-        k = x_drop.shape[-1]
+        k = x.shape[-1]
         with torch.autocast(dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1])
             a, b = a_w.to(dt), b_w.to(dt)
             grad_b = (dy2.t() @ xa.to(dt)).mul_(s)
             g = (dy2 @ b).mul_(s)
-            grad_a = g.t() @ x_drop.reshape(-1, k).to(dt)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = kernels.call("linear_4bit_grad_input", dy, ctx.packed, ctx.state)
-                low_rank = g @ a
-                if ctx.has_mask:  # one fused kernel: low_rank * mask / (1 - p)
-                    low_rank = torch.ops.aten.native_dropout_backward(low_rank, mask.reshape(-1, k),
-                                                                      1.0 / (1.0 - ctx.p))
-                grad_x.view(-1, k).add_(low_rank.to(grad_x.dtype))
+            grad_a = lora_input_terms(x.reshape(-1, k), [g], [a], ctx.p, ctx.draw,
+                                      None if grad_x is None else grad_x.view(-1, k))[0]
         return grad_x, grad_a.to(a_w.dtype), grad_b.to(b_w.dtype), None, None, None, None, None, None
+
+
+def lora_input_terms(x2: torch.Tensor, gs: list[torch.Tensor], a_s: list[torch.Tensor], p: float,
+                     draw: DropoutDraw | None, grad_x: torch.Tensor | None) -> list[torch.Tensor]:
+    """The parts of a LoRA backward that need the (dropped-out) input, for adapters i = 0.. that read the same
+    x2 [M, K] with one dropout draw each, in the order the forward drew them.
+
+    gs[i] = s_i * dY_i B_i [M, r_i] and a_s[i] = A_i [r_i, K] in x2's dtype. Returns grad A_i = gs[i]^T
+    drop_i(x2); when grad_x [M, K] is given, adds sum_i drop_i'(gs[i] A_i) to it in place (the low-rank term of
+    dX, through the same masks)."""
+    grads = []
+    with draw.replay() if draw is not None else _no_context():
+        for g, a in zip(gs, a_s):
+            if draw is not None:
+                x_drop, mask = torch.native_dropout(x2, p, True)
+            else:
+                x_drop, mask = x2, None
+            grads.append(g.t() @ x_drop)
+            del x_drop
+            if grad_x is None:
+                continue
+            if mask is None:
+                grad_x.addmm_(g, a)
+            else:  # one fused kernel: low_rank * mask / (1 - p)
+                grad_x.add_(torch.ops.aten.native_dropout_backward(g @ a, mask, 1.0 / (1.0 - p)))
+    return grads
+
+
+@contextmanager
+def _no_context():
+    yield
 
 
 def lora_linear_4bit(x: torch.Tensor, a_w: torch.Tensor, b_w: torch.Tensor, packed: torch.Tensor,

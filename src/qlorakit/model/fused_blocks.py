@@ -1,0 +1,257 @@
+"""Fused training paths for Llama blocks, and which layers keep their activations instead of recomputing them.
+
+`enable_fused_blocks(model)` gives each eligible module of a Llama model a subclass of its own class (same
+module object, same parameters, buffers and state-dict keys; `disable_fused_blocks` gives the class back):
+- LlamaAttention: Q, K and V as one fused 4-bit LoRA group (nn/lora_blocks.lora_group_4bit: one stacked 4-bit
+  matmul forward and backward, the input saved once);
+- LlamaMLP: gate/up fused, SwiGLU and down in one autograd function (nn/lora_blocks.lora_swiglu_4bit);
+- LlamaRMSNorm with a frozen weight: one-pass kernels (nn/rmsnorm.rms_norm).
+A fused module computes what the module it replaces computes (tests/nn/test_fused_blocks.py holds them to it).
+It takes its fused path for inputs of more than SMALL_M_MAX rows without a KV cache (training, prefill); decoding
+goes through the original forward, whose 1..16-row 4-bit kernels are faster there. Modules that are not eligible
+keep their class, and the log says once which and why.
+
+`keep_activations(model, tokens, budget_bytes)` turns activation checkpointing off for as many fused layers as
+the budget holds (the last ones), first keeping everything but the MLP's gate/up output (recomputed in backward
+from the kept input: one matmul), then, with budget left over, that output too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..kernels.triton_matmul import SMALL_M_MAX
+from ..nn.linear4bit import Linear4bit
+from ..nn.lora import LoraLinear
+from ..nn.lora_blocks import Projection, lora_group_4bit, lora_swiglu_4bit
+from ..nn.rmsnorm import rms_norm
+
+log = logging.getLogger("qlorakit.model")
+
+
+def _dropout_p(layer: LoraLinear) -> float:
+    return layer.lora_dropout.p if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
+
+
+def _why_not_fusable(owner: nn.Module, names: tuple[str, ...]) -> str | None:
+    """None when the named projections of `owner` can run as one fused 4-bit LoRA group, else the reason."""
+    layers = [getattr(owner, n, None) for n in names]
+    for n, layer in zip(names, layers):
+        if not isinstance(layer, LoraLinear):
+            return f"{n} has no LoRA adapter"
+        if not isinstance(layer.base_layer, Linear4bit):
+            return f"{n} is not a 4-bit layer"
+        if layer.base_layer.dense_copy is not None:
+            return f"{n} keeps a dense copy of its weight (CPU run)"
+        if layer.__dict__.get("_bank") is not None:
+            return f"{n} serves several adapters"
+    if len({_dropout_p(layer) for layer in layers}) > 1:
+        return "its projections have different LoRA dropout"
+    return None
+
+
+def _projection(layer: LoraLinear) -> Projection:
+    base = layer.base_layer
+    return Projection(base.weight, base.quant_state, base.bias, layer.scaling)
+
+
+def _adapters(layers: list[LoraLinear]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.lora_A.weight, layer.lora_B.weight) for layer in layers]
+
+
+def _compute_input(x: torch.Tensor) -> torch.Tensor:
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
+
+
+def _attention_interface(config):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    impl = config._attn_implementation
+    get = getattr(ALL_ATTENTION_FUNCTIONS, "get_interface", None)
+    if get is not None:
+        return get(impl, eager_attention_forward)
+    return eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _fused_classes():
+    from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaMLP, LlamaRMSNorm,
+                                                          apply_rotary_pos_emb)
+
+    class FusedLlamaAttention(LlamaAttention):
+        """LlamaAttention with Q/K/V as one fused 4-bit LoRA group (training and prefill, no KV cache)."""
+
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            if cache is not None or _rows(hidden_states) <= SMALL_M_MAX or _why_not_fusable(self, _QKV):
+                return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+            kwargs.pop("past_key_values", None)
+            kwargs.pop("cache", None)
+            layers = [getattr(self, n) for n in _QKV]
+            x = _compute_input(hidden_states)
+            qkv = lora_group_4bit(x, tuple(_projection(m) for m in layers), _adapters(layers),
+                                  _dropout_p(layers[0]), layers[0].training)
+            input_shape = hidden_states.shape[:-1]
+            hidden_shape = (*input_shape, -1, self.head_dim)
+            q, k, v = (t.view(hidden_shape).transpose(1, 2)
+                       for t in qkv.split([m.out_features for m in layers], dim=-1))
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            attn_output, attn_weights = _attention_interface(self.config)(
+                self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
+                scaling=self.scaling, **kwargs)
+            attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+            return self.o_proj(attn_output), attn_weights
+
+    class FusedLlamaMLP(LlamaMLP):
+        """LlamaMLP (SwiGLU) as one autograd function with gate/up fused (more than SMALL_M_MAX rows)."""
+
+        keep_gate_up = True  # whether backward finds the gate/up output saved (else recomputes it)
+
+        def forward(self, x):
+            if _rows(x) <= SMALL_M_MAX or _why_not_fusable(self, _MLP):
+                return super().forward(x)
+            layers = [getattr(self, n) for n in _MLP]
+            gate, up, down = (_projection(m) for m in layers)
+            return lora_swiglu_4bit(_compute_input(x), gate, up, down, _adapters(layers), _dropout_p(layers[0]),
+                                    layers[0].training, keep_gate_up=self.keep_gate_up)
+
+    class FusedLlamaRMSNorm(LlamaRMSNorm):
+        """LlamaRMSNorm through the one-pass rms_norm kernels (frozen weight)."""
+
+        def forward(self, hidden_states):
+            if self.weight.requires_grad:
+                return super().forward(hidden_states)
+            return rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+    return {LlamaAttention: FusedLlamaAttention, LlamaMLP: FusedLlamaMLP, LlamaRMSNorm: FusedLlamaRMSNorm}
+
+
+_FUSED: dict[type, type] = {}
+
+
+def fused_classes() -> dict[type, type]:
+    """{transformers class: its fused subclass} (built once, on first use)."""
+    if not _FUSED:
+        _FUSED.update(_fused_classes())
+    return _FUSED
+
+
+@dataclass
+class FusedReport:
+    fused: Counter
+    not_fused: Counter  # (module kind, reason) -> count
+
+    def line(self) -> str:
+        done = ", ".join(f"{n} {kind}" for kind, n in self.fused.items()) or "nothing"
+        text = f"qlorakit: fused block paths: {done}"
+        if self.not_fused:
+            text += "; not fused: " + ", ".join(f"{n} {kind} ({why})" for (kind, why), n in self.not_fused.items())
+        return text
+
+
+def enable_fused_blocks(model: nn.Module) -> FusedReport:
+    """Give every eligible Llama attention / MLP / frozen RMSNorm module of `model` its fused class (see the
+    module docstring); logs once which modules were fused and why others were not. Call after inject_lora."""
+    classes = fused_classes()
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
+
+    fused, not_fused = Counter(), Counter()
+    kinds = {LlamaAttention: ("attention (Q/K/V fused)", _QKV), LlamaMLP: ("MLP (gate/up fused + SwiGLU + down)", _MLP)}
+    for module in model.modules():
+        cls = type(module)
+        if cls in kinds:
+            kind, names = kinds[cls]
+            why = _why_not_fusable(module, names)
+            if cls is LlamaMLP and why is None and getattr(module.config, "hidden_act", "silu") != "silu":
+                why = f"activation {module.config.hidden_act!r} is not silu"
+            if why is None:
+                module.__class__ = classes[cls]
+                fused[kind] += 1
+            else:
+                not_fused[(kind, why)] += 1
+        elif cls is LlamaRMSNorm:
+            if module.weight.requires_grad:
+                not_fused[("RMSNorm", "its weight trains")] += 1
+            else:
+                module.__class__ = classes[cls]
+                fused["RMSNorm"] += 1
+        elif type(module).__name__.endswith(("Attention", "MLP")) and "Llama" not in type(module).__name__ \
+                and any(isinstance(c, LoraLinear) for c in module.children()):
+            not_fused[(type(module).__name__, "no fused path for this architecture")] += 1
+    report = FusedReport(fused, not_fused)
+    log.info(report.line())
+    return report
+
+
+def disable_fused_blocks(model: nn.Module) -> None:
+    """Give every fused module its original transformers class back."""
+    back = {v: k for k, v in fused_classes().items()}
+    for module in model.modules():
+        if type(module) in back:
+            module.__class__ = back[type(module)]
+
+
+def layer_activation_bytes(config, tokens: int, dtype_bytes: int = 2) -> tuple[int, int]:
+    """(bytes a fused Llama layer keeps for backward without its MLP's gate/up output, bytes with it) for
+    `tokens` tokens: the layer input, the normed inputs of attention and MLP, Q/K/V after RoPE, the attention
+    output (+ fp32 log-sum-exp per head), the residual after attention, and the gate/up output [tokens, 2I]."""
+    h, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    kv = config.num_key_value_heads * head_dim
+    per_token = dtype_bytes * (5 * h + heads * head_dim + 2 * kv) + 4 * heads + 8
+    without = tokens * per_token
+    return without, without + tokens * dtype_bytes * 2 * inter
+
+
+@dataclass
+class KeepPlan:
+    kept: int  # layers whose activations are kept (not recomputed in backward)
+    with_gate_up: int  # of those, layers that keep the MLP's gate/up output too
+    layers: int
+    bytes: int
+
+    def line(self, tokens: int, budget_gib: float) -> str:
+        return (f"qlorakit: activations: {self.kept} of {self.layers} layers keep theirs for backward "
+                f"({self.with_gate_up} with the MLP's gate/up output), {self.layers - self.kept} are recomputed; "
+                f"about {self.bytes / 2**30:.1f} GiB at {tokens} tokens per micro-batch "
+                f"(training.keep_activations_gib={budget_gib:g})")
+
+
+def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPlan:
+    """Turn activation checkpointing off for the last fused decoder layers that `budget_bytes` of kept
+    activations at `tokens` tokens per micro-batch can hold (layer_activation_bytes); the rest stay
+    checkpointed. Layers that are not fully fused are never chosen (their unfused modules keep far more)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = list(getattr(decoder, "layers", []))
+    classes = set(fused_classes().values())
+    fused = [layer for layer in layers if type(getattr(layer, "self_attn", None)) in classes
+             and type(getattr(layer, "mlp", None)) in classes]
+    if not fused:
+        return KeepPlan(0, 0, len(layers), 0)
+    small, large = layer_activation_bytes(model.config, tokens)
+    kept = min(len(fused), budget_bytes // small)
+    with_gu = min(kept, (budget_bytes - kept * small) // (large - small)) if kept else 0
+    chosen = fused[len(fused) - kept:]
+    for i, layer in enumerate(chosen):
+        layer.gradient_checkpointing = False
+        layer.mlp.keep_gate_up = i >= kept - with_gu
+    for layer in fused[:len(fused) - kept]:
+        layer.mlp.keep_gate_up = True  # a checkpointed layer recomputes everything anyway; keep its backward lean
+    return KeepPlan(kept, with_gu, len(layers), kept * small + with_gu * (large - small))

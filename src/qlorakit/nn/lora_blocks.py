@@ -1,0 +1,174 @@
+"""Fused LoRA projections for Llama-style blocks: several 4-bit LoRA linears on one input (Q/K/V; gate/up), and
+the whole SwiGLU MLP, each one autograd function.
+
+Specification: the composed layers they replace, `LoraLinear` per projection (y_i = x W_i^T + b_i +
+s_i * (drop_i(x) A_i^T) B_i^T, each projection with its own dropout draw, in projection order, as PEFT's one
+nn.Dropout per layer draws them) and `down(silu(gate(x)) * up(x))` for the MLP.
+
+What fusing buys: the 4-bit weights of the group are dequantized into one stacked [sum N_i, K] buffer and
+multiplied in ONE matmul forward and one backward (kernels.linear_4bit_cat); x is saved once for the whole group;
+no dropout mask is kept (backward redraws them, nn/lora_fused.DropoutDraw). The MLP function saves x, the
+gate/up output (or, with keep_gate_up=False, nothing more: backward recomputes it from x) and the small
+x_drop A^T products; never the SwiGLU product nor a dense weight.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .. import kernels
+from ..quant.state import QuantState
+from .lora_fused import DropoutDraw, lora_input_terms
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One frozen 4-bit base weight [out, in] with its bias and LoRA scaling (the adapter tensors travel as
+    autograd inputs)."""
+
+    packed: torch.Tensor
+    state: QuantState
+    bias: torch.Tensor | None
+    scaling: float
+
+    @property
+    def out_features(self) -> int:
+        return int(self.state.shape[0])
+
+
+def _group_forward(x2: torch.Tensor, group: tuple[Projection, ...], ab: tuple[torch.Tensor, ...], p: float,
+                   draw: DropoutDraw | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Y [M, sum N_i] = x2 [W_i]^T + [b_i] + [s_i drop_i(x2) A_i^T B_i^T], and the xa_i = drop_i(x2) A_i^T.
+    Dropout masks are drawn in projection order from the generator's current state."""
+    dt = x2.dtype
+    y = kernels.call("linear_4bit_cat", x2, [g.packed for g in group], [g.state for g in group])
+    xas, col = [], 0
+    for i, proj in enumerate(group):
+        a, b = ab[2 * i].to(dt), ab[2 * i + 1].to(dt)
+        n = proj.out_features
+        part = y[:, col:col + n]
+        if proj.bias is not None:
+            part.add_(proj.bias.to(dt))
+        x_drop = torch.native_dropout(x2, p, True)[0] if draw is not None else x2
+        xa = x_drop @ a.t()
+        del x_drop
+        part.addmm_(xa, b.t(), alpha=proj.scaling)
+        xas.append(xa)
+        col += n
+    return y, xas
+
+
+def _group_backward(dy2: torch.Tensor, x2: torch.Tensor, xas: list[torch.Tensor], group: tuple[Projection, ...],
+                    ab: tuple[torch.Tensor, ...], p: float, draw: DropoutDraw | None,
+                    need_x: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """(dX [M, K] or None, [grad A_0, grad B_0, grad A_1, ...]) for dY = dy2 [M, sum N_i] (contiguous)."""
+    dt = dy2.dtype
+    grad_x = None
+    if need_x:
+        grad_x = kernels.call("linear_4bit_cat_grad_input", dy2, [g.packed for g in group], [g.state for g in group])
+    gs, grad_bs, col = [], [], 0
+    for i, proj in enumerate(group):
+        n = proj.out_features
+        dy_i = dy2[:, col:col + n]
+        grad_bs.append((dy_i.t() @ xas[i].to(dt)).mul_(proj.scaling))
+        gs.append((dy_i @ ab[2 * i + 1].to(dt)).mul_(proj.scaling))
+        col += n
+    grad_as = lora_input_terms(x2, gs, [ab[2 * i].to(dt) for i in range(len(group))], p, draw, grad_x)
+    grads = []
+    for i in range(len(group)):
+        grads += [grad_as[i].to(ab[2 * i].dtype), grad_bs[i].to(ab[2 * i + 1].dtype)]
+    return grad_x, grads
+
+
+class _LoraGroupFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: tuple[Projection, ...], p: float, training: bool,
+                *ab: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            draw = DropoutDraw(x.device) if training and p > 0 else None
+            y, xas = _group_forward(x2, group, ab, p, draw)
+        ctx.save_for_backward(x, *xas, *ab)
+        ctx.group, ctx.p, ctx.draw = group, p, draw
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor):
+        saved = ctx.saved_tensors
+        n = len(ctx.group)
+        x, xas, ab = saved[0], list(saved[1:1 + n]), saved[1 + n:]
+        with torch.autocast(dy.device.type, enabled=False):
+            dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+            grad_x, grads = _group_backward(dy2, x.reshape(-1, x.shape[-1]), xas, ctx.group, ab, ctx.p, ctx.draw,
+                                            ctx.needs_input_grad[0])
+        return (None if grad_x is None else grad_x.view(x.shape)), None, None, None, *grads
+
+
+def lora_group_4bit(x: torch.Tensor, group: tuple[Projection, ...], adapters: list[tuple[torch.Tensor, torch.Tensor]],
+                    dropout: float, training: bool) -> torch.Tensor:
+    """x [..., K] (compute dtype); group[i] with adapters[i] = (A_i [r_i, K], B_i [N_i, r_i]); returns
+    [..., sum N_i]: the projections' outputs side by side, in group order."""
+    ab = [t for pair in adapters for t in pair]
+    return _LoraGroupFn.apply(x, tuple(group), dropout, training, *ab)
+
+
+class _LoraSwiGLUFn(torch.autograd.Function):
+    """y = down(silu(gate(x)) * up(x)) with gate/up fused (one stacked 4-bit matmul) and LoRA on all three."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, gate_up: tuple[Projection, Projection], down: Projection, p: float,
+                training: bool, keep_gate_up: bool, *ab: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            dropping = training and p > 0
+            draw_gu = DropoutDraw(x.device) if dropping else None
+            gu, xas = _group_forward(x2, gate_up, ab[:4], p, draw_gu)
+            act = swiglu(gu)
+            draw_d = DropoutDraw(x.device) if dropping else None
+            y, xa_d = _group_forward(act, (down,), ab[4:], p, draw_d)
+            del act
+        ctx.save_for_backward(x, gu if keep_gate_up else None, *xas, *xa_d, *ab)
+        ctx.gate_up, ctx.down, ctx.p, ctx.draws = gate_up, down, p, (draw_gu, draw_d)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor):
+        x, gu, xa_g, xa_u, xa_d, *ab = ctx.saved_tensors
+        draw_gu, draw_d = ctx.draws
+        with torch.autocast(dy.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            if gu is None:  # recompute gate/up (the same masks: the same draws replayed)
+                with draw_gu.replay() if draw_gu is not None else nullcontext():
+                    gu = _group_forward(x2, ctx.gate_up, tuple(ab[:4]), ctx.p, draw_gu)[0]
+            act = swiglu(gu)
+            dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+            d_act, grads_d = _group_backward(dy2, act, [xa_d], (ctx.down,), tuple(ab[4:]), ctx.p, draw_d, True)
+            del act
+            d_gu = swiglu_backward(d_act, gu)
+            del gu, d_act
+            grad_x, grads_gu = _group_backward(d_gu, x2, [xa_g, xa_u], ctx.gate_up, tuple(ab[:4]), ctx.p, draw_gu,
+                                               ctx.needs_input_grad[0])
+        return (None if grad_x is None else grad_x.view(x.shape)), None, None, None, None, None, *grads_gu, *grads_d
+
+
+def lora_swiglu_4bit(x: torch.Tensor, gate: Projection, up: Projection, down: Projection,
+                     adapters: list[tuple[torch.Tensor, torch.Tensor]], dropout: float, training: bool,
+                     keep_gate_up: bool = True) -> torch.Tensor:
+    """x [..., H] (compute dtype); adapters = [(A_gate, B_gate), (A_up, B_up), (A_down, B_down)]; returns
+    [..., H]. keep_gate_up=False saves only x for backward and recomputes the gate/up matmul there."""
+    ab = [t for pair in adapters for t in pair]
+    return _LoraSwiGLUFn.apply(x, (gate, up), down, dropout, training, keep_gate_up, *ab)
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """gu [M, 2I] = [gate | up] -> silu(gate) * up [M, I] (kernels' `swiglu`)."""
+    return kernels.call("swiglu", gu)
+
+
+def swiglu_backward(d_act: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """d/d[gate | up] of silu(gate) * up for d_act [M, I]: [M, 2I] (kernels' `swiglu_backward`)."""
+    return kernels.call("swiglu_backward", d_act, gu)
