@@ -5,7 +5,8 @@
 
 For each variant: the median step time over a few steps, then one profiled step whose CUDA kernels are summed
 by kind (GEMM, attention, 4-bit dequantize, other Triton, elementwise/other), and the peak memory. Variants:
-`default` (the training path as configured), `cudnn` / `flash` (SDPA restricted to that backend), `nockpt` (no activation checkpointing).
+`default` (the training path as configured), `cudnn` / `flash` (SDPA restricted to that backend), `nockpt` (no activation checkpointing), `fused` (the fused
+block paths, model/fused_blocks.py), `fused-keep` (fused, with --keep-gib of activations kept).
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ def main() -> None:
     ap.add_argument("--optimizer", default="paged_adamw_32bit")
     ap.add_argument("--variants", default="default,cudnn")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--keep-gib", type=float, default=8.0)
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     args = ap.parse_args()
+    from qlorakit.model.fused_blocks import disable_fused_blocks, enable_fused_blocks, keep_activations
     from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora
     from qlorakit.model.synthetic import synthetic_llama
     from qlorakit.optim import build_optimizer
@@ -71,9 +74,15 @@ def main() -> None:
 
     layers = model.model.layers
 
-    def step(variant: str):
+    def configure(variant: str):
+        disable_fused_blocks(model)
         for layer in layers:  # `nockpt`: no layer is recomputed in backward (all activations kept)
             layer.gradient_checkpointing = variant != "nockpt"
+        if variant.startswith("fused"):
+            enable_fused_blocks(model)
+            keep_activations(model, B * T, int(args.keep_gib * 2**30) if variant == "fused-keep" else 0)
+
+    def step(variant: str):
         ids = torch.randint(0, model.config.vocab_size, (B, T), device="cuda")
         batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
                  "position_ids": torch.arange(T, device="cuda").expand(B, T)}
@@ -87,6 +96,8 @@ def main() -> None:
     report = {"layers": args.layers, "batch": args.batch, "gpu": torch.cuda.get_device_name(0),
               "torch": torch.__version__, "variants": {}}
     for variant in args.variants.split(","):
+        configure(variant)
+        torch.cuda.empty_cache()
         for _ in range(2):
             step(variant)
         torch.cuda.synchronize()

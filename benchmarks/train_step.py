@@ -1,10 +1,13 @@
 """QLoRA training step on a Llama-shaped model built directly in NF4, against the peers in the same call.
 
-    python3 benchmarks/train_step.py --out DIR [--batches 1x2048,4x2048] [--peers bnb-peft,unsloth]
+    python3 benchmarks/train_step.py --out DIR [--batches 1x2048,4x2048] [--keep 1x2048=0,2;4x2048=0,10]
+                                     [--peers bnb-peft,unsloth] [--no-fused]
 
 qlorakit side: random-init Llama-3-8B shape, block linears NF4 + double quantization (never held in bf16),
 LoRA r=64 alpha=16 on all 7 linears, dropout 0.05, fp32 adapters under bf16 autocast, non-reentrant gradient
-checkpointing, chunked cross-entropy (no fp32 logits), the configured optimizer, clip 0.3; random tokens,
+checkpointing, the fused block paths (model/fused_blocks.py) unless --no-fused, with `--keep` GiB of activations
+kept instead of recomputed (training.keep_activations_gib; each listed value is measured, 0 = recompute every
+layer), the fused linear + cross-entropy loss, the configured optimizer, clip 0.3; random tokens,
 loss on every token, the same loop as ../shared/bench/peers.py. Peers run in their own processes afterwards
 (peers.py), so no memory of ours stays resident beside them. Memory: torch's peak allocated and the
 device-wide peak sampled through NVML every 5 ms. MFU counts the matmul work a LoRA step needs:
@@ -68,6 +71,7 @@ def matmul_ceiling() -> float:
 
 
 def ours(args, peak_tflops: float) -> dict:
+    from qlorakit.model.fused_blocks import enable_fused_blocks, keep_activations
     from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora, trainable_report
     from qlorakit.model.synthetic import SHAPES, synthetic_llama
     from qlorakit.train.loop import forward_loss_sum
@@ -80,6 +84,9 @@ def ours(args, peak_tflops: float) -> dict:
     weights_gib = torch.cuda.memory_allocated() / 2**30
     inject_lora(model, "all-linear", r=args.rank, alpha=16, dropout=args.dropout, adapter_dtype=torch.float32)
     print("qlorakit:", trainable_report(model), flush=True)
+    fused = None if args.no_fused else enable_fused_blocks(model)
+    if fused is not None:
+        print(fused.line(), flush=True)
     enable_activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     try:
@@ -100,9 +107,18 @@ def ours(args, peak_tflops: float) -> dict:
                 if type(m).__name__ == "Linear4bit")
     model.train()
     res = {"weights_GiB": round(weights_gib, 2), "build_s": round(build_s, 1), "optimizer": opt_name,
-           "trainable": sum(p.numel() for p in params)}
-    for bt in args.batches.split(","):
+           "trainable": sum(p.numel() for p in params), "fused": None if fused is None else fused.line()}
+    keep = {}
+    for item in filter(None, args.keep.split(";")):
+        shape, _, values = item.partition("=")
+        keep[shape.strip()] = [float(v) for v in values.split(",")]
+    runs = [(bt, g) for bt in args.batches.split(",") for g in keep.get(bt, [0.0])]
+    for bt, keep_gib in runs:
         B, T = (int(v) for v in bt.split("x"))
+        plan = keep_activations(model, B * T, int(keep_gib * 2**30))
+        if keep_gib:
+            print(plan.line(B * T, keep_gib), flush=True)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         times = []
         with NvmlPeak() as nv:
@@ -123,11 +139,13 @@ def ours(args, peak_tflops: float) -> dict:
         step = sorted(times[3:])[len(times[3:]) // 2]
         tok_s = B * T / step
         flops_tok = 6 * n_lin + 6 * V * H + 3 * 2 * T * H * n_layers
-        res[f"B{B}xT{T}"] = dict(step_s=round(step, 4), tok_per_s=round(tok_s, 1),
+        key = f"B{B}xT{T}" + (f"-keep{keep_gib:g}" if keep_gib else "")
+        res[key] = dict(step_s=round(step, 4), tok_per_s=round(tok_s, 1), keep_activations_gib=keep_gib,
+                        kept_layers=plan.kept, kept_gate_up=plan.with_gate_up,
                                  torch_peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                  nvml_peak_GiB=round(nv.peak / 2**30, 2), loss=round(float(loss_sum) / n, 3),
                                  mfu=round(flops_tok * tok_s / (peak_tflops * 1e12), 3))
-        print(f"qlorakit B{B}xT{T}: {res[f'B{B}xT{T}']}", flush=True)
+        print(f"qlorakit {key}: {res[key]}", flush=True)
     del model, opt, params
     torch.cuda.empty_cache()
     return res
@@ -143,6 +161,9 @@ def main() -> int:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--optimizer", default="paged_adamw_32bit")
+    ap.add_argument("--keep", default="", help="per batch, the keep_activations_gib values to measure, e.g. "
+                    "'1x2048=0,2;4x2048=0,10' (default: 0 for every batch)")
+    ap.add_argument("--no-fused", action="store_true", help="transformers' modules instead of the fused block paths")
     ap.add_argument("--peers", default="", help="comma-separated peers.py peers to run after ours")
     ap.add_argument("--peers-script", default=".peers/peers.py")
     args = ap.parse_args()
@@ -174,21 +195,23 @@ def main() -> int:
     (out / "train_step.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nshape {args.shape}{f' ({args.layers} layers)' if args.layers else ''}, r={args.rank}, bf16 matmul "
           f"{peak:.0f} TFLOP/s")
-    print(f"{'system':28s} {'batch':10s} {'tok/s':>9s} {'torch GiB':>10s} {'NVML GiB':>9s} {'MFU':>6s}")
+    print(f"{'system':28s} {'batch':18s} {'tok/s':>9s} {'torch GiB':>10s} {'NVML GiB':>9s} {'MFU':>6s}")
     rows = [("qlorakit", record["qlorakit"])]
     rows += [(k, v) for k, v in record.get("peers", {}).items() if isinstance(v, dict) and "ceil" not in k]
     for name, res in rows:
         for key, v in res.items():
             if key.startswith("B") and isinstance(v, dict):
-                print(f"{name[:28]:28s} {key:10s} {v['tok_per_s']:9.0f} {v['torch_peak_GiB']:10.2f} "
+                print(f"{name[:28]:28s} {key:18s} {v['tok_per_s']:9.0f} {v['torch_peak_GiB']:10.2f} "
                       f"{v['nvml_peak_GiB']:9.2f} {v.get('mfu', float('nan')):6.3f}")
     for name, res in rows[1:]:
         for key, v in res.items():
-            ours_v = record["qlorakit"].get(key)
-            if key.startswith("B") and isinstance(v, dict) and ours_v:
-                print(f"qlorakit / {name} {key}: speed x{ours_v['tok_per_s'] / v['tok_per_s']:.2f}, torch memory "
-                      f"x{ours_v['torch_peak_GiB'] / v['torch_peak_GiB']:.2f}, NVML memory "
-                      f"x{ours_v['nvml_peak_GiB'] / v['nvml_peak_GiB']:.2f}")
+            if not (key.startswith("B") and isinstance(v, dict)):
+                continue
+            for our_key, ours_v in record["qlorakit"].items():
+                if our_key == key or our_key.startswith(key + "-"):
+                    print(f"qlorakit {our_key} / {name} {key}: speed x{ours_v['tok_per_s'] / v['tok_per_s']:.2f}, "
+                          f"torch memory x{ours_v['torch_peak_GiB'] / v['torch_peak_GiB']:.2f}, NVML memory "
+                          f"x{ours_v['nvml_peak_GiB'] / v['nvml_peak_GiB']:.2f}")
     return 0
 
 

@@ -85,6 +85,13 @@ class TrainingSection(_Section):
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
     max_grad_norm: float | None = Field(0.3, gt=0)
     gradient_checkpointing: bool = True
+    keep_activations_gib: float = Field(
+        0.0, ge=0.0, description="with gradient_checkpointing: GiB of a micro-batch's activations (at batch_size x "
+        "max_seq_length tokens) that fused Llama layers may keep for backward instead of recomputing them; the last "
+        "layers that fit are not recomputed (faster), the rest are. 0 recomputes every layer (least memory)")
+    fused_blocks: bool = Field(
+        True, description="run Llama attention Q/K/V and the gate/up/down MLP as fused 4-bit LoRA groups and "
+        "RMSNorm through one-pass kernels (training and prefill); false keeps transformers' modules as they are")
     max_seq_length: int = Field(2048, ge=16)
     bf16: bool = True
     eval_every: int = Field(50, gt=0)
@@ -97,6 +104,13 @@ class TrainingSection(_Section):
         "the whole model); 'ddp' requires torchrun; 'fsdp' requires torchrun and shards the model, adapters, "
         "gradients and optimizer states over the ranks (FSDP2). Each rank takes gradient_accumulation / world_size of a step's micro-batches, so "
         "gradient_accumulation must be a multiple of the world size")
+
+    @model_validator(mode="after")
+    def _keep_needs_checkpointing(self) -> "TrainingSection":
+        if self.keep_activations_gib > 0 and not self.gradient_checkpointing:
+            raise ValueError("keep_activations_gib needs gradient_checkpointing: true (without checkpointing every "
+                             "layer keeps all its activations anyway); drop one of them")
+        return self
 
     @model_validator(mode="after")
     def _effective_batch(self) -> "TrainingSection":

@@ -94,3 +94,16 @@ def swiglu_backward_ref(d_act: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
     du.copy_(da * torch.nn.functional.silu(g).float())
     dg.copy_(da * u.float() * sig * (1.0 + gf * (1.0 - sig)))
     return out
+
+
+@register("cross_entropy_grad", "reference")
+def cross_entropy_grad_ref(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row of logits [M, V]: the fp32 loss logsumexp(fp32 row) - row[target], returned as [M]; the row is
+    overwritten IN PLACE by its gradient softmax(fp32 row) - onehot(target), rounded to the logits' dtype."""
+    lf = logits.float()
+    lse = torch.logsumexp(lf, dim=-1)
+    loss = lse - lf.gather(1, targets[:, None]).squeeze(1)
+    grad = torch.exp(lf.sub_(lse[:, None]))
+    grad[torch.arange(len(targets), device=logits.device), targets] -= 1.0
+    logits.copy_(grad)
+    return loss

@@ -236,8 +236,9 @@ class KeepPlan:
 
 def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPlan:
     """Turn activation checkpointing off for the last fused decoder layers that `budget_bytes` of kept
-    activations at `tokens` tokens per micro-batch can hold (layer_activation_bytes); the rest stay
-    checkpointed. Layers that are not fully fused are never chosen (their unfused modules keep far more)."""
+    activations at `tokens` tokens per micro-batch can hold (layer_activation_bytes), and on for the other fused
+    layers (call it on a model whose checkpointing is enabled; calling it again re-plans). Layers that are not
+    fully fused are never chosen (their unfused modules keep far more) and are left as they are."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = list(getattr(decoder, "layers", []))
     classes = set(fused_classes().values())
@@ -253,5 +254,6 @@ def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPl
         layer.gradient_checkpointing = False
         layer.mlp.keep_gate_up = i >= kept - with_gu
     for layer in fused[:len(fused) - kept]:
+        layer.gradient_checkpointing = True
         layer.mlp.keep_gate_up = True  # a checkpointed layer recomputes everything anyway; keep its backward lean
     return KeepPlan(kept, with_gu, len(layers), kept * small + with_gu * (large - small))

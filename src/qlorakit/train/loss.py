@@ -1,13 +1,54 @@
-"""Causal-LM loss from the decoder's hidden states, in chunks, so that fp32 logits for the whole batch never
-exist at once (the logits of one chunk are recomputed in backward)."""
+"""Causal-LM loss from the decoder's hidden states, in chunks, so that the logits of the whole batch never exist
+at once.
+
+With a frozen LM head (QLoRA's case) the loss is one autograd function, `linear_cross_entropy_sum`: for each
+chunk of rows it computes the logits (in the compute dtype, as the model's own head would), their loss and, in
+place, their gradient (the kernels' `cross_entropy_grad`: no fp32 copy of the logits), then the chunk's hidden-
+state gradient, which backward only scales. One matmul fewer than recomputing the logits in backward, and the
+largest transient is one chunk of logits. A head that trains takes the composed, checkpointed path instead.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from ..data.pieces import IGNORE_INDEX
+
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(hidden.dtype)
+            grad_h = torch.empty_like(hidden)
+            total = hidden.new_zeros((), dtype=torch.float32)
+            for start in range(0, hidden.shape[0], chunk):
+                h = hidden[start:start + chunk]
+                logits = h @ w.t()
+                total += kernels.call("cross_entropy_grad", logits, targets[start:start + chunk]).sum()
+                torch.mm(logits, w, out=grad_h[start:start + chunk])
+                del logits
+        ctx.save_for_backward(grad_h)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_total.to(grad_h.dtype), None, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_tokens: int = 4096) -> torch.Tensor:
+    """Sum over rows of cross_entropy(hidden W^T, targets): hidden [M, H] (compute dtype), weight [V, H] (frozen),
+    targets [M] int64 in [0, V); fp32 scalar. The gradient reaches `hidden` only."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy_sum: the LM head weight must be frozen (it gets no gradient here)")
+    return _LinearCrossEntropyFn.apply(hidden.contiguous(), weight, targets, chunk_tokens)
 
 
 def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -28,6 +69,10 @@ def causal_lm_loss_sum(
     t = labels[:, 1:].reshape(-1)
     keep = t != IGNORE_INDEX
     h, t = h[keep], t[keep]
+    if torch.is_grad_enabled() and h.requires_grad and not lm_head_weight.requires_grad:
+        if torch.is_autocast_enabled(h.device.type):
+            h = h.to(torch.get_autocast_dtype(h.device.type))
+        return linear_cross_entropy_sum(h, lm_head_weight, t, chunk_tokens)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, t.numel(), chunk_tokens):
         hs, ts = h[start : start + chunk_tokens], t[start : start + chunk_tokens]

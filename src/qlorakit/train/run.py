@@ -89,6 +89,10 @@ def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: b
              trainable_report(model))
     if runtime.device.type == "cpu":
         keep_dense_copies_on_cpu(model, runtime.compute_dtype)
+    if cfg.training.fused_blocks:
+        from ..model.fused_blocks import enable_fused_blocks
+
+        enable_fused_blocks(model)
     return model
 
 
@@ -176,6 +180,12 @@ def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_a
         from ..model.lora_inject import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
+        if cfg.training.keep_activations_gib > 0:
+            from ..model.fused_blocks import keep_activations
+
+            tokens = cfg.training.batch_size * cfg.training.max_seq_length
+            plan = keep_activations(model, tokens, int(cfg.training.keep_activations_gib * 2**30))
+            log.info(plan.line(tokens, cfg.training.keep_activations_gib))
     if before_training is not None:
         before_training(model, tokenizer)
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
