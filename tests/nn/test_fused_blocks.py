@@ -62,6 +62,7 @@ def test_fused_model_equals_the_composed_one_fp32(dropout, monkeypatch):
     report = enable_fused_blocks(model)
     assert report.fused["attention (Q/K/V fused)"] == 3 and report.fused["MLP (gate/up fused + SwiGLU + down)"] == 3
     assert report.fused["RMSNorm"] == 2 * 3 + 1 and not report.not_fused
+    assert report.fused["decoder layers (RMSNorms inside the fused groups)"] == 3
     calls = []
     real_call = kernels.call
     monkeypatch.setattr(kernels, "call", lambda op, *a, **k: calls.append(op) or real_call(op, *a, **k))
@@ -70,7 +71,9 @@ def test_fused_model_equals_the_composed_one_fp32(dropout, monkeypatch):
     # layer's Q/K/V (its input, the frozen embedding, needs no gradient)
     assert calls.count("linear_4bit_cat") == 9 and calls.count("linear_4bit_cat_grad_input") == 8
     assert calls.count("linear_4bit") == 3 and calls.count("linear_4bit_grad_input") == 3
-    assert calls.count("swiglu") == 6 and calls.count("swiglu_backward") == 3  # backward recomputes silu(g) * u and calls.count("rms_norm") == 7
+    assert calls.count("swiglu") == 6 and calls.count("swiglu_backward") == 3  # backward recomputes silu(g) * u
+    # the layers' norms run inside the groups (forward, and again in backward), the final norm on its own
+    assert calls.count("rms_norm") == 3 * 4 + 1 and calls.count("rms_norm_backward") == 3 * 2
     assert_same(fused, composed, rtol=1e-5, atol=1e-6)
     disable_fused_blocks(model)
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"

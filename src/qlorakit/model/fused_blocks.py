@@ -5,7 +5,9 @@ module object, same parameters, buffers and state-dict keys; `disable_fused_bloc
 - LlamaAttention: Q, K and V as one fused 4-bit LoRA group (nn/lora_blocks.lora_group_4bit: one stacked 4-bit
   matmul forward and backward, the input saved once);
 - LlamaMLP: gate/up fused, SwiGLU and down in one autograd function (nn/lora_blocks.lora_swiglu_4bit);
-- LlamaRMSNorm with a frozen weight: one-pass kernels (nn/rmsnorm.rms_norm).
+- LlamaRMSNorm with a frozen weight: one-pass kernels (nn/rmsnorm.rms_norm);
+- LlamaDecoderLayer whose four parts are all fused: its two RMSNorms run inside the Q/K/V group and the MLP,
+  which keep the layer's un-normed inputs for backward and recompute the normed ones (one pass each).
 A fused module computes what the module it replaces computes (tests/nn/test_fused_blocks.py holds them to it).
 It takes its fused path for inputs of more than SMALL_M_MAX rows without a KV cache (training, prefill); decoding
 goes through the original forward, whose 1..16-row 4-bit kernels are faster there. Modules that are not eligible
@@ -28,7 +30,7 @@ from torch import nn
 from ..kernels.triton_matmul import SMALL_M_MAX
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraLinear
-from ..nn.lora_blocks import Projection, lora_group_4bit, lora_swiglu_4bit
+from ..nn.lora_blocks import Norm, Projection, lora_group_4bit, lora_swiglu_4bit
 from ..nn.rmsnorm import rms_norm
 
 log = logging.getLogger("qlorakit.model")
@@ -70,6 +72,17 @@ def _compute_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _norm_spec(norm: nn.Module | None, x: torch.Tensor) -> Norm | None:
+    """The fused functions' Norm for an RMSNorm module (None for none): its weight and eps, and the dtype its
+    output is cast to (the autocast dtype, as the next linear layer would cast it)."""
+    if norm is None:
+        return None
+    dtype = torch.promote_types(norm.weight.dtype, x.dtype)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return Norm(norm.weight, norm.variance_epsilon, dtype)
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
@@ -90,7 +103,7 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def _fused_classes():
-    from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaMLP, LlamaRMSNorm,
+    from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm,
                                                           apply_rotary_pos_emb)
 
     class FusedLlamaAttention(LlamaAttention):
@@ -100,12 +113,17 @@ def _fused_classes():
             cache = kwargs.get("past_key_values", kwargs.get("cache"))
             if cache is not None or _rows(hidden_states) <= SMALL_M_MAX or _why_not_fusable(self, _QKV):
                 return super().forward(hidden_states, position_embeddings, attention_mask, **kwargs)
+            return self.fused_forward(hidden_states, position_embeddings, attention_mask, None, **kwargs)
+
+        def fused_forward(self, hidden_states, position_embeddings, attention_mask, norm: nn.Module | None,
+                          **kwargs):
+            """(o_proj output, attention weights) of hidden_states, normed by `norm` inside the Q/K/V group."""
             kwargs.pop("past_key_values", None)
             kwargs.pop("cache", None)
             layers = [getattr(self, n) for n in _QKV]
-            x = _compute_input(hidden_states)
+            x = hidden_states if norm is not None else _compute_input(hidden_states)
             qkv = lora_group_4bit(x, tuple(_projection(m) for m in layers), _adapters(layers),
-                                  _dropout_p(layers[0]), layers[0].training)
+                                  _dropout_p(layers[0]), layers[0].training, _norm_spec(norm, hidden_states))
             input_shape = hidden_states.shape[:-1]
             hidden_shape = (*input_shape, -1, self.head_dim)
             q, k, v = (t.view(hidden_shape).transpose(1, 2)
@@ -126,10 +144,33 @@ def _fused_classes():
         def forward(self, x):
             if _rows(x) <= SMALL_M_MAX or _why_not_fusable(self, _MLP):
                 return super().forward(x)
+            return self.fused_forward(x, None)
+
+        def fused_forward(self, x, norm: nn.Module | None):
+            """The MLP of x, normed by `norm` inside the fused function."""
             layers = [getattr(self, n) for n in _MLP]
             gate, up, down = (_projection(m) for m in layers)
-            return lora_swiglu_4bit(_compute_input(x), gate, up, down, _adapters(layers), _dropout_p(layers[0]),
-                                    layers[0].training, keep_gate_up=self.keep_gate_up)
+            return lora_swiglu_4bit(x if norm is not None else _compute_input(x), gate, up, down, _adapters(layers),
+                                    _dropout_p(layers[0]), layers[0].training, keep_gate_up=self.keep_gate_up,
+                                    norm=_norm_spec(norm, x))
+
+    class FusedLlamaDecoderLayer(LlamaDecoderLayer):
+        """A decoder layer whose RMSNorms run inside the fused Q/K/V group and MLP, which then keep the layer's
+        un-normed inputs for backward (the normed ones are recomputed: one pass each)."""
+
+        def forward(self, hidden_states, attention_mask=None, position_ids=None, **kwargs):
+            cache = kwargs.get("past_key_values", kwargs.get("cache"))
+            if (cache is not None or _rows(hidden_states) <= SMALL_M_MAX
+                    or not isinstance(self.self_attn, FusedLlamaAttention) or _why_not_fusable(self.self_attn, _QKV)
+                    or not isinstance(self.mlp, FusedLlamaMLP) or _why_not_fusable(self.mlp, _MLP)
+                    or self.input_layernorm.weight.requires_grad or self.post_attention_layernorm.weight.requires_grad):
+                return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+            kwargs.pop("use_cache", None)
+            position_embeddings = kwargs.pop("position_embeddings", None)
+            attn, _ = self.self_attn.fused_forward(hidden_states, position_embeddings, attention_mask,
+                                                   self.input_layernorm, position_ids=position_ids, **kwargs)
+            hidden_states = hidden_states + attn
+            return hidden_states + self.mlp.fused_forward(hidden_states, self.post_attention_layernorm)
 
     class FusedLlamaRMSNorm(LlamaRMSNorm):
         """LlamaRMSNorm through the one-pass rms_norm kernels (frozen weight)."""
@@ -139,7 +180,8 @@ def _fused_classes():
                 return super().forward(hidden_states)
             return rms_norm(hidden_states, self.weight, self.variance_epsilon)
 
-    return {LlamaAttention: FusedLlamaAttention, LlamaMLP: FusedLlamaMLP, LlamaRMSNorm: FusedLlamaRMSNorm}
+    return {LlamaAttention: FusedLlamaAttention, LlamaMLP: FusedLlamaMLP, LlamaRMSNorm: FusedLlamaRMSNorm,
+            LlamaDecoderLayer: FusedLlamaDecoderLayer}
 
 
 _FUSED: dict[type, type] = {}
@@ -169,7 +211,7 @@ def enable_fused_blocks(model: nn.Module) -> FusedReport:
     """Give every eligible Llama attention / MLP / frozen RMSNorm module of `model` its fused class (see the
     module docstring); logs once which modules were fused and why others were not. Call after inject_lora."""
     classes = fused_classes()
-    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP, LlamaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP, LlamaRMSNorm
 
     fused, not_fused = Counter(), Counter()
     kinds = {LlamaAttention: ("attention (Q/K/V fused)", _QKV), LlamaMLP: ("MLP (gate/up fused + SwiGLU + down)", _MLP)}
@@ -194,6 +236,12 @@ def enable_fused_blocks(model: nn.Module) -> FusedReport:
         elif type(module).__name__.endswith(("Attention", "MLP")) and "Llama" not in type(module).__name__ \
                 and any(isinstance(c, LoraLinear) for c in module.children()):
             not_fused[(type(module).__name__, "no fused path for this architecture")] += 1
+    for module in model.modules():
+        if type(module) is LlamaDecoderLayer and type(module.self_attn) is classes[LlamaAttention] \
+                and type(module.mlp) is classes[LlamaMLP] and type(module.input_layernorm) is classes[LlamaRMSNorm] \
+                and type(module.post_attention_layernorm) is classes[LlamaRMSNorm]:
+            module.__class__ = classes[LlamaDecoderLayer]
+            fused["decoder layers (RMSNorms inside the fused groups)"] += 1
     report = FusedReport(fused, not_fused)
     log.info(report.line())
     return report
@@ -208,14 +256,14 @@ def disable_fused_blocks(model: nn.Module) -> None:
 
 
 def layer_activation_bytes(config, tokens: int, dtype_bytes: int = 2) -> tuple[int, int]:
-    """(bytes a fused Llama layer keeps for backward without its MLP's gate/up output, bytes with it) for
-    `tokens` tokens: the layer input, the normed inputs of attention and MLP, Q/K/V after RoPE, the attention
-    output (+ fp32 log-sum-exp per head), the residual after attention, and the gate/up output [tokens, 2I]."""
+    """(bytes a fused Llama decoder layer keeps for backward without its MLP's gate/up output, bytes with it)
+    for `tokens` tokens: the layer input, Q/K/V after RoPE, the attention output (+ fp32 log-sum-exp per head),
+    the residual after attention, two fp32 rstd, and the gate/up output [tokens, 2I]."""
     h, inter = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
     kv = config.num_key_value_heads * head_dim
-    per_token = dtype_bytes * (5 * h + heads * head_dim + 2 * kv) + 4 * heads + 8
+    per_token = dtype_bytes * (3 * h + heads * head_dim + 2 * kv) + 4 * heads + 8
     without = tokens * per_token
     return without, without + tokens * dtype_bytes * 2 * inter
 
@@ -241,9 +289,10 @@ def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPl
     fully fused are never chosen (their unfused modules keep far more) and are left as they are."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = list(getattr(decoder, "layers", []))
-    classes = set(fused_classes().values())
-    fused = [layer for layer in layers if type(getattr(layer, "self_attn", None)) in classes
-             and type(getattr(layer, "mlp", None)) in classes]
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    fused_layer = fused_classes()[LlamaDecoderLayer]
+    fused = [layer for layer in layers if type(layer) is fused_layer]
     if not fused:
         return KeepPlan(0, 0, len(layers), 0)
     small, large = layer_activation_bytes(model.config, tokens)

@@ -26,6 +26,31 @@ from .lora_fused import DropoutDraw, lora_input_terms
 
 
 @dataclass(frozen=True)
+class Norm:
+    """An RMSNorm (frozen weight [H]) applied to a group's input inside the fused function, so that only the
+    un-normed input is saved (the normed one is recomputed in backward: one pass) and its gradient flows
+    through rms_norm_backward. `dtype`: the compute dtype the normed input is cast to (as autocast would)."""
+
+    weight: torch.Tensor
+    eps: float
+    dtype: torch.dtype
+
+
+def _normed(x2: torch.Tensor, norm: Norm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if norm is None:
+        return x2, None
+    xn, rstd = kernels.call("rms_norm", x2, norm.weight, norm.eps)
+    return xn.to(norm.dtype), rstd
+
+
+def _norm_backward(grad_xn: torch.Tensor | None, x2: torch.Tensor, norm: Norm | None,
+                   rstd: torch.Tensor | None) -> torch.Tensor | None:
+    if norm is None or grad_xn is None:
+        return grad_xn
+    return kernels.call("rms_norm_backward", grad_xn.to(x2.dtype), x2, norm.weight, rstd)
+
+
+@dataclass(frozen=True)
 class Projection:
     """One frozen 4-bit base weight [out, in] with its bias and LoRA scaling (the adapter tensors travel as
     autograd inputs)."""
@@ -87,33 +112,39 @@ def _group_backward(dy2: torch.Tensor, x2: torch.Tensor, xas: list[torch.Tensor]
 class _LoraGroupFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, group: tuple[Projection, ...], p: float, training: bool,
-                *ab: torch.Tensor) -> torch.Tensor:
+                norm: Norm | None, *ab: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
+            xn, rstd = _normed(x2, norm)
             draw = DropoutDraw(x.device) if training and p > 0 else None
-            y, xas = _group_forward(x2, group, ab, p, draw)
-        ctx.save_for_backward(x, *xas, *ab)
-        ctx.group, ctx.p, ctx.draw = group, p, draw
+            y, xas = _group_forward(xn, group, ab, p, draw)
+            del xn
+        ctx.save_for_backward(x, rstd, *xas, *ab)
+        ctx.group, ctx.p, ctx.draw, ctx.norm = group, p, draw, norm
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
         saved = ctx.saved_tensors
         n = len(ctx.group)
-        x, xas, ab = saved[0], list(saved[1:1 + n]), saved[1 + n:]
+        x, rstd, xas, ab = saved[0], saved[1], list(saved[2:2 + n]), saved[2 + n:]
         with torch.autocast(dy.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            xn = _normed(x2, ctx.norm)[0]
             dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
-            grad_x, grads = _group_backward(dy2, x.reshape(-1, x.shape[-1]), xas, ctx.group, ab, ctx.p, ctx.draw,
-                                            ctx.needs_input_grad[0])
-        return (None if grad_x is None else grad_x.view(x.shape)), None, None, None, *grads
+            grad_xn, grads = _group_backward(dy2, xn, xas, ctx.group, ab, ctx.p, ctx.draw, ctx.needs_input_grad[0])
+            del xn
+            grad_x = _norm_backward(grad_xn, x2, ctx.norm, rstd)
+        return (None if grad_x is None else grad_x.view(x.shape)), None, None, None, None, *grads
 
 
 def lora_group_4bit(x: torch.Tensor, group: tuple[Projection, ...], adapters: list[tuple[torch.Tensor, torch.Tensor]],
-                    dropout: float, training: bool) -> torch.Tensor:
-    """x [..., K] (compute dtype); group[i] with adapters[i] = (A_i [r_i, K], B_i [N_i, r_i]); returns
-    [..., sum N_i]: the projections' outputs side by side, in group order."""
+                    dropout: float, training: bool, norm: Norm | None = None) -> torch.Tensor:
+    """x [..., K] (compute dtype, or any float dtype with `norm`); group[i] with adapters[i] = (A_i [r_i, K],
+    B_i [N_i, r_i]); returns [..., sum N_i]: the projections' outputs of x (of rms_norm(x) with `norm`) side by
+    side, in group order."""
     ab = [t for pair in adapters for t in pair]
-    return _LoraGroupFn.apply(x, tuple(group), dropout, training, *ab)
+    return _LoraGroupFn.apply(x, tuple(group), dropout, training, norm, *ab)
 
 
 class _LoraSwiGLUFn(torch.autograd.Function):
@@ -121,47 +152,54 @@ class _LoraSwiGLUFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, gate_up: tuple[Projection, Projection], down: Projection, p: float,
-                training: bool, keep_gate_up: bool, *ab: torch.Tensor) -> torch.Tensor:
+                training: bool, keep_gate_up: bool, norm: Norm | None, *ab: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
+            xn, rstd = _normed(x2, norm)
             dropping = training and p > 0
             draw_gu = DropoutDraw(x.device) if dropping else None
-            gu, xas = _group_forward(x2, gate_up, ab[:4], p, draw_gu)
+            gu, xas = _group_forward(xn, gate_up, ab[:4], p, draw_gu)
+            del xn
             act = swiglu(gu)
             draw_d = DropoutDraw(x.device) if dropping else None
             y, xa_d = _group_forward(act, (down,), ab[4:], p, draw_d)
             del act
-        ctx.save_for_backward(x, gu if keep_gate_up else None, *xas, *xa_d, *ab)
-        ctx.gate_up, ctx.down, ctx.p, ctx.draws = gate_up, down, p, (draw_gu, draw_d)
+        ctx.save_for_backward(x, rstd, gu if keep_gate_up else None, *xas, *xa_d, *ab)
+        ctx.gate_up, ctx.down, ctx.p, ctx.draws, ctx.norm = gate_up, down, p, (draw_gu, draw_d), norm
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
-        x, gu, xa_g, xa_u, xa_d, *ab = ctx.saved_tensors
+        x, rstd, gu, xa_g, xa_u, xa_d, *ab = ctx.saved_tensors
         draw_gu, draw_d = ctx.draws
         with torch.autocast(dy.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
+            xn = _normed(x2, ctx.norm)[0]
             if gu is None:  # recompute gate/up (the same masks: the same draws replayed)
                 with draw_gu.replay() if draw_gu is not None else nullcontext():
-                    gu = _group_forward(x2, ctx.gate_up, tuple(ab[:4]), ctx.p, draw_gu)[0]
+                    gu = _group_forward(xn, ctx.gate_up, tuple(ab[:4]), ctx.p, draw_gu)[0]
             act = swiglu(gu)
             dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
             d_act, grads_d = _group_backward(dy2, act, [xa_d], (ctx.down,), tuple(ab[4:]), ctx.p, draw_d, True)
             del act
             d_gu = swiglu_backward(d_act, gu)
             del gu, d_act
-            grad_x, grads_gu = _group_backward(d_gu, x2, [xa_g, xa_u], ctx.gate_up, tuple(ab[:4]), ctx.p, draw_gu,
-                                               ctx.needs_input_grad[0])
-        return (None if grad_x is None else grad_x.view(x.shape)), None, None, None, None, None, *grads_gu, *grads_d
+            grad_xn, grads_gu = _group_backward(d_gu, xn, [xa_g, xa_u], ctx.gate_up, tuple(ab[:4]), ctx.p, draw_gu,
+                                                ctx.needs_input_grad[0])
+            del xn, d_gu
+            grad_x = _norm_backward(grad_xn, x2, ctx.norm, rstd)
+        return ((None if grad_x is None else grad_x.view(x.shape)), None, None, None, None, None, None,
+                *grads_gu, *grads_d)
 
 
 def lora_swiglu_4bit(x: torch.Tensor, gate: Projection, up: Projection, down: Projection,
                      adapters: list[tuple[torch.Tensor, torch.Tensor]], dropout: float, training: bool,
-                     keep_gate_up: bool = True) -> torch.Tensor:
-    """x [..., H] (compute dtype); adapters = [(A_gate, B_gate), (A_up, B_up), (A_down, B_down)]; returns
-    [..., H]. keep_gate_up=False saves only x for backward and recomputes the gate/up matmul there."""
+                     keep_gate_up: bool = True, norm: Norm | None = None) -> torch.Tensor:
+    """x [..., H] (compute dtype, or any float dtype with `norm`); adapters = [(A_gate, B_gate), (A_up, B_up),
+    (A_down, B_down)]; returns [..., H] of x (of rms_norm(x) with `norm`). keep_gate_up=False saves only x for
+    backward and recomputes the gate/up matmul there."""
     ab = [t for pair in adapters for t in pair]
-    return _LoraSwiGLUFn.apply(x, (gate, up), down, dropout, training, keep_gate_up, *ab)
+    return _LoraSwiGLUFn.apply(x, (gate, up), down, dropout, training, keep_gate_up, norm, *ab)
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
