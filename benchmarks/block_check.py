@@ -26,7 +26,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def kernel_checks(run: Run) -> None:
     from qlorakit.kernels import reference as ref
-    from qlorakit.kernels import triton_block, triton_loss
+    from qlorakit.kernels import triton_block, triton_loss, triton_rope
 
     dev = "cuda"
     for rows, h in ((8192, 4096), (3, 1000)):
@@ -46,6 +46,18 @@ def kernel_checks(run: Run) -> None:
         da = torch.randn(rows, inter, device=dev, dtype=torch.bfloat16)
         d, d_ref = triton_block.swiglu_backward_triton(da, gu), ref.swiglu_backward_ref(da, gu)
         run.check(f"swiglu bwd {rows}x{inter}", rel(d, d_ref) < 4e-3, f"rel {rel(d, d_ref):.2e}")
+    for b, s, heads, kv, d in ((4, 2048, 32, 8, 128), (1, 3, 6, 2, 64)):
+        qkv = torch.randn(b, s, (heads + 2 * kv) * d, device=dev, dtype=torch.bfloat16)
+        ang = torch.rand(b, s, d // 2, device=dev) * 100
+        ang = torch.cat([ang, ang], -1)
+        cos, sin = ang.cos().bfloat16(), ang.sin().bfloat16()
+        outs, outs_ref = (triton_rope.qkv_rope_triton(qkv, cos, sin, heads, kv, d),
+                          ref.qkv_rope_ref(qkv, cos, sin, heads, kv, d))
+        exact = all(torch.equal(a, r) for a, r in zip(outs, outs_ref))
+        grads = [torch.randn_like(o) for o in outs]
+        dg, dg_ref = triton_rope.qkv_rope_backward_triton(*grads, cos, sin), ref.qkv_rope_backward_ref(*grads, cos, sin)
+        run.check(f"qkv_rope fwd/bwd {b}x{s} heads {heads}/{kv}", exact and torch.equal(dg, dg_ref),
+                  f"forward bit-identical: {exact}, backward bit-identical: {torch.equal(dg, dg_ref)}")
     for rows, vocab in ((4096, 128256), (3, 1000)):
         logits = torch.randn(rows, vocab, device=dev, dtype=torch.bfloat16) * 4
         t = torch.randint(0, vocab, (rows,), device=dev)

@@ -74,6 +74,7 @@ def test_fused_model_equals_the_composed_one_fp32(dropout, monkeypatch):
     assert calls.count("swiglu") == 6 and calls.count("swiglu_backward") == 3  # backward recomputes silu(g) * u
     # the layers' norms run inside the groups (forward, and again in backward), the final norm on its own
     assert calls.count("rms_norm") == 3 * 4 + 1 and calls.count("rms_norm_backward") == 3 * 2
+    assert calls.count("qkv_rope") == 3 and calls.count("qkv_rope_backward") == 3
     assert_same(fused, composed, rtol=1e-5, atol=1e-6)
     disable_fused_blocks(model)
     assert type(model.model.layers[0].mlp).__name__ == "LlamaMLP"

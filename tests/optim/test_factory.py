@@ -7,13 +7,13 @@ import logging
 import pytest
 import torch
 
+from qlorakit import logs
 from qlorakit.optim import OPTIMIZERS, AdamW, OptimizerError, build_optimizer
-from qlorakit.optim import adamw as adamw_module
 
 
 @pytest.fixture
 def fresh_messages(monkeypatch):
-    monkeypatch.setattr(adamw_module, "_said", set())
+    monkeypatch.setattr(logs, "_said", set())
 
 
 @pytest.mark.parametrize("name, bits, paged", [

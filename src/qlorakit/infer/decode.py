@@ -23,19 +23,17 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .. import logs
 from ..errors import QlorakitError
 
 log = logging.getLogger("qlorakit.infer")
 
 MASKS = ("sdpa", "eager")  # attention implementations whose 4-D mask this module builds
-_said: set[str] = set()
 
 
 def say_once(key: str, msg: str, *args) -> None:
     """Log a warning the first time `key` comes up in this process (a fast path not taken says so once)."""
-    if key not in _said:
-        _said.add(key)
-        log.warning(msg, *args)
+    logs.say_once(log, key, msg, *args)
 
 
 def _cache_kwarg(model: nn.Module) -> str:

@@ -11,7 +11,7 @@ from . import reference as _reference  # noqa: F401  (registers the reference im
 from .dispatch import BACKEND_CHOICES, OPERATIONS, call, implementation, register, requested_backend
 
 try:
-    from . import triton_block, triton_dequant, triton_loss, triton_matmul, triton_quant  # noqa: F401  (register the Triton implementations)
+    from . import triton_block, triton_dequant, triton_loss, triton_matmul, triton_quant, triton_rope  # noqa: F401  (register the Triton implementations)
 except ImportError as err:  # no Triton on this platform
     TRITON_IMPORT_ERROR: ImportError | None = err
     logging.getLogger("qlorakit.kernels").warning(

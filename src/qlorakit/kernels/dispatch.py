@@ -27,7 +27,7 @@ log = logging.getLogger("qlorakit.kernels")
 BACKEND_CHOICES = ("auto", "reference", "triton")
 OPERATIONS = ("dequantize_4bit", "linear_4bit", "linear_4bit_grad_input", "linear_4bit_cat",
               "linear_4bit_cat_grad_input", "quantize_4bit", "rms_norm", "rms_norm_backward", "swiglu",
-              "swiglu_backward", "cross_entropy_grad")
+              "swiglu_backward", "cross_entropy_grad", "qkv_rope", "qkv_rope_backward")
 
 _registry: dict[str, dict[str, Callable[..., Any]]] = {op: {} for op in OPERATIONS}
 _said: set[tuple[str, str]] = set()

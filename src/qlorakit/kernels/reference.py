@@ -107,3 +107,38 @@ def cross_entropy_grad_ref(logits: torch.Tensor, targets: torch.Tensor) -> torch
     grad[torch.arange(len(targets), device=logits.device), targets] -= 1.0
     logits.copy_(grad)
     return loss
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@register("qkv_rope", "reference")
+def qkv_rope_ref(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, kv_heads: int,
+                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """qkv [B, S, (heads + 2 kv_heads) D] -> (q [B, heads, S, D], k, v [B, kv_heads, S, D]), contiguous; q and
+    k get rotary embeddings with cos/sin [1 or B, S, D] as transformers' apply_rotary_pos_emb applies them:
+    x * cos + rotate_half(x) * sin, each op in x's dtype."""
+    b, s, _ = qkv.shape
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (t.reshape(b, s, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+    return ((q * c + _rotate_half(q) * sn).contiguous(), (k * c + _rotate_half(k) * sn).contiguous(),
+            v.contiguous())
+
+
+@register("qkv_rope_backward", "reference")
+def qkv_rope_backward_ref(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
+    """d qkv [B, S, (heads + 2 kv_heads) D] of qkv_rope_ref, as autograd computes it: d x = d y * cos +
+    rotate_half^T(d y * sin) with rotate_half^T(z) = cat(z2, -z1), each op in the gradient's dtype."""
+    c, sn = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def back(dy: torch.Tensor) -> torch.Tensor:
+        z = dy * sn
+        half = z.shape[-1] // 2
+        return dy * c + torch.cat((z[..., half:], -z[..., :half]), dim=-1)
+
+    b, _, s, _ = dq.shape
+    return torch.cat([t.transpose(1, 2).reshape(b, s, -1) for t in (back(dq), back(dk), dv)], dim=-1)

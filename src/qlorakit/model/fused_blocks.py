@@ -28,10 +28,12 @@ import torch
 from torch import nn
 
 from ..kernels.triton_matmul import SMALL_M_MAX
+from ..logs import say_once
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraLinear
 from ..nn.lora_blocks import Norm, Projection, lora_group_4bit, lora_swiglu_4bit
 from ..nn.rmsnorm import rms_norm
+from ..nn.rope import qkv_rope, qkv_rope_supported
 
 log = logging.getLogger("qlorakit.model")
 
@@ -125,11 +127,17 @@ def _fused_classes():
             qkv = lora_group_4bit(x, tuple(_projection(m) for m in layers), _adapters(layers),
                                   _dropout_p(layers[0]), layers[0].training, _norm_spec(norm, hidden_states))
             input_shape = hidden_states.shape[:-1]
-            hidden_shape = (*input_shape, -1, self.head_dim)
-            q, k, v = (t.view(hidden_shape).transpose(1, 2)
-                       for t in qkv.split([m.out_features for m in layers], dim=-1))
             cos, sin = position_embeddings
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            if qkv_rope_supported(qkv, cos, self.head_dim):
+                d = self.head_dim
+                q, k, v = qkv_rope(qkv, cos, sin, layers[0].out_features // d, layers[1].out_features // d, d)
+            else:
+                say_once(log, "qkv_rope", "qlorakit: Q/K/V split and RoPE run through transformers' ops: the fused "
+                         "kernel takes [B, S, N] inputs, cos/sin of [1 or B, S, D] and a power-of-two head_dim")
+                hidden_shape = (*input_shape, -1, self.head_dim)
+                q, k, v = (t.view(hidden_shape).transpose(1, 2)
+                           for t in qkv.split([m.out_features for m in layers], dim=-1))
+                q, k = apply_rotary_pos_emb(q, k, cos, sin)
             attn_output, attn_weights = _attention_interface(self.config)(
                 self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
                 scaling=self.scaling, **kwargs)

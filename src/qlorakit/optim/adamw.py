@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from .. import logs
 from ..kernels.dispatch import requested_backend
 from ..sharding import local
 from .errors import OptimizerError
@@ -42,13 +43,10 @@ from .storage import KEYS_8BIT, KEYS_32BIT, PLACEMENT_WORDS, Arena, Slot, Work, 
 
 log = logging.getLogger("qlorakit.optim")
 
-_said: set[str] = set()
 
 
 def _say_once(key: str, msg: str, *args: Any) -> None:
-    if key not in _said:
-        _said.add(key)
-        log.warning(msg, *args)
+    logs.say_once(log, key, msg, *args)
 
 
 def _backend(device: torch.device) -> str:
