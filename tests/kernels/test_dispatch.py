@@ -40,7 +40,9 @@ def _fake_triton(op: str):
 
 def test_every_operation_has_a_reference():
     assert set(dispatch.OPERATIONS) == {"dequantize_4bit", "linear_4bit", "linear_4bit_grad_input", "linear_4bit_cat",
-                                        "linear_4bit_cat_grad_input", "quantize_4bit"}
+                                        "linear_4bit_cat_grad_input", "quantize_4bit", "rms_norm", "rms_norm_backward",
+                                        "swiglu", "swiglu_backward", "cross_entropy_grad", "qkv_rope",
+                                        "qkv_rope_backward"}
     for op in dispatch.OPERATIONS:
         assert "reference" in dispatch._registry[op], op
 
