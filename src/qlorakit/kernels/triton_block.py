@@ -5,7 +5,8 @@ LlamaRMSNorm and silu(gate) * up compute.
 Each is one pass over memory: RMSNorm forward reads x and writes y and rstd (fp32 per row), backward reads dy
 and x and writes dx; SwiGLU forward reads [gate | up] and writes silu(gate) * up, backward reads d_act and
 [gate | up] and writes [d gate | d up]. The torch ops they replace make 5-8 passes, with fp32 temporaries.
-Arithmetic is fp32; values are rounded to the storage dtype where the reference rounds them.
+Arithmetic is fp32; values are rounded to the storage dtype where the reference rounds them, and every launch
+passes enable_fp_fusion=False so that no FMA contraction drops one of those roundings (see triton_rope.py).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[
     if m:
         block = triton.next_power_of_2(h)
         _rms_norm_fwd_kernel[(m,)](x2, weight.contiguous(), y, rstd, h, float(eps), BLOCK=block,
-                                   num_warps=min(16, max(1, block // 512)))
+                                   num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
     return y, rstd
 
 
@@ -73,7 +74,7 @@ def rms_norm_backward_triton(dy: torch.Tensor, x: torch.Tensor, weight: torch.Te
     if m:
         block = triton.next_power_of_2(h)
         _rms_norm_bwd_kernel[(m,)](dy2, x2, weight.contiguous(), rstd.contiguous(), dx, h, BLOCK=block,
-                                   num_warps=min(16, max(1, block // 512)))
+                                   num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
     return dx
 
 
@@ -119,7 +120,8 @@ def swiglu_triton(gu: torch.Tensor) -> torch.Tensor:
     m, i = gu2.shape[0], gu2.shape[1] // 2
     out = torch.empty((m, i), dtype=gu.dtype, device=gu.device)
     if m and i:
-        _swiglu_fwd_kernel[(m, triton.cdiv(i, _SWIGLU_BLOCK))](gu2, out, i, BLOCK=_SWIGLU_BLOCK, num_warps=4)
+        _swiglu_fwd_kernel[(m, triton.cdiv(i, _SWIGLU_BLOCK))](gu2, out, i, BLOCK=_SWIGLU_BLOCK, num_warps=4,
+                                                               enable_fp_fusion=False)
     return out
 
 
@@ -130,5 +132,6 @@ def swiglu_backward_triton(d_act: torch.Tensor, gu: torch.Tensor) -> torch.Tenso
     m, i = gu2.shape[0], gu2.shape[1] // 2
     out = torch.empty_like(gu2)
     if m and i:
-        _swiglu_bwd_kernel[(m, triton.cdiv(i, _SWIGLU_BLOCK))](da2, gu2, out, i, BLOCK=_SWIGLU_BLOCK, num_warps=4)
+        _swiglu_bwd_kernel[(m, triton.cdiv(i, _SWIGLU_BLOCK))](da2, gu2, out, i, BLOCK=_SWIGLU_BLOCK, num_warps=4,
+                                                               enable_fp_fusion=False)
     return out

@@ -4,7 +4,9 @@ Specification: reference.qkv_rope_ref / qkv_rope_backward_ref, which compute wha
 apply_rotary_pos_emb and its autograd compute, rounding where its bf16 ops round.
 
 One program per token: it reads the token's whole Q/K/V row once and writes each head's row where attention
-wants it. The torch ops they replace run on strided views of the Q/K/V buffer (non-vectorised kernels) and make
+wants it. Launched with enable_fp_fusion=False: with fusion on, the compiler narrows "round both products to
+bf16, add, round" to bf16 operations and then contracts one product into an FMA, dropping a rounding torch makes
+(found on an H200 by benchmarks/block_check.py: 23% of the forward's elements differed). The torch ops they replace run on strided views of the Q/K/V buffer (non-vectorised kernels) and make
 about six passes forward and six backward.
 """
 
@@ -87,7 +89,8 @@ def qkv_rope_triton(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, hea
     v = torch.empty_like(k)
     if b * s:
         _qkv_rope_fwd_kernel[(b * s,)](qkv, cos, sin, q, k, v, s, qkv.stride(1), cbs, HQ=heads, HKV=kv_heads,
-                                       D=head_dim, HP=triton.next_power_of_2(heads + 2 * kv_heads), num_warps=8)
+                                       D=head_dim, HP=triton.next_power_of_2(heads + 2 * kv_heads), num_warps=8,
+                                       enable_fp_fusion=False)
     return q, k, v
 
 
@@ -102,5 +105,6 @@ def qkv_rope_backward_triton(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tenso
     if b * s:
         _qkv_rope_bwd_kernel[(b * s,)](dq.contiguous(), dk.contiguous(), dv.contiguous(), cos, sin, dqkv, s,
                                        dqkv.stride(1), cbs, HQ=heads, HKV=kv_heads, D=head_dim,
-                                       HP=triton.next_power_of_2(heads + 2 * kv_heads), num_warps=8)
+                                       HP=triton.next_power_of_2(heads + 2 * kv_heads), num_warps=8,
+                                       enable_fp_fusion=False)
     return dqkv
