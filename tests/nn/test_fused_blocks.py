@@ -7,6 +7,7 @@ with the same seed they see the same masks and must give the same loss and the s
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -22,6 +23,15 @@ from qlorakit.nn.rmsnorm import rms_norm
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=101, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch):
+    """For tests of the autograd math (gradcheck: thousands of evaluations) or of planning and wiring: the
+    reference kernels, also in the `--kernel-backend triton` run, where the interpreter would take minutes. The
+    Triton kernels are compared with the reference in tests/kernels and, end to end, by the model tests here
+    that do not take this fixture."""
+    monkeypatch.setenv("QLORAKIT_KERNELS", "reference")
 
 
 def tiny_model(dtype=torch.float32, dropout=0.1, targets="all-linear", seed=0):
@@ -46,12 +56,18 @@ def loss_and_grads(model, ids, seed=7, autocast=None):
     return out.loss.detach(), grads
 
 
-def assert_same(a, b, rtol, atol):
+def assert_same(a, b, rtol, atol, norm_rtol=None):
+    """Same loss and gradients: element by element, or (norm_rtol) by each gradient's relative norm error, the
+    measure for bf16 runs, where a few elements near zero carry large relative errors."""
     (la, ga), (lb, gb) = a, b
     torch.testing.assert_close(la, lb, rtol=rtol, atol=atol)
     assert ga.keys() == gb.keys() and ga
     for name in ga:
-        torch.testing.assert_close(ga[name], gb[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+        if norm_rtol is None:
+            torch.testing.assert_close(ga[name], gb[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+        else:
+            err = float((ga[name] - gb[name]).norm() / gb[name].norm())
+            assert err < norm_rtol, f"{name}: relative norm error {err:.2e}"
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
@@ -81,7 +97,7 @@ def test_fused_model_equals_the_composed_one_fp32(dropout, monkeypatch):
     assert_same(loss_and_grads(model, ids), composed, rtol=0, atol=0)
 
 
-def test_dropout_changes_the_result_so_the_masks_are_really_compared():
+def test_dropout_changes_the_result_so_the_masks_are_really_compared(reference_kernels):
     model = tiny_model(dropout=0.2)
     ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(3))
     enable_fused_blocks(model)
@@ -96,11 +112,14 @@ def test_fused_model_equals_the_composed_one_under_bf16_autocast_with_checkpoint
     composed = loss_and_grads(model, ids, autocast=torch.bfloat16)
     enable_fused_blocks(model)
     fused = loss_and_grads(model, ids, autocast=torch.bfloat16)
-    assert_same(fused, composed, rtol=3e-2, atol=3e-3)
+    # bf16 rounds in another order on the two paths (worst gradient 1.2e-2 through the reference kernels); the
+    # Triton interpreter also truncates every fp32 -> bf16 cast where torch rounds (worst 3.6e-2)
+    interpreted = os.environ.get("QLORAKIT_KERNELS") == "triton"
+    assert_same(fused, composed, rtol=1e-2, atol=0, norm_rtol=6e-2 if interpreted else 2.5e-2)
 
 
 @pytest.mark.parametrize("budget_layers, with_gu", [(1, False), (3, True)])
-def test_kept_activations_give_the_recomputed_gradients(budget_layers, with_gu):
+def test_kept_activations_give_the_recomputed_gradients(budget_layers, with_gu, reference_kernels):
     model = tiny_model(dropout=0.1)
     enable_activation_checkpointing(model)
     enable_fused_blocks(model)
@@ -125,7 +144,7 @@ def test_no_budget_keeps_nothing_and_unfused_layers_are_never_kept():
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
 
 
-def test_partial_targets_are_not_fused_and_say_why(caplog):
+def test_partial_targets_are_not_fused_and_say_why(caplog, reference_kernels):
     model = tiny_model(targets=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
     with caplog.at_level(logging.INFO, logger="qlorakit.model"):
         report = enable_fused_blocks(model)
@@ -134,7 +153,7 @@ def test_partial_targets_are_not_fused_and_say_why(caplog):
     assert "not fused: 3 attention (Q/K/V fused) (k_proj has no LoRA adapter)" in caplog.text
 
 
-def test_few_rows_and_kv_cache_take_the_original_forward():
+def test_few_rows_and_kv_cache_take_the_original_forward(reference_kernels):
     model = tiny_model(dropout=0.0)
     model.eval()
     ids = torch.randint(0, TINY["vocab_size"], (1, 9), generator=torch.Generator().manual_seed(6))
@@ -156,7 +175,7 @@ def _projection(n_out, k, seed, bias):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_group_gradcheck_float64(p):
+def test_group_gradcheck_float64(p, reference_kernels):
     projs = [_projection(n, 64, i, bias=i == 1) for i, n in enumerate((24, 8, 8))]
     group = tuple(pr for pr, _ in projs)
     ab = [t for _, pair in projs for t in pair]
@@ -171,7 +190,7 @@ def test_group_gradcheck_float64(p):
 
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_swiglu_mlp_gradcheck_float64(p, keep):
+def test_swiglu_mlp_gradcheck_float64(p, keep, reference_kernels):
     (gate, ga), (up, ua) = _projection(32, 64, 1, False), _projection(32, 64, 2, False)
     down, da = _projection(64, 32, 3, False)
     ab = [*ga, *ua, *da]
@@ -196,7 +215,9 @@ def test_rms_norm_equals_transformers_and_refuses_a_trained_weight():
     (dx_ref,) = torch.autograd.grad(ref, x, g)
     out = rms_norm(x, norm.weight, 1e-6)
     (dx,) = torch.autograd.grad(out, x, g)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    # the reference computes transformers' ops themselves: bit-identical; the Triton kernel within fp32 rounding
+    exact = os.environ.get("QLORAKIT_KERNELS") == "reference"
+    torch.testing.assert_close(out, ref, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-6)
     torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="requires grad"):
         rms_norm(x, torch.ones(48, requires_grad=True), 1e-6)
