@@ -42,10 +42,10 @@ def _tree(model_dir, data, out, **training):
                                                    "gradient_accumulation": 2, "eval_every": 2, **training})
 
 
-def _torchrun(*args: str, cwd: Path, sharded: bool = False) -> None:
+def _torchrun(*args: str, cwd: Path, sharded: bool = False, **env_vars: str) -> str:
     """Two processes on this machine (gloo), each single-threaded; both must have joined one data-parallel run
-    (sharded by FSDP2 if `sharded`)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    (sharded by FSDP2 if `sharded`). Returns their stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **env_vars)
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
@@ -55,6 +55,7 @@ def _torchrun(*args: str, cwd: Path, sharded: bool = False) -> None:
         assert mark in proc.stderr, proc.stderr[-3000:]
     if sharded:
         assert "FSDP2 over 2 ranks" in proc.stderr and "packed 4-bit weights sharded as uint8" in proc.stderr
+    return proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,21 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, pattern_data, tmp_
     _torchrun("-m", "qlorakit.cli", "train", str(config), "--no-progress", cwd=tmp_path, sharded=mode == "fsdp")
     _assert_same_run(out, single_process)
     assert not list((out).glob("*.tmp*")) and (out / "summary.json").is_file()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_blocks_with_kept_activations_in_two_processes_match_one_process(tiny_model_dir, pattern_data, tmp_path,
+                                                                               single_process, mode):
+    """The fused Llama block paths (taken on the CPU only without dense weight copies) and kept activations,
+    under DDP and FSDP2, against the one-process run through transformers' modules."""
+    out = tmp_path / "run"
+    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out, keep_activations_gib=1.0,
+                                                     **MODES[mode]))
+    stderr = _torchrun("-m", "qlorakit.cli", "train", str(config), "--no-progress", cwd=tmp_path,
+                       sharded=mode == "fsdp", QLORAKIT_CPU_DENSE_COPIES="0")
+    assert "fused block paths:" in stderr and "attention (Q/K/V fused)" in stderr.split("not fused")[0]
+    assert "layers keep theirs for backward" in stderr
+    _assert_same_run(out, single_process)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -21,17 +21,22 @@ def _rand(*shape, dtype, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
+TILES = pytest.mark.parametrize("tile", [None, 1], ids=["default-tile", "gpu-tile"])
+
+
+@TILES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, h", [(1, 64), (7, 96), (3, 1000)])
-def test_rms_norm_forward_and_backward(rows, h, dtype):
+@pytest.mark.parametrize("rows, h", [(1, 64), (7, 96), (19, 1000)])
+def test_rms_norm_forward_and_backward(rows, h, dtype, tile):
+    """rows per program: the interpreter's default (several, with a partial last tile) and the GPU's one."""
     seed = rows * h
     x, w = _rand(rows, h, dtype=dtype, seed=seed) * 3, _rand(h, dtype=dtype, seed=seed + 1)
-    y, rstd = triton_block.rms_norm_triton(x, w, 1e-5)
+    y, rstd = triton_block.rms_norm_triton(x, w, 1e-5, rows=tile)
     y_ref, rstd_ref = ref.rms_norm_ref(x, w, 1e-5)
     torch.testing.assert_close(rstd, rstd_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(y.float(), y_ref.float(), **TOL[dtype])
     dy = _rand(rows, h, dtype=dtype, seed=seed + 2)
-    dx = triton_block.rms_norm_backward_triton(dy, x, w, rstd_ref)
+    dx = triton_block.rms_norm_backward_triton(dy, x, w, rstd_ref, rows=tile)
     dx_ref = ref.rms_norm_backward_ref(dy, x, w, rstd_ref)
     assert dx.dtype == x.dtype
     torch.testing.assert_close(dx.float(), dx_ref.float(), **TOL[dtype])
@@ -46,13 +51,15 @@ def test_rms_norm_reference_backward_is_autograd_of_the_reference():
     torch.testing.assert_close(ref.rms_norm_backward_ref(dy, x.detach(), w, rstd.detach()), dx)
 
 
+@TILES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, inter", [(1, 8), (5, 1500), (2, 1024)])
-def test_swiglu_forward_and_backward(rows, inter, dtype):
+@pytest.mark.parametrize("rows, inter", [(1, 8), (5, 1500), (18, 1024)])
+def test_swiglu_forward_and_backward(rows, inter, dtype, tile):
     gu = _rand(rows, 2 * inter, dtype=dtype, seed=inter) * 4
-    torch.testing.assert_close(triton_block.swiglu_triton(gu).float(), ref.swiglu_ref(gu).float(), **TOL[dtype])
+    torch.testing.assert_close(triton_block.swiglu_triton(gu, rows=tile).float(), ref.swiglu_ref(gu).float(),
+                               **TOL[dtype])
     da = _rand(rows, inter, dtype=dtype, seed=inter + 1)
-    out = triton_block.swiglu_backward_triton(da, gu)
+    out = triton_block.swiglu_backward_triton(da, gu, rows=tile)
     torch.testing.assert_close(out.float(), ref.swiglu_backward_ref(da, gu).float(), **TOL[dtype])
 
 

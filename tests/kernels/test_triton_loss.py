@@ -14,16 +14,18 @@ from qlorakit.kernels import triton_loss
 from qlorakit.train.loss import causal_lm_loss_sum, linear_cross_entropy_sum
 
 
+@pytest.mark.parametrize("tile", [None, 1], ids=["default-tile", "gpu-tile"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, vocab", [(1, 17), (5, 4100), (3, 9000)])
-def test_kernel_equals_the_reference(rows, vocab, dtype):
+@pytest.mark.parametrize("rows, vocab", [(1, 17), (5, 4100), (19, 9000)])
+def test_kernel_equals_the_reference(rows, vocab, dtype, tile):
+    """rows per program: the interpreter's default (several, with a partial last tile) and the GPU's one."""
     gen = torch.Generator().manual_seed(rows + vocab)
     logits = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
     logits[0] = 1.5  # all equal: the softmax is uniform
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     targets[-1] = vocab - 1
     a, b = logits.clone(), logits.clone()
-    loss = triton_loss.cross_entropy_grad_triton(a, targets)
+    loss = triton_loss.cross_entropy_grad_triton(a, targets, rows=tile)
     loss_ref = ref.cross_entropy_grad_ref(b, targets)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-5, atol=1e-5)
     tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -6, atol=2 ** -14)

@@ -69,6 +69,11 @@ USER_ERRORS = {
         ["no examples left after filtering", "4 with nothing to learn skipped"]),
     "every example longer than max_seq_length": (
         {}, ["training.max_seq_length=16"], None, ["every example is longer than max_seq_length 16"]),
+    "kept activations without checkpointing": (
+        {}, ["training.gradient_checkpointing=false", "training.keep_activations_gib=4"], None,
+        ["keep_activations_gib needs gradient_checkpointing: true"]),
+    "negative kept activations": (
+        {}, ["training.keep_activations_gib=-1"], None, ["training.keep_activations_gib", "greater than or equal to 0"]),
     "unknown target module": (
         {}, ["lora.target_modules=[qkv_proj]"], None, ["lora.target_modules", "'qkv_proj'", "q_proj"]),
 }
