@@ -22,15 +22,24 @@ from .triton_block import rows_per_program
 
 
 @triton.jit
+def _tile(T, S, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr, TOKENS: tl.constexpr):
+    """This program's [TOKENS, HP, D] tile: tokens x (Q, K, V heads, padded to a power of two) x head_dim, as
+    token t (batch b, position s), head h, column d, the masks of Q, K and V heads, and K's / V's head index."""
+    t = (tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS))[:, None, None]
+    h = tl.arange(0, HP)[None, :, None]
+    d = tl.arange(0, D)[None, None, :]
+    hk, hv = h - HQ, h - HQ - HKV
+    in_t = t < T
+    is_q, is_k, is_v = (h < HQ) & in_t, (hk >= 0) & (hk < HKV) & in_t, (hv >= 0) & (hv < HKV) & in_t
+    return t, t // S, t % S, h, d, is_q, is_k, is_v, hk, hv
+
+
+@triton.jit
 def _qkv_rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, S, row_stride, cos_batch_stride,
                          HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr,
                          TOKENS: tl.constexpr):
-    # a [TOKENS, HP, D] tile: tokens x (Q, K, V heads, padded to a power of two) x head_dim
-    t = (tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS))[:, None, None]
-    b, s = t // S, t % S
-    h = tl.arange(0, HP)[None, :, None]
-    d = tl.arange(0, D)[None, None, :]
-    live = (h < HQ + 2 * HKV) & (t < T)
+    t, b, s, h, d, is_q, is_k, is_v, hk, hv = _tile(T, S, HQ, HKV, D, HP, TOKENS)
+    live = is_q | is_k | is_v
     row = qkv_ptr + t * row_stride + h * D
     x = tl.load(row + d, mask=live, other=0.0).to(tl.float32)
     x_other = tl.load(row + (d + D // 2) % D, mask=live, other=0.0).to(tl.float32)
@@ -39,25 +48,18 @@ def _qkv_rope_fwd_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, T, S, r
     sn = tl.load(sin_ptr + b * cos_batch_stride + s * D + d, mask=t < T, other=0.0).to(tl.float32)
     dt = q_ptr.dtype.element_ty
     y = ((x * c).to(dt).to(tl.float32) + (rot * sn).to(dt).to(tl.float32)).to(dt)
-    tl.store(q_ptr + ((b * HQ + h) * S + s) * D + d, y, mask=(h < HQ) & (t < T))
-    hk = h - HQ
-    tl.store(k_ptr + ((b * HKV + hk) * S + s) * D + d, y, mask=(hk >= 0) & (hk < HKV) & (t < T))
-    hv = h - HQ - HKV
-    tl.store(v_ptr + ((b * HKV + hv) * S + s) * D + d, x.to(dt), mask=(hv >= 0) & (hv < HKV) & (t < T))
+    tl.store(q_ptr + ((b * HQ + h) * S + s) * D + d, y, mask=is_q)
+    tl.store(k_ptr + ((b * HKV + hk) * S + s) * D + d, y, mask=is_k)
+    tl.store(v_ptr + ((b * HKV + hv) * S + s) * D + d, x.to(dt), mask=is_v)
 
 
 @triton.jit
 def _qkv_rope_bwd_kernel(dq_ptr, dk_ptr, dv_ptr, cos_ptr, sin_ptr, dqkv_ptr, T, S, row_stride, cos_batch_stride,
                          HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HP: tl.constexpr,
                          TOKENS: tl.constexpr):
-    t = (tl.program_id(0).to(tl.int64) * TOKENS + tl.arange(0, TOKENS))[:, None, None]
-    b, s = t // S, t % S
-    h = tl.arange(0, HP)[None, :, None]
-    d = tl.arange(0, D)[None, None, :]
-    d_other = (d + D // 2) % D
-    hk, hv = h - HQ, h - HQ - HKV
+    t, b, s, h, d, is_q, is_k, is_v, hk, hv = _tile(T, S, HQ, HKV, D, HP, TOKENS)
     in_t = t < T
-    is_q, is_k, is_v = (h < HQ) & in_t, (hk >= 0) & (hk < HKV) & in_t, (hv >= 0) & (hv < HKV) & in_t
+    d_other = (d + D // 2) % D
     q_row = dq_ptr + ((b * HQ + h) * S + s) * D
     k_row = dk_ptr + ((b * HKV + hk) * S + s) * D
     v_row = dv_ptr + ((b * HKV + hv) * S + s) * D
