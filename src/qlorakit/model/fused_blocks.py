@@ -33,7 +33,7 @@ except ImportError:  # no Triton: the same threshold (inputs of at most this man
     SMALL_M_MAX = 16
 from ..logs import say_once
 from ..nn.linear4bit import Linear4bit
-from ..nn.lora import LoraLinear
+from ..nn.lora import LoraLinear, compute_input
 from ..nn.lora_blocks import Norm, Projection, lora_group_4bit, lora_swiglu_4bit
 from ..nn.rmsnorm import rms_norm
 from ..nn.rope import qkv_rope, qkv_rope_supported
@@ -69,12 +69,6 @@ def _projection(layer: LoraLinear) -> Projection:
 
 def _adapters(layers: list[LoraLinear]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.lora_A.weight, layer.lora_B.weight) for layer in layers]
-
-
-def _compute_input(x: torch.Tensor) -> torch.Tensor:
-    if torch.is_autocast_enabled(x.device.type):
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
 
 
 def _norm_spec(norm: nn.Module | None, x: torch.Tensor) -> Norm | None:
@@ -126,7 +120,7 @@ def _fused_classes():
             kwargs.pop("past_key_values", None)
             kwargs.pop("cache", None)
             layers = [getattr(self, n) for n in _QKV]
-            x = hidden_states if norm is not None else _compute_input(hidden_states)
+            x = hidden_states if norm is not None else compute_input(hidden_states)
             qkv = lora_group_4bit(x, tuple(_projection(m) for m in layers), _adapters(layers),
                                   _dropout_p(layers[0]), layers[0].training, _norm_spec(norm, hidden_states))
             input_shape = hidden_states.shape[:-1]
@@ -161,7 +155,7 @@ def _fused_classes():
             """The MLP of x, normed by `norm` inside the fused function."""
             layers = [getattr(self, n) for n in _MLP]
             gate, up, down = (_projection(m) for m in layers)
-            return lora_swiglu_4bit(x if norm is not None else _compute_input(x), gate, up, down, _adapters(layers),
+            return lora_swiglu_4bit(x if norm is not None else compute_input(x), gate, up, down, _adapters(layers),
                                     _dropout_p(layers[0]), layers[0].training, keep_gate_up=self.keep_gate_up,
                                     norm=_norm_spec(norm, x))
 

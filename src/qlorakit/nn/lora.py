@@ -72,8 +72,7 @@ class LoraLinear(nn.Module):
         if bank is not None:
             return bank.forward(base(x), x)
         if self.fused and base.dense_copy is None:
-            if torch.is_autocast_enabled(x.device.type):
-                x = x.to(torch.get_autocast_dtype(x.device.type))
+            x = compute_input(x)
             p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
             return lora_linear_4bit(x, self.lora_A.weight, self.lora_B.weight, base.weight, base.quant_state,
                                     base.bias, self.scaling, p, self.training)
@@ -112,6 +111,13 @@ class AdapterBankSlot:
         update = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
         update = update * self.scale.index_select(0, rows).view(batch, 1, 1).to(update.dtype)
         return y + update.reshape(y.shape).to(y.dtype)
+
+
+def compute_input(x: torch.Tensor) -> torch.Tensor:
+    """x cast to the autocast dtype when autocast is on (what a fused 4-bit LoRA function computes in)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
