@@ -8,7 +8,7 @@ random generator's state at the forward (`DropoutDraw`). Backward computes dX = 
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -85,7 +85,7 @@ def lora_input_terms(x2: torch.Tensor, gs: list[torch.Tensor], a_s: list[torch.T
     drop_i(x2); when grad_x [M, K] is given, adds sum_i drop_i'(gs[i] A_i) to it in place (the low-rank term of
     dX, through the same masks)."""
     grads = []
-    with draw.replay() if draw is not None else _no_context():
+    with draw.replay() if draw is not None else nullcontext():
         for g, a in zip(gs, a_s):
             if draw is not None:
                 x_drop, mask = torch.native_dropout(x2, p, True)
@@ -101,10 +101,6 @@ def lora_input_terms(x2: torch.Tensor, gs: list[torch.Tensor], a_s: list[torch.T
                 grad_x.add_(torch.ops.aten.native_dropout_backward(g @ a, mask, 1.0 / (1.0 - p)))
     return grads
 
-
-@contextmanager
-def _no_context():
-    yield
 
 
 def lora_linear_4bit(x: torch.Tensor, a_w: torch.Tensor, b_w: torch.Tensor, packed: torch.Tensor,
