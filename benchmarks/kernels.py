@@ -60,9 +60,10 @@ BLOCKSIZE = 64
 TOKENS = 4096
 GEMV_BATCHES = (1, 4, 16)
 # Register-lookup GEMV variants timed at one row (lut_rows, lut_k_tile, lut_warps); the default is GemvConfig's.
-LUT_SWEEP = [(4, 4096, 4), (2, 4096, 4), (8, 4096, 8), (4, 2048, 4), (4, 4096, 8), (8, 2048, 4), (2, 2048, 2),
-             (1, 4096, 4), (16, 4096, 8), (8, 4096, 4)]
+LUT_SWEEP = [(r, kt, w, xm) for xm in (0, 1, 2) for r, kt, w in ((4, 2048, 4), (8, 2048, 4), (8, 4096, 8),
+                                                                   (4, 4096, 4), (16, 2048, 8), (2, 2048, 2))]
 CROSSOVER_ROWS = (16, 32, 64, 256)
+GEMV_ONLY = False  # --gemv-only: stop each shape after the GEMV sections (exploration runs)
 L2_BYTES = 60 * 2**20  # H200; read from the device when torch exposes it
 # Relative error bounds against an fp64 product of the same dequantized W (bf16 inputs and output: the output
 # rounding, 2^-9 relative, dominates; fp32 accumulation adds far less).
@@ -299,7 +300,7 @@ def shape_bench(run: Run, n_out: int, k: int, device: torch.device, ceil: dict, 
     cfg = GemvConfig()
     flat = p0.view(-1).view(torch.uint8)
     words = flat[: numel // 2].view(torch.int32)
-    absmax = triton_gemv.absmax_args(s0, device)
+    absmax = triton_gemv.absmax_args(s0, p0.device)
     y_asm = gemv_4bit(x, p0, s0)
     y_emu = triton_gemv._gemv_lut(x, words, absmax, y_asm, False, torch.empty_like(y_asm), s0, cfg, False)
     run.check(f"{tag} lookup GEMV: PTX == integer emulation, bit for bit", torch.equal(bits(y_asm), bits(y_emu)))
@@ -313,22 +314,28 @@ def shape_bench(run: Run, n_out: int, k: int, device: torch.device, ceil: dict, 
              "exact_graph_ms": timed([lambda x=x, p=p, s=s: gemv_4bit(x, p, s, config=GemvConfig(lut=False))
                                       for x, (p, s) in zip(xs, sets)], graph=True),
              "variants": {}}
-    for rows, k_tile, warps in LUT_SWEEP:
-        c = GemvConfig(lut_rows=rows, lut_k_tile=k_tile, lut_warps=warps)
-        name = f"rows{rows}_k{k_tile}_w{warps}"
+    for rows, k_tile, warps, x_mode in LUT_SWEEP:
+        c = GemvConfig(lut_rows=rows, lut_k_tile=k_tile, lut_warps=warps, lut_x_mode=x_mode)
+        name = f"x{x_mode}_rows{rows}_k{k_tile}_w{warps}"
         try:
             ok = rel_err(gemv_4bit(xs[0], p0, s0, config=c), xs[0].double() @ w64.T) <= TOL_BF16
             t = timed([lambda x=x, p=p, s=s, c=c: gemv_4bit(x, p, s, config=c) for x, (p, s) in zip(xs, sets)],
                       graph=True)
-            sweep["variants"][name] = {"graph_ms": t, "ratio_to_bf16": t / sweep["bf16_graph_ms"], "ok": ok}
+            got: list = []
+            triton_gemv._gemv_lut(xs[0], words, absmax, y_asm, False, torch.empty_like(y_asm), s0, c, True, got)
+            regs = {"n_regs": getattr(got[0], "n_regs", None), "n_spills": getattr(got[0], "n_spills", None)}
+            sweep["variants"][name] = {"graph_ms": t, "ratio_to_bf16": t / sweep["bf16_graph_ms"], "ok": ok, **regs}
             run.check(f"{tag} lookup GEMV {name} within tolerance", ok)
         except Exception as err:  # noqa: BLE001 - a variant that does not compile is recorded, not fatal
             sweep["variants"][name] = {"error": repr(err)[:300]}
     res["gemv_lut_sweep"] = sweep
     print(f"lookup GEMV (graph): bf16 {sweep['bf16_graph_ms'] * 1e3:.1f} us, exact {sweep['exact_graph_ms'] * 1e3:.1f}"
-          " us; " + ", ".join(f"{n} {v['graph_ms'] * 1e3:.1f} us (x{v['ratio_to_bf16']:.2f})" if "graph_ms" in v
+          " us; " + ", ".join(f"{n} {v['graph_ms'] * 1e3:.1f} us (x{v['ratio_to_bf16']:.2f}, {v['n_regs']} regs, "
+                              f"{v['n_spills']} spills)" if "graph_ms" in v
                               else f"{n} {v['error'][:80]}" for n, v in sweep["variants"].items()), flush=True)
     del xs, x
+    if GEMV_ONLY:
+        return res
 
     # Where the fused kernel stops beating dequantize + cuBLAS (the dispatch threshold SMALL_M_MAX).
     res["crossover"] = {}
@@ -439,7 +446,10 @@ def main() -> int:
     parser.add_argument("--out", required=True, type=Path, help="folder for kernels.json")
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES),
                         help="weight shapes NxK, comma-separated (default: %(default)s)")
+    parser.add_argument("--gemv-only", action="store_true", help="only the checks and the GEMV sections")
     args = parser.parse_args()
+    global GEMV_ONLY
+    GEMV_ONLY = args.gemv_only
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU; none is visible", file=sys.stderr)
         return 2

@@ -60,11 +60,14 @@ class GemvConfig:
     k_tile: int = 2048
     num_warps: int = 4
     vec: int = 8
-    # bf16 x: the register-lookup kernel (triton_lut), ROWS rows x K_TILE values per step.
-    lut: bool = True
+    # bf16 x, opt-in: the register-lookup kernel (triton_lut), ROWS rows x K_TILE values per step. Measured on an
+    # H200 (benchmarks/results/gemv-lut-sweep-h200.json) at 0.85x / 0.76x the bf16 GEMV against the exact kernel's
+    # 0.85x / 0.83x, with one more launch (x's transpose) and bf16-rounded codes: not the default.
+    lut: bool = False
     lut_rows: int = 4
-    lut_k_tile: int = 4096
+    lut_k_tile: int = 2048
     lut_warps: int = 4
+    lut_x_mode: int = 1
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,7 @@ def gemv_4bit(
         else:
             words = flat.view(-1)[: state.numel // 2].view(torch.int32)
             return _gemv_lut(x2d, words, absmax, bias_arg, bias is not None, y, state, cfg, not interpreting())
-    elif x2d.dtype != torch.bfloat16:
+    elif cfg.lut:
         _say_once(str(x2d.dtype), f"gemv_4bit: {x2d.dtype} input takes the exact-codebook GEMV kernel (slower); "
                   "the register-lookup kernel is bf16-only, as it rounds the codebook to bf16")
     _gemv_kernel[(-(-n_out // cfg.rows_per_program),)](
@@ -318,16 +321,23 @@ def gemv_4bit(
     return y
 
 
-def _gemv_lut(x2d, words, absmax, bias_arg, has_bias, y, state, cfg: GemvConfig, use_asm: bool) -> torch.Tensor:
-    """The register-lookup GEMV (triton_lut); K is a multiple of the chunk length (so of 8)."""
+def _gemv_lut(x2d, words, absmax, bias_arg, has_bias, y, state, cfg: GemvConfig, use_asm: bool,
+              compiled: list | None = None) -> torch.Tensor:
+    """The register-lookup GEMV (triton_lut); K is a multiple of the chunk length (so of 8). `compiled`, if
+    given, receives the launched kernel (its register and spill counts, for the benchmark)."""
     n_out, k = int(state.shape[0]), int(state.shape[1])
     sub = min(state.blocksize, cfg.lut_k_tile)
-    gemv_lut_kernel[(-(-n_out // cfg.lut_rows),)](
-        _pair_words(x2d), words, *absmax.as_args(), bias_arg, y, n_out, k, k // 8, *planes(state.quant_type),
+    xw = _pair_words(x2d)
+    if cfg.lut_x_mode == 1:
+        xw = xw.view(k // 8, 4).t().contiguous()
+    kernel = gemv_lut_kernel[(-(-n_out // cfg.lut_rows),)](
+        xw, words, *absmax.as_args(), bias_arg, y, n_out, k, k // 8, *planes(state.quant_type), 1,
         BLOCKSIZE=state.blocksize, SUB=sub, CHUNKS=cfg.lut_k_tile // sub, ROWS=cfg.lut_rows,
         NESTED=absmax.nested, NESTED_BLOCKSIZE=absmax.nested_blocksize, HAS_BIAS=has_bias, USE_ASM=use_asm,
-        INDEX_64=state.numel >= INT32_LIMIT, num_warps=cfg.lut_warps, num_stages=1,
+        X_MODE=cfg.lut_x_mode,        INDEX_64=state.numel >= INT32_LIMIT, num_warps=cfg.lut_warps, num_stages=1,
     )
+    if compiled is not None:
+        compiled.append(kernel)
     return y
 
 

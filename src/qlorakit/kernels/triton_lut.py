@@ -20,6 +20,13 @@ and, under the Triton interpreter (CI), as the same sequence of `prmt` steps wri
 (`_prmt`), so CI tests the algorithm (tables, selectors, value order) and the GPU benchmark checks the PTX
 against the same emulation, bit for bit.
 
+x's layout (X_MODE): Triton gives each load a register layout from its addresses; x's 4 words per W word read
+at stride 4 (mode 0) get another layout than W's, and the exchange through shared memory that reconciles them
+costs more than the lookups (1.7x the bf16 GEMV on an H200). Mode 1 transposes x's words on the host first
+([4, K/8], one small copy), so x loads like W: 0.85x / 0.76x the bf16 GEMV for 14336x4096 / 28672x8192
+(benchmarks/results/gemv-lut-sweep-h200.json), against 0.85x / 0.83x for the exact kernel. Not the 0.5x hoped
+for, and it needs the extra launch, so it is opt-in (GemvConfig(lut=True)); the exact kernel stays the default.
+
 Accuracy: codes rounded to bf16 (relative error <= 2^-9), absmax in fp32, fp32 accumulation: the same order of
 error as the reference's bf16 W = bf16(code * absmax). bf16 x only; fp16 and fp32 x take the exact kernel.
 """
@@ -75,47 +82,45 @@ def _half4(s, m, l0, l1, l2, l3, h0, h1, h2, h3):
     return p & -65536, p << 16, q & -65536, q << 16
 
 
-_LOOKUP8_PTX = """{
-.reg .b32 qs, qm, qr0, qr1, qlo, qhi, qp;
-and.b32 qs, $8, 0x77777777;
-shr.u32 qm, $8, 1;
-and.b32 qm, qm, 0x44444444;
-or.b32 qm, qm, 0x32103210;
-prmt.b32 qr0, $9, $10, qs;
-prmt.b32 qr1, $11, $12, qs;
-prmt.b32 qlo, qr0, qr1, qm;
-prmt.b32 qr0, $13, $14, qs;
-prmt.b32 qr1, $15, $16, qs;
-prmt.b32 qhi, qr0, qr1, qm;
-prmt.b32 qp, qlo, qhi, 0x5140;
-and.b32 $0, qp, 0xFFFF0000;
-shl.b32 $1, qp, 16;
-prmt.b32 qp, qlo, qhi, 0x7362;
-and.b32 $2, qp, 0xFFFF0000;
-shl.b32 $3, qp, 16;
-shr.u32 qs, qs, 16;
-shr.u32 qm, qm, 16;
-prmt.b32 qr0, $9, $10, qs;
-prmt.b32 qr1, $11, $12, qs;
-prmt.b32 qlo, qr0, qr1, qm;
-prmt.b32 qr0, $13, $14, qs;
-prmt.b32 qr1, $15, $16, qs;
-prmt.b32 qhi, qr0, qr1, qm;
-prmt.b32 qp, qlo, qhi, 0x5140;
-and.b32 $4, qp, 0xFFFF0000;
-shl.b32 $5, qp, 16;
-prmt.b32 qp, qlo, qhi, 0x7362;
-and.b32 $6, qp, 0xFFFF0000;
-shl.b32 $7, qp, 16;
-}"""
-
-
 @triton.jit
 def lookup8(w, l0, l1, l2, l3, h0, h1, h2, h3, USE_ASM: tl.constexpr):
     """The 8 values of int32 words `w` of packed codes as fp32 (values 0..7 in order), codes from the planes."""
     if USE_ASM:
         e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
-            _LOOKUP8_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+            # the emulation below, in PTX (register names q*: scoped by the braces)
+            "{\n"
+            ".reg .b32 qs, qm, qr0, qr1, qlo, qhi, qp;\n"
+            "and.b32 qs, $8, 0x77777777;\n"
+            "shr.u32 qm, $8, 1;\n"
+            "and.b32 qm, qm, 0x44444444;\n"
+            "or.b32 qm, qm, 0x32103210;\n"
+            "prmt.b32 qr0, $9, $10, qs;\n"
+            "prmt.b32 qr1, $11, $12, qs;\n"
+            "prmt.b32 qlo, qr0, qr1, qm;\n"
+            "prmt.b32 qr0, $13, $14, qs;\n"
+            "prmt.b32 qr1, $15, $16, qs;\n"
+            "prmt.b32 qhi, qr0, qr1, qm;\n"
+            "prmt.b32 qp, qlo, qhi, 0x5140;\n"
+            "and.b32 $0, qp, 0xFFFF0000;\n"
+            "shl.b32 $1, qp, 16;\n"
+            "prmt.b32 qp, qlo, qhi, 0x7362;\n"
+            "and.b32 $2, qp, 0xFFFF0000;\n"
+            "shl.b32 $3, qp, 16;\n"
+            "shr.u32 qs, qs, 16;\n"
+            "shr.u32 qm, qm, 16;\n"
+            "prmt.b32 qr0, $9, $10, qs;\n"
+            "prmt.b32 qr1, $11, $12, qs;\n"
+            "prmt.b32 qlo, qr0, qr1, qm;\n"
+            "prmt.b32 qr0, $13, $14, qs;\n"
+            "prmt.b32 qr1, $15, $16, qs;\n"
+            "prmt.b32 qhi, qr0, qr1, qm;\n"
+            "prmt.b32 qp, qlo, qhi, 0x5140;\n"
+            "and.b32 $4, qp, 0xFFFF0000;\n"
+            "shl.b32 $5, qp, 16;\n"
+            "prmt.b32 qp, qlo, qhi, 0x7362;\n"
+            "and.b32 $6, qp, 0xFFFF0000;\n"
+            "shl.b32 $7, qp, 16;\n"
+            "}", "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
             [w, l0, l1, l2, l3, h0, h1, h2, h3], dtype=(tl.int32,) * 8, is_pure=True, pack=1)
     else:
         s = w & 0x77777777
@@ -133,14 +138,17 @@ def _bf16_pair(xp):
     return (xp << 16).to(tl.float32, bitcast=True), (xp & -65536).to(tl.float32, bitcast=True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ONE"])
 def gemv_lut_kernel(
     xw_ptr, words_ptr, absmax_ptr, q8_ptr, code8_ptr, absmax2_ptr, offset_ptr, bias_ptr, y_ptr,
-    N, K, K_WORDS, l0, l1, l2, l3, h0, h1, h2, h3,
+    N, K, K_WORDS, l0, l1, l2, l3, h0, h1, h2, h3, ONE,
     BLOCKSIZE: tl.constexpr, SUB: tl.constexpr, CHUNKS: tl.constexpr, ROWS: tl.constexpr,
     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-    INDEX_64: tl.constexpr,
+    X_MODE: tl.constexpr, INDEX_64: tl.constexpr,
 ):
+    # X_MODE 0: x as bf16 pair words, word 4j + i holding values 8j + 2i, 8j + 2i + 1; 1: the same words
+    # transposed to [4, K_WORDS] (xw_ptr + i * K_WORDS + j), so that x loads like W; 2: as 0, with W's word index
+    # multiplied by a run-time 1 (ONE), so that W and x load with the same (scalar) layout.
     # Tile [ROWS, CHUNKS, WPC] words of W; a chunk (SUB values, WPC words) lies inside one quantization block.
     # X's words for a chunk are loaded once per step and shared by the ROWS rows.
     WPC: tl.constexpr = SUB // 8
@@ -151,6 +159,8 @@ def gemv_lut_kernel(
         rows = rows.to(tl.int64)
     chunk = tl.arange(0, CHUNKS) * WPC
     inner = tl.arange(0, WPC)
+    if X_MODE == 2:
+        inner = inner * ONE
     row_word = rows * K_WORDS
     row_elem = rows * K
     acc = tl.zeros([ROWS, CHUNKS, WPC], dtype=tl.float32)
@@ -158,11 +168,16 @@ def gemv_lut_kernel(
         cw = kw + chunk
         c_ok = cw < K_WORDS
         widx = cw[:, None] + inner[None, :]
-        xb = xw_ptr + 4 * widx
+        if X_MODE == 1:
+            xb = xw_ptr + widx
+            xs = K_WORDS
+        else:
+            xb = xw_ptr + 4 * widx
+            xs = 1
         x0, x1 = _bf16_pair(tl.load(xb, mask=c_ok[:, None], other=0))
-        x2, x3 = _bf16_pair(tl.load(xb + 1, mask=c_ok[:, None], other=0))
-        x4, x5 = _bf16_pair(tl.load(xb + 2, mask=c_ok[:, None], other=0))
-        x6, x7 = _bf16_pair(tl.load(xb + 3, mask=c_ok[:, None], other=0))
+        x2, x3 = _bf16_pair(tl.load(xb + xs, mask=c_ok[:, None], other=0))
+        x4, x5 = _bf16_pair(tl.load(xb + 2 * xs, mask=c_ok[:, None], other=0))
+        x6, x7 = _bf16_pair(tl.load(xb + 3 * xs, mask=c_ok[:, None], other=0))
         ok = row_ok[:, None] & c_ok[None, :]
         w = tl.load(words_ptr + row_word[:, None, None] + widx[None, :, :], mask=ok[:, :, None], other=0)
         a = load_absmax((row_elem[:, None] + 8 * cw[None, :]) // BLOCKSIZE, ok,
