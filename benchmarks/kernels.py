@@ -297,11 +297,11 @@ def shape_bench(run: Run, n_out: int, k: int, device: torch.device, ceil: dict, 
 
     # The bf16 one-row GEMV: the register-lookup kernel's PTX against its emulation, the exact kernel, variants.
     x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-    cfg = GemvConfig()
+    cfg = GemvConfig(lut=True)  # opt-in; the default one-row GEMV is the exact kernel
     flat = p0.view(-1).view(torch.uint8)
     words = flat[: numel // 2].view(torch.int32)
     absmax = triton_gemv.absmax_args(s0, p0.device)
-    y_asm = gemv_4bit(x, p0, s0)
+    y_asm = gemv_4bit(x, p0, s0, config=cfg)
     y_emu = triton_gemv._gemv_lut(x, words, absmax, y_asm, False, torch.empty_like(y_asm), s0, cfg, False)
     run.check(f"{tag} lookup GEMV: PTX == integer emulation, bit for bit", torch.equal(bits(y_asm), bits(y_emu)))
     y_exact = gemv_4bit(x, p0, s0, config=GemvConfig(lut=False))
