@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from .errors import QlorakitError
+from .errors import OptionValueError, QlorakitError
 
 Command = Callable[[argparse.Namespace], int | None]
 
@@ -23,6 +23,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         double_quant=not args.no_double_quant,
         compute_dtype=args.compute_dtype,
         overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
     )
     return 0
 
@@ -32,7 +33,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     report = merge_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite, force=args.force,
                            quantize=args.quantize, requantize=args.requantize, gguf=args.gguf,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, trust_remote_code=args.trust_remote_code)
     print(report.line())
     return 0
 
@@ -54,11 +55,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
+    from .infer.decode import check_repetition_penalty
     from .train.pipeline import train_command
 
+    if args.max_new_tokens < 1:
+        raise OptionValueError(f"--max-new-tokens {args.max_new_tokens}: allowed an integer >= 1")
+    check_repetition_penalty(args.repetition_penalty)
     cfg = load_config(args.config, args.set or [])
     return train_command(cfg, prompts=args.prompt or [], max_new_tokens=args.max_new_tokens,
-                         progress=not args.no_progress)
+                         repetition_penalty=args.repetition_penalty, progress=not args.no_progress)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -81,8 +86,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                   help="divide the positive logits (multiply the negative ones) of the tokens the reply already "
+                   "holds by P, as transformers' repetition penalty does (the prompt is not counted): 1 = off; "
+                   "1.1 breaks the loops small models fall into when decoding greedily")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
     p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    p.add_argument("--no-quantize", action="store_true",
+                   help="run a 16-bit model folder (e.g. a merge) as stored, in 16/32 bits, instead of quantizing "
+                   "it to NF4 while loading")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--blocksize", type=int, default=64, help="4-bit block size, a power of two in 32..4096")
     q.add_argument("--no-double-quant", action="store_true", help="keep fp32 absmax constants")
     q.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    q.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace out_dir if it is empty or a previous `qlorakit quantize` output (nothing else)")
+    q.add_argument("--trust-remote-code", action="store_true",
+                   help="also copy the source's custom code (*.py files, config.json's auto_map); left out otherwise")
     q.set_defaults(func=_cmd_quantize)
 
     t = sub.add_parser("train", help="fine-tune with QLoRA from a YAML config",
@@ -118,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt", action="append", metavar="TEXT",
                    help="print the model's reply to this prompt before and after training (repeatable)")
     t.add_argument("--max-new-tokens", type=int, default=96, help="length of the --prompt replies")
+    t.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
+                   help="repetition penalty of the --prompt replies, before and after training alike (as for "
+                   "`qlorakit generate`; 1 = off, greedy)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
 
@@ -140,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model", required=True, help="the base: a local Hugging Face folder (config.json + *.safetensors)")
     m.add_argument("--adapter", required=True, help="a PEFT-format LoRA adapter folder (e.g. runs/quickstart/adapter)")
     m.add_argument("--out", required=True, help="the merged model folder (must not exist unless --overwrite)")
-    m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is empty or a previous `qlorakit merge` output (nothing else)")
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="also copy the base's custom code (*.py files, config.json's auto_map); left out otherwise")
     m.add_argument("--force", action="store_true", help="merge even if the adapter was trained on another base")
     m.add_argument("--quantize", choices=("nf4",),
                    help="write the merged model as a bitsandbytes 4-bit checkpoint (as `qlorakit quantize` does)")
@@ -178,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def os_error_line(err: OSError) -> str:
+    """`<file>: <strerror>` of an OSError (both files of a rename or copy), or its text when it names no file."""
+    what = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+    files = [str(f) for f in (err.filename, err.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {what}" if files else what
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -193,6 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"qlorakit: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # permission denied, disk full, a folder where a file should be, ...: the system's words
+        if args.verbose:
+            raise
+        print(f"qlorakit: error: {os_error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qlorakit: interrupted", file=sys.stderr)

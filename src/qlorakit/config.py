@@ -89,6 +89,10 @@ class TrainingSection(_Section):
         0.0, ge=0.0, description="with gradient_checkpointing: GiB of a micro-batch's activations (at batch_size x "
         "max_seq_length tokens) that fused Llama layers may keep for backward instead of recomputing them; the last "
         "layers that fit are not recomputed (faster), the rest are. 0 recomputes every layer (least memory)")
+    offload_activations: bool = Field(
+        False, description="with gradient_checkpointing: the input of every recomputed decoder layer waits for "
+        "backward in pinned host memory instead of on the GPU (copied on a side stream, reloaded one layer ahead): "
+        "batch x max_seq_length x hidden_size x 2 bytes less per layer, the same gradients; CUDA only")
     fused_blocks: bool = Field(
         True, description="run Llama attention Q/K/V and the gate/up/down MLP as fused 4-bit LoRA groups and "
         "RMSNorm through one-pass kernels (training and prefill); false keeps transformers' modules as they are")
@@ -98,7 +102,10 @@ class TrainingSection(_Section):
     save_every: int = Field(100, gt=0)
     log_every: int = Field(1, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
-    resume: bool = True
+    resume: bool | Literal["force"] = Field(
+        True, description="continue from the newest intact checkpoint in output_dir; a checkpoint written with other "
+        "settings that change the result (data, model, LoRA, batch, seed, optimizer, schedule) is refused with the "
+        "list of differences; 'force' resumes anyway; false starts over (the old checkpoints are replaced)")
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun: 'auto' trains data-parallel when WORLD_SIZE > 1 (every rank holds "
         "the whole model); 'ddp' requires torchrun; 'fsdp' requires torchrun and shards the model, adapters, "
@@ -110,6 +117,9 @@ class TrainingSection(_Section):
         if self.keep_activations_gib > 0 and not self.gradient_checkpointing:
             raise ValueError("keep_activations_gib needs gradient_checkpointing: true (without checkpointing every "
                              "layer keeps all its activations anyway); drop one of them")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise ValueError("offload_activations needs gradient_checkpointing: true (it moves what checkpointing "
+                             "keeps, the layer inputs); drop one of them")
         return self
 
     @model_validator(mode="after")
@@ -222,6 +232,44 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def _read_yaml(path: Path) -> Any:
+    """The YAML document of `path`; QloraConfigError for text that is not UTF-8, not YAML, or that gives a key
+    twice in one mapping (YAML would keep the last value silently)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise QloraConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                               "save the config as UTF-8") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _refuse_repeated_keys(root, path, (), set())
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise QloraConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def _refuse_repeated_keys(node: yaml.Node, path: Path, where: tuple[str, ...], seen: set[int]) -> None:
+    if id(node) in seen:  # an alias of a node already checked (aliases may even refer to themselves)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_repeated_keys(item, path, (*where, str(i)), seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_line: dict[str, int] = {}
+    for key, value in node.value:
+        name = str(key.value) if isinstance(key, yaml.ScalarNode) else None
+        if name is not None and name in first_line:
+            dotted = ".".join((*where, name))
+            raise QloraConfigError(f"{path}: key {dotted!r} is given twice (lines {first_line[name]} and "
+                                   f"{key.start_mark.line + 1}); keep one")
+        if name is not None:
+            first_line[name] = key.start_mark.line + 1
+        _refuse_repeated_keys(value, path, (*where, name or "?"), seen)
+
+
 def config_from_dict(tree: dict[str, Any], source: str = "config") -> QloraConfig:
     try:
         return QloraConfig.model_validate(tree)
@@ -238,10 +286,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         source = str(p)
         if not p.is_file():
             raise QloraConfigError(f"{p}: config file not found")
-        try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise QloraConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+        loaded = _read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

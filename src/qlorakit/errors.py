@@ -29,3 +29,35 @@ class AdapterMismatchError(QlorakitError):
 
 class AssetError(QlorakitError):
     """A default model or data set could not be fetched from its registry package, or the package lacks it."""
+
+
+class OptionValueError(QlorakitError, ValueError):
+    """A command-line option (or the request field it mirrors) has a value outside what it allows."""
+
+
+class DeviceError(QlorakitError):
+    """The device asked for is not a device name, or not available on this machine."""
+
+
+class ServeAddressError(QlorakitError):
+    """`qlorakit serve` cannot listen on the host and port it was given."""
+
+
+class OutputDirError(QlorakitError):
+    """An output folder is a file, lies under a file, or cannot be created or written."""
+
+
+class DiskSpaceError(QlorakitError):
+    """The disk under an output folder has less free space than the run will write."""
+
+
+class OutputFolderError(QlorakitError):
+    """An output folder cannot be written or replaced without touching files the command did not write."""
+
+
+class CheckpointWriteError(QlorakitError):
+    """A checkpoint or output could not be written (disk full, permissions); what was there before is intact."""
+
+
+class RunConflictError(QlorakitError):
+    """The output folder is in use by another run, or holds a run this one cannot continue exactly."""

@@ -22,7 +22,7 @@ from pipeline_helpers import one_thread, read_events, run_tree, train_losses, wr
 from safetensors.torch import load_file
 
 from qlorakit.config import config_from_dict
-from qlorakit.errors import CheckpointFormatError, QloraConfigError
+from qlorakit.errors import CheckpointFormatError, QloraConfigError, RunConflictError
 from qlorakit.train.distributed import DistContext, check_batch_split, init_distributed, resolve_mode
 from qlorakit.train.run import run_training
 
@@ -154,8 +154,12 @@ def test_two_process_run_stopped_and_resumed_matches_one_process(tiny_model_dir,
     # A sharded run keeps each rank's optimizer shard; the adapter in the checkpoint is whole either way.
     assert (step2 / "optimizer-rank1.safetensors").is_file() == (mode == "fsdp")
     if mode == "fsdp":
-        with pytest.raises(CheckpointFormatError, match="sharded \\(fsdp\\) run of 2 ranks"):
+        # One process may not continue a two-rank run: refused by the settings check, and with resume: force by
+        # the optimizer shards, which only as many ranks can load.
+        with pytest.raises(RunConflictError, match="world_size: 2 -> 1"):
             run_training(config_from_dict(_tree(tiny_model_dir, pattern_data, out)), progress=False)
+        with pytest.raises(CheckpointFormatError, match="sharded \\(fsdp\\) run of 2 ranks"):
+            run_training(config_from_dict(_tree(tiny_model_dir, pattern_data, out, resume="force")), progress=False)
     _torchrun(str(WORKER), str(config), cwd=tmp_path, sharded=mode == "fsdp")
     _assert_same_run(out, single_process)
 

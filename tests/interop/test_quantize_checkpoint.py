@@ -86,27 +86,34 @@ def test_command_line_entry_point(source_dir, bnb_reference, tmp_path):
     assert_same_tensors(read_tensors(out), read_tensors(bnb_reference("llama", "nf4-dq").folder))
 
 
-def test_overwrite_replaces_only_a_complete_folder(source_dir, tmp_path, capsys):
+def test_overwrite_replaces_only_a_previous_quantize_output(source_dir, tmp_path, capsys):
     src, out = source_dir("llama"), tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    capsys.readouterr()
 
-    assert cli.main(["quantize", str(src), str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("qlorakit: error:") and str(out) in err and "--overwrite" in err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    for extra in ([], ["--overwrite"]):  # a folder with files quantize did not write is never replaced
+        assert cli.main(["quantize", str(src), str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("qlorakit: error:") and str(out) in err and "'keep.txt'" in err
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
-    assert cli.main(["quantize", str(src), str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["out"], "temporary folders left behind"
+    previous = tmp_path / "previous"
+    assert cli.main(["quantize", str(src), str(previous)]) == 0
+    assert cli.main(["quantize", str(src), str(previous)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert cli.main(["quantize", str(src), str(previous), "--overwrite", "--quant-type", "fp4"]) == 0
+    assert quantization_config_of(previous)["bnb_4bit_quant_type"] == "fp4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "previous"], "temporary folders left behind"
 
 
 def test_failure_while_writing_keeps_the_old_folder(source_dir, tmp_path, capsys, monkeypatch):
     from qlorakit.errors import QuantizationError
 
     src, out = source_dir("llama"), tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    assert cli.main(["quantize", str(src), str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
     calls = []
 
     def fail_on_third_call(*args, **kwargs):
@@ -117,9 +124,9 @@ def test_failure_while_writing_keeps_the_old_folder(source_dir, tmp_path, capsys
 
     real_call = kernels.call
     monkeypatch.setattr(kernels, "call", fail_on_third_call)
-    assert cli.main(["quantize", str(src), str(out), "--overwrite"]) == 2
+    assert cli.main(["quantize", str(src), str(out), "--overwrite", "--quant-type", "fp4"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "qlorakit: error: simulated failure in the middle of writing"
     )
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"], "temporary folders left behind"

@@ -126,3 +126,35 @@ def randomize_lora_b(net, scale: float, seed: int) -> None:
         for name, p in net.named_parameters():
             if "lora_B" in name:
                 p.copy_(scale * torch.randn(p.shape, generator=gen))
+
+
+CHECKPOINT_DAMAGE = {
+    "adapter bytes flipped": ("adapter_model.safetensors", "flip"),
+    "optimizer bytes flipped": ("optimizer.safetensors", "flip"),
+    "rng bytes flipped": ("rng.safetensors", "flip"),
+    "optimizer truncated": ("optimizer.safetensors", "truncate"),
+    "adapter emptied": ("adapter_model.safetensors", "empty"),
+    "batch_index edited": ("trainer_state.json", "batch_index"),
+    "python rng state shortened": ("trainer_state.json", "rng"),
+}
+
+
+def damage(path: Path, how: str) -> None:
+    """Change a checkpoint file the way a bad disk, an editor or an interrupted copy would."""
+    data = bytearray(path.read_bytes())
+    if how == "flip":  # same size, valid header: flip bytes in the data part, near the end
+        for i in range(len(data) - 64, len(data) - 8, 7):
+            data[i] ^= 0x5A
+    elif how == "truncate":
+        data = data[: len(data) // 2]
+    elif how == "empty":
+        data = bytearray()
+    elif how == "batch_index":
+        state = json.loads(data)
+        state["batch_index"] += 1
+        data = bytearray(json.dumps(state, indent=1).encode())
+    elif how == "rng":
+        state = json.loads(data)
+        state["rng"]["python"][1] = state["rng"]["python"][1][:-3]
+        data = bytearray(json.dumps(state, indent=1).encode())
+    path.write_bytes(bytes(data))

@@ -17,8 +17,9 @@ from safetensors import safe_open
 from ..model.checkpoint_files import find_checkpoint_files
 from ..quant.bnb_format import quant_state_blob
 
+# auto_map only points at custom code, which merge and quantize leave out unless asked: the weights are the same.
 _VOLATILE_CONFIG_KEYS = {"quantization_config", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
-                         "use_cache", "_attn_implementation_autoset", "architectures_autoset"}
+                         "use_cache", "_attn_implementation_autoset", "architectures_autoset", "auto_map"}
 _QSTATE_MARKERS = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.")
 
 

@@ -20,7 +20,6 @@ import json
 import logging
 import shutil
 import sys
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +31,8 @@ from tqdm import tqdm
 from .. import kernels
 from ..errors import AdapterMismatchError, CheckpointFormatError, QlorakitError
 from ..model.checkpoint_files import INDEX_FILE, find_checkpoint_files, require_model_folder
-from ..model.quantize_checkpoint import (
-    check_out_dir,
-    commit,
-    converted,
-    copy_side_files,
-    read_config_json,
-    write_json,
-)
+from ..model.output_folder import check_out_dir, commit, copy_side_files, drop_auto_map, new_partial, say_left_out
+from ..model.quantize_checkpoint import converted, read_config_json, write_json
 from ..model.safetensors_writer import SafetensorsWriter
 from ..nn.lora import lora_scaling
 from ..quant.bnb_format import (
@@ -52,7 +45,7 @@ from ..quant.bnb_format import (
 )
 from .export_gguf import GGUF_TYPES, check_exportable, export_gguf
 from .fingerprint import base_fingerprint
-from .peft_format import PEFT_PREFIX, read_adapter
+from .peft_format import adapter_modules, read_adapter
 
 log = logging.getLogger("qlorakit.adapters")
 
@@ -102,36 +95,11 @@ class MergeReport:
 
 
 def lora_deltas(adapter_dir: str | Path) -> tuple[dict[str, LoraDelta], dict]:
-    """(weight key '<path>.weight' -> LoraDelta, the adapter's qlorakit record) of a PEFT LoRA adapter folder."""
+    """(weight key '<path>.weight' -> LoraDelta, the adapter's qlorakit record) of a PEFT LoRA adapter folder,
+    checked by read_adapter (config keys, A/B pairs, shapes against r) before anything of the base is read."""
     config, tensors, record = read_adapter(adapter_dir)
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise CheckpointFormatError(f"{adapter_dir}: adapters with rank_pattern/alpha_pattern are not supported; "
-                                    "allowed: one rank and alpha for every layer")
-    if config.get("fan_in_fan_out"):
-        raise CheckpointFormatError(f"{adapter_dir}: fan_in_fan_out adapters (Conv1D bases) are not supported")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    scaling = lora_scaling(r, alpha, bool(config.get("use_rslora")))
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        for ab in ("A", "B"):
-            suffix = f".lora_{ab}.weight"
-            if key.startswith(PEFT_PREFIX) and key.endswith(suffix):
-                pairs.setdefault(key[len(PEFT_PREFIX):-len(suffix)], {})[ab] = t
-                break
-        else:
-            raise CheckpointFormatError(f"{adapter_dir}: tensor {key!r} is not a LoRA A/B weight; allowed: "
-                                        f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
-    deltas: dict[str, LoraDelta] = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise CheckpointFormatError(f"{adapter_dir}: {module} has lora_{'A' if 'A' in ab else 'B'} only")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise CheckpointFormatError(f"{adapter_dir}: {module}: lora_A {list(a.shape)} and lora_B "
-                                        f"{list(b.shape)} do not multiply (need [r, in] and [out, r])")
-        deltas[module + ".weight"] = LoraDelta(a, b, scaling)
-    if not deltas:
-        raise CheckpointFormatError(f"{adapter_dir}: the adapter holds no LoRA tensors")
+    scaling = lora_scaling(config["r"], float(config["lora_alpha"]), bool(config.get("use_rslora")))
+    deltas = {module + ".weight": LoraDelta(a, b, scaling) for module, (a, b) in adapter_modules(tensors).items()}
     return deltas, record
 
 
@@ -146,11 +114,14 @@ def merge_adapter(
     requantize: bool = False,
     gguf: str | None = None,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> MergeReport:
     """Write base + adapter merged to `out_dir` (atomically: a temporary sibling folder, renamed when complete).
 
     The output keeps the source's file layout (model.safetensors, or the same shards with a rewritten
-    model.safetensors.index.json), config.json and the other top-level files (tokenizer, generation config).
+    model.safetensors.index.json), config.json and the other top-level files (tokenizer, generation config); the
+    base's custom code (*.py, `auto_map`) only with `trust_remote_code`. An existing `out_dir` is replaced only
+    with `overwrite`, and only when it is empty or a previous `qlorakit merge` output (see output_folder.py).
     `gguf` (f16, bf16 or q8_0) also writes the merged model as `model-<type>.gguf` into the folder (see
     export_gguf.py). Raises AdapterMismatchError when the adapter records another base (unless force),
     CheckpointFormatError / QlorakitError with one line for missing files, shape mismatches, a 4-bit base
@@ -168,7 +139,8 @@ def merge_adapter(
     if gguf is not None:
         check_exportable(src)  # fail before merging, not after
     out = Path(out_dir)
-    check_out_dir(src, out, overwrite)
+    inputs = {"base model": src, "adapter": Path(adapter_dir)}
+    check_out_dir(out, "merge", overwrite, inputs)
     deltas, record = lora_deltas(adapter_dir)
     saved_fp = record.get("base_fingerprint")
     if saved_fp and not force:
@@ -199,9 +171,7 @@ def merge_adapter(
         config = read_config_json(src)  # refuses a config that already has a quantization_config
 
     report = MergeReport(out, quantized=quantize)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
+    partial = new_partial(out)
     try:
         weight_map, total_size = {}, 0
         with tqdm(total=checkpoint.num_tensors(), desc="merge", unit="tensor", file=sys.stderr,
@@ -221,14 +191,16 @@ def merge_adapter(
             write_json(partial / INDEX_FILE, index)
         if quantize:
             config["quantization_config"] = quantization_config(quantize, True, torch.bfloat16)
+        left_out = drop_auto_map(config, trust_remote_code)
         write_json(partial / "config.json", config)
-        copy_side_files(src, partial)
+        left_out += copy_side_files(src, partial, trust_remote_code)
         if gguf is not None:
             report.gguf_file = out / export_gguf(partial, partial / f"model-{gguf}.gguf", gguf, progress).name
-        commit(partial, out, overwrite)
+        commit(partial, out, "merge", overwrite, inputs)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    say_left_out(out, left_out)
     log.info("qlorakit: %s", report.line())
     return report
 

@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..assets import MODEL_NAME
 from ..errors import AdapterMismatchError, CheckpointFormatError
 from ..nn.lora import LoraLinear
 from ..sharding import copy_whole_into, full
@@ -29,6 +30,7 @@ PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 SIDECAR_NAME = "qlorakit_adapter.json"
+DEFAULT_BASE_HUB_ID = f"HuggingFaceTB/{MODEL_NAME}"  # the hub id of the bundled default model ('default')
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
@@ -59,6 +61,13 @@ def _target_modules(names: list[str], model: nn.Module) -> list[str]:
 
 def _inside_lora(name: str, adapted: set[str]) -> bool:
     return any(name.startswith(a + ".") for a in adapted)
+
+
+def peft_base_name(name: str) -> str:
+    """What adapter_config.json records as base_model_name_or_path for the base model.name `name`: the hub id of
+    the bundled default model for 'default' (so `AutoPeftModelForCausalLM.from_pretrained(adapter_dir)` finds a
+    base), any other name as the user gave it."""
+    return DEFAULT_BASE_HUB_ID if name == "default" else name
 
 
 def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -> dict[str, Any]:
@@ -98,7 +107,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -
 def _atomic_dir_write(out_dir: Path, write: Any) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # a plain mkdir honours the umask, as users expect (tempfile.mkdtemp would make it 0o700)
     try:
         write(tmp)
         if out_dir.exists():
@@ -133,6 +143,9 @@ def save_adapter(
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
+        # safetensors creates its file 0o600; give it the mode open() would (0o666 & ~umask), read off the folder
+        # just made with mkdir (0o777 & ~umask), so others on a shared machine can read it like the JSON files.
+        os.chmod(tmp / WEIGHTS_NAME, tmp.stat().st_mode & 0o666)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / SIDECAR_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -140,7 +153,8 @@ def save_adapter(
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(adapter_config, tensors keyed as saved, qlorakit record or {}) of a PEFT adapter folder."""
+    """(adapter_config, tensors keyed as saved, qlorakit record or {}) of a PEFT LoRA adapter folder, checked by
+    validate_adapter: callers read this before loading any base model, so a broken adapter costs no load."""
     d = Path(adapter_dir)
     cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
     if not d.is_dir():
@@ -149,18 +163,36 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, tor
         if not p.is_file():
             extra = " (adapter_model.bin is not loaded: pickle files can run code)" if p == w_path else ""
             raise CheckpointFormatError(f"{d}: missing {p.name}{extra}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointFormatError(f"{cfg_path}: not valid JSON ({err})") from None
-    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise CheckpointFormatError(f"{cfg_path}: only plain LoRA adapters are supported "
-                                    f"(peft_type={config.get('peft_type')!r}, use_dora={config.get('use_dora')})")
-    with safe_open(str(w_path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = _read_json_object(cfg_path)
     sidecar = d / SIDECAR_NAME
-    record = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    record = _read_json_object(sidecar) if sidecar.is_file() else {}
+    tensors = _read_tensors(w_path)
+    validate_adapter(d, config, tensors)
     return config, tensors, record
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointFormatError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                                    f"{err.start})") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise CheckpointFormatError(f"{path}: must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if path.stat().st_size == 0:
+        raise CheckpointFormatError(f"{path}: the file is empty (an interrupted save?); save the adapter again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise CheckpointFormatError(f"{path}: not a complete safetensors file ({err}); save the adapter "
+                                    "again") from None
 
 
 def load_adapter(
@@ -201,3 +233,110 @@ def load_adapter(
                                                 f"the model expects {list(lin.weight.shape)}")
                 copy_whole_into(lin.weight, t)
     return record
+
+
+def adapter_modules(tensors: dict[str, torch.Tensor], where: str | Path = "adapter"
+                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module path -> (lora_A, lora_B) of PEFT-keyed adapter tensors, sorted by path. Any other key, or an A
+    without its B (or the reverse), is a CheckpointFormatError naming `where`."""
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        body, _, suffix = key.rpartition(".lora_")
+        if not key.startswith(PEFT_PREFIX) or suffix not in ("A.weight", "B.weight"):
+            raise CheckpointFormatError(f"{where}: tensor {key!r} is not a LoRA A/B weight; allowed: "
+                                        f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
+        halves.setdefault(body[len(PEFT_PREFIX):], {})[suffix[0]] = t
+    out = {}
+    for module, ab in sorted(halves.items()):
+        if len(ab) != 2:
+            have = next(iter(ab))
+            raise CheckpointFormatError(f"{where}: {module} has lora_{have} but no lora_{'B' if have == 'A' else 'A'}")
+        out[module] = (ab["A"], ab["B"])
+    return out
+
+
+def _check_adapter_config(path: Path, config: dict[str, Any]) -> None:
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise CheckpointFormatError(f"{path}: only plain LoRA adapters are supported "
+                                    f"(peft_type={config.get('peft_type')!r}, use_dora={config.get('use_dora')})")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if config.get(k) is None]
+    if missing:
+        raise CheckpointFormatError(f"{path}: no {missing[0]!r}; a LoRA adapter config needs r, lora_alpha and "
+                                    "target_modules")
+    r, alpha, targets = config["r"], config["lora_alpha"], config["target_modules"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CheckpointFormatError(f"{path}: r = {r!r}; allowed: an integer >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
+        raise CheckpointFormatError(f"{path}: lora_alpha = {alpha!r}; allowed: a finite number > 0")
+    names_ok = isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)
+    if not (names_ok or isinstance(targets, str) and targets):
+        raise CheckpointFormatError(f"{path}: target_modules = {targets!r}; allowed: a non-empty list of module "
+                                    "names, or one string")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise CheckpointFormatError(f"{path}: use_rslora = {config['use_rslora']!r}; allowed: true or false")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise CheckpointFormatError(f"{path}: adapters with rank_pattern/alpha_pattern are not supported; "
+                                    "allowed: one rank and alpha for every layer")
+    if config.get("fan_in_fan_out"):
+        raise CheckpointFormatError(f"{path}: fan_in_fan_out adapters (Conv1D bases) are not supported")
+    if config.get("bias", "none") not in (None, "none"):
+        raise CheckpointFormatError(f"{path}: bias = {config['bias']!r} is not supported; allowed: 'none'")
+    if config.get("modules_to_save"):
+        raise CheckpointFormatError(f"{path}: modules_to_save = {config['modules_to_save']!r} is not supported; "
+                                    "allowed: null (qlorakit adapters hold LoRA A/B weights only)")
+
+
+def validate_adapter(adapter_dir: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Check a PEFT LoRA adapter's config and tensors against each other, without any base model.
+
+    The config needs r (an integer >= 1), lora_alpha (a finite number > 0) and target_modules (a non-empty list
+    of names, or one string), and must be plain LoRA: no DoRA, rank/alpha patterns, fan_in_fan_out, bias or
+    modules_to_save. The tensors must be pairs `base_model.model.<module>.lora_A.weight` [r, in_features] and
+    `.lora_B.weight` [out_features, r], floating point and finite. A rank other than r would apply the update
+    at the wrong scale (alpha / r), so it is refused. Raises CheckpointFormatError, one line naming the file.
+    """
+    cfg_path, w_path = Path(adapter_dir) / CONFIG_NAME, Path(adapter_dir) / WEIGHTS_NAME
+    _check_adapter_config(cfg_path, config)
+    modules = adapter_modules(tensors, w_path)
+    if not modules:
+        raise CheckpointFormatError(f"{w_path}: the adapter holds no LoRA tensors")
+    r = config["r"]
+    for module, (a, b) in modules.items():
+        for ab, t in (("A", a), ("B", b)):
+            if t.dim() != 2 or not t.is_floating_point():
+                raise CheckpointFormatError(f"{w_path}: {module}.lora_{ab} is a {t.dim()}-d {t.dtype} tensor; "
+                                            "allowed: a 2-d floating-point matrix")
+        if a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointFormatError(
+                f"{cfg_path}: r is {r} but {module} has lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+                f"(need [r, in_features] and [out_features, r]); with the wrong r the update's scale alpha/r "
+                "would be wrong, so the adapter is refused")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise CheckpointFormatError(f"{w_path}: {module} holds NaN or infinite values")
+
+
+def check_adapter_fits(adapter_dir: str | Path, config: dict[str, Any],
+                       modules: dict[str, tuple[torch.Tensor, torch.Tensor]], model: nn.Module) -> None:
+    """Once the base's structure is known (loaded, LoRA not yet injected): every adapted module (`modules`, as
+    adapter_modules gives them) is a linear layer of `model` whose [out_features, in_features] is the adapter's
+    [lora_B rows, lora_A columns], and every name in a target_modules list names a module of `model`.
+    CheckpointFormatError, one line, otherwise."""
+    layers = dict(model.named_modules())
+    for module, (a, b) in modules.items():
+        layer = layers.get(module)
+        if layer is None:
+            raise CheckpointFormatError(f"{adapter_dir}: adapts {module!r}, which this base model does not have; "
+                                        "is this the adapter's base model?")
+        shape = [getattr(layer, "out_features", None), getattr(layer, "in_features", None)]
+        if None in shape:
+            raise CheckpointFormatError(f"{adapter_dir}: adapts {module!r}, a {type(layer).__name__} in this base "
+                                        "model; LoRA applies to linear layers only")
+        if shape != [b.shape[0], a.shape[1]]:
+            raise CheckpointFormatError(f"{adapter_dir}: {module} is {shape} in this base model, the adapter's "
+                                        f"update (lora_B @ lora_A) is {[b.shape[0], a.shape[1]]}; is this the "
+                                        "adapter's base model?")
+    targets = config.get("target_modules")
+    for name in targets if isinstance(targets, list) else []:
+        if not any(path == name or path.endswith("." + name) for path in layers):
+            raise CheckpointFormatError(f"{Path(adapter_dir) / CONFIG_NAME}: target_modules names {name!r}, which "
+                                        "is no module of this base model; is this the adapter's base model?")

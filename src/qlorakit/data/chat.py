@@ -41,12 +41,21 @@ def chat_messages(record: dict[str, Any], field: str) -> list[dict[str, str]]:
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         raise RecordError("has no assistant message; the chat format learns from assistant turns")
+    if out[0]["role"] == "assistant":
+        raise RecordError("starts with an assistant message; a conversation starts with a system or user message "
+                          "that the assistant answers")
     return out
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    from jinja2 import TemplateError  # what a template's raise_exception(...) raises
+
     # The template writes any BOS itself, so the tokenizer adds nothing (as apply_chat_template does).
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except (TemplateError, ValueError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise RecordError(f"is refused by the tokenizer's chat template: {reason}") from None
     return encode(tokenizer, text, special=False)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import logs
-from ..errors import QlorakitError
+from ..errors import OptionValueError, QlorakitError
 
 log = logging.getLogger("qlorakit.infer")
 
@@ -188,6 +188,22 @@ class StaticDecoder:
         return self._step_body()
 
 
+def check_repetition_penalty(penalty: object) -> float:
+    """The penalty as a float; OptionValueError unless it is a finite number > 0 (1: off)."""
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty < float("inf"):
+        raise OptionValueError(f"--repetition-penalty {penalty!r}: allowed a finite number > 0 (1: off)")
+    return float(penalty)
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The repetition penalty of CTRL (Keskar et al., 2019) as transformers' RepetitionPenaltyLogitsProcessor
+    applies it: the logit of every token in `seen` is divided by `penalty` when positive and multiplied by it when
+    negative, so a penalty > 1 makes those tokens less likely. logits [batch, vocab] (any float dtype), seen
+    [batch, vocab] bool on the same device; returns new float32 logits (the input is not written)."""
+    logits = logits.float()
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
 def choose_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """Greedy (temperature 0) or nucleus sampling over logits [batch, vocab]; token ids [batch]."""
@@ -205,11 +221,16 @@ def choose_next(logits: torch.Tensor, temperature: float, top_p: float,
 @torch.no_grad()
 def decode_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, *,
                   max_new_tokens: int, eos_ids: list[int], pad_id: int, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int | None = 0, graphs: bool | None = None,
-                  report: dict | None = None) -> Iterator[torch.Tensor]:
+                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = 0,
+                  graphs: bool | None = None, report: dict | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row [batch] (on the CPU), up to max_new_tokens or until every row has
-    produced an end-of-sequence id; rows that have finished get `pad_id`. `report`, if given, receives
+    produced an end-of-sequence id; rows that have finished get `pad_id`. A repetition_penalty other than 1
+    (penalize_repeats) is applied, outside the CUDA graph, before the greedy or sampled choice, to the tokens this
+    row has generated so far; not to its prompt, where a chat template puts the end-of-turn token (often the EOS)
+    and the question's own words, which a reply should stay free to use. That is transformers'
+    RepetitionPenaltyLogitsProcessor with prompt_ignore_length = the prompt's length. `report`, if given, receives
     "graph" (whether the step ran as a CUDA graph) and "prefill_s" (prompt and capture, in seconds)."""
+    penalty = check_repetition_penalty(repetition_penalty)
     if max_new_tokens <= 0:
         return
     batch, p = input_ids.shape
@@ -224,8 +245,13 @@ def decode_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     eos = torch.tensor(sorted(set(eos_ids)) or [-1])
     done = torch.zeros(batch, dtype=torch.bool, device=dec.device)  # on the device: no wait to pad finished rows
     done_host = torch.zeros(batch, dtype=torch.bool)
+    seen = torch.zeros(logits.shape, dtype=torch.bool, device=dec.device) if penalty != 1.0 else None
     for i in range(max_new_tokens):
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, penalty)
         nxt = choose_next(logits, temperature, top_p, generator)
+        if seen is not None:
+            seen.scatter_(1, nxt.view(-1, 1), True)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         host = nxt.cpu()  # the one wait per token
         done_host |= torch.isin(host, eos)

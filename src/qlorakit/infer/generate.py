@@ -37,8 +37,8 @@ def _eos_ids(model: nn.Module, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer, prompt: str, *, stream: TextIO | None = None, **options) -> str:
-    """Generate a reply to `prompt` (options as for stream_generate; greedy when temperature == 0), writing the
-    text to `stream` as it comes if given."""
+    """Generate a reply to `prompt` (options as for stream_generate; greedy when temperature == 0, no repetition
+    penalty unless repetition_penalty != 1), writing the text to `stream` as it comes if given."""
     pieces = []
     for piece in stream_generate(model, tokenizer, prompt, **options):
         pieces.append(piece)
@@ -56,14 +56,20 @@ def stream_generate(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
     use_chat_template: bool = True,
     history: list[dict[str, str]] | None = None,
     seed: int | None = 0,
 ) -> Iterator[str]:
     """Yield decoded text pieces as they are generated: greedy when temperature == 0, else sampling with
-    `temperature` and nucleus `top_p`. Decodes through qlorakit's static-cache decoder (CUDA graphs on a GPU,
-    `decode.py`); a model that decoder cannot take goes through transformers' `generate`, and the log says so."""
-    from .decode import StaticDecoder, decode_tokens, say_once
+    `temperature` and nucleus `top_p`. repetition_penalty > 1 makes the tokens the reply already holds less likely
+    (transformers' repetition penalty over the reply, not the prompt: decode.decode_tokens says why); 1 leaves the
+    logits alone. Decodes
+    through qlorakit's static-cache decoder (CUDA graphs on a GPU, `decode.py`); a model that decoder cannot take
+    goes through transformers' `generate` with the same options, and the log says so."""
+    from .decode import StaticDecoder, check_repetition_penalty, decode_tokens, say_once
+
+    repetition_penalty = check_repetition_penalty(repetition_penalty)
 
     text = render_prompt(tokenizer, prompt, use_chat_template=use_chat_template, history=history)
     device = next(model.parameters()).device
@@ -77,12 +83,14 @@ def stream_generate(
             StaticDecoder.check(model)
         except QlorakitError as why:
             say_once("hf-generate", "qlorakit: decoding through transformers' generate (eager): %s", why)
-            yield from _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperature, top_p, seed)
+            yield from _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperature, top_p,
+                                  repetition_penalty, seed)
             return
         ids: list[int] = []
         shown = ""
         for tok in decode_tokens(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                                 eos_ids=eos, pad_id=pad, temperature=temperature, top_p=top_p, seed=seed):
+                                 eos_ids=eos, pad_id=pad, temperature=temperature, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, seed=seed):
             t = int(tok[0])
             if t in eos:
                 break
@@ -100,14 +108,20 @@ def stream_generate(
         model.train(was_training)
 
 
-def _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperature, top_p, seed) -> Iterator[str]:
-    """transformers' generate in a thread, its text streamed back."""
-    from transformers import TextIteratorStreamer
+def _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperature, top_p, repetition_penalty,
+               seed) -> Iterator[str]:
+    """transformers' generate in a thread, its text streamed back; the repetition penalty counts the reply only,
+    as decode_tokens does."""
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                   max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, streamer=streamer,
                   do_sample=temperature > 0)
+    if repetition_penalty != 1.0:
+        prompt_len = enc["input_ids"].shape[1]
+        kwargs.update(logits_processor=LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(repetition_penalty, prompt_ignore_length=prompt_len)]))
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
         if seed is not None:
@@ -141,10 +155,12 @@ def prompt_ids(tokenizer, prompt: str, *, use_chat_template: bool = True,
 
 @torch.no_grad()
 def decode_rows(model: nn.Module, tokenizer, rows: list[list[int]], max_new_tokens: list[int], *,
-                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0) -> list[list[int]]:
+                temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                seed: int | None = 0) -> list[list[int]]:
     """Decode several prompts (token ids) together in one left-padded batch with the static decoder; each row
     stops at its own end-of-sequence token or its own max_new_tokens. Returns each row's new ids (EOS dropped).
-    Greedy rows do not depend on the others; sampled ones draw from one generator for the whole batch."""
+    Greedy rows do not depend on the others (a repetition penalty counts only the row's own reply); sampled ones
+    draw from one generator for the whole batch."""
     from .decode import decode_tokens
 
     eos = _eos_ids(model, tokenizer)
@@ -159,7 +175,8 @@ def decode_rows(model: nn.Module, tokenizer, rows: list[list[int]], max_new_toke
     model.eval()
     try:
         steps = list(decode_tokens(model, ids, mask, max_new_tokens=max(max_new_tokens), eos_ids=eos, pad_id=pad,
-                                   temperature=temperature, top_p=top_p, seed=seed))
+                                   temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                                   seed=seed))
     finally:
         model.train(was_training)
     out = []
@@ -175,10 +192,10 @@ def decode_rows(model: nn.Module, tokenizer, rows: list[list[int]], max_new_toke
 
 
 def generate_batch(model: nn.Module, tokenizer, prompts: list[str], *, max_new_tokens: int = 128,
-                   temperature: float = 0.0, top_p: float = 1.0, use_chat_template: bool = True,
-                   seed: int | None = 0) -> list[str]:
+                   temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                   use_chat_template: bool = True, seed: int | None = 0) -> list[str]:
     """Replies to several prompts decoded together in one batch (decode_rows)."""
     rows = [prompt_ids(tokenizer, p, use_chat_template=use_chat_template) for p in prompts]
     new = decode_rows(model, tokenizer, rows, [max_new_tokens] * len(rows), temperature=temperature, top_p=top_p,
-                      seed=seed)
+                      repetition_penalty=repetition_penalty, seed=seed)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]

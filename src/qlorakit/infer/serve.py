@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdapterMismatchError, QlorakitError
+from ..errors import AdapterMismatchError, QlorakitError, ServeAddressError
 
 log = logging.getLogger("qlorakit.infer")
 
@@ -45,6 +45,7 @@ class AdapterWeights:
     path: Path
     scaling: float
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    config: dict[str, Any]  # its adapter_config.json
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
@@ -62,23 +63,17 @@ def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
 
 def _read_adapter_weights(name: str, folder: Path, dtype: torch.dtype, fingerprint: str, force: bool
                           ) -> AdapterWeights:
-    from ..adapters.peft_format import PEFT_PREFIX, read_adapter
+    from ..adapters.peft_format import adapter_modules, read_adapter
     from ..nn.lora import lora_scaling
 
-    config, tensors, record = read_adapter(folder)
+    config, tensors, record = read_adapter(folder)  # checked (keys, pairs, ranks against r) before the base loads
     saved = record.get("base_fingerprint")
     if saved and saved != fingerprint and not force:
         raise AdapterMismatchError(f"{folder}: adapter {name!r} was trained on another base model (fingerprint "
                                    f"{saved[:12]}, this base is {fingerprint[:12]}); use --force to serve it anyway")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    scaling = lora_scaling(r, alpha, bool(config.get("use_rslora")))
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for key, a in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            module = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
-            b = tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
-            modules[module] = (a.to(dtype), b.to(dtype))
-    return AdapterWeights(name, folder, scaling, modules)
+    scaling = lora_scaling(config["r"], float(config["lora_alpha"]), bool(config.get("use_rslora")))
+    modules = {module: (a.to(dtype), b.to(dtype)) for module, (a, b) in adapter_modules(tensors).items()}
+    return AdapterWeights(name, folder, scaling, modules, config)
 
 
 class AdapterServer:
@@ -91,12 +86,14 @@ class AdapterServer:
         if not batch_window_ms >= 0:
             raise QlorakitError(f"--batch-window-ms {batch_window_ms}: must be >= 0")
         from ..adapters.fingerprint import base_fingerprint
+        from ..adapters.peft_format import check_adapter_fits
         from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
         from ..model.loader import load_model
         from ..train.run import load_tokenizer, resolve_model_dir
+        from ..train.runtime import resolve_device
 
         model_dir = resolve_model_dir(model)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = resolve_device(device)
         self.dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         self.base_name = model
         fingerprint = base_fingerprint(model_dir)
@@ -108,6 +105,8 @@ class AdapterServer:
         self.net, report = load_model(model_dir, load_in_4bit=True, quant_type="nf4", blocksize=64,
                                       double_quant=True, compute_dtype=self.dtype, device=dev, progress=progress)
         log.info("qlorakit: %s", report.line())
+        for a in self.adapters.values():
+            check_adapter_fits(a.path, a.config, a.tensors, self.net)
         targets = sorted({m for a in self.adapters.values() for m in a.tensors})
         if targets:
             inject_lora(self.net, targets, r=1, alpha=1.0, dropout=0.0, adapter_dtype=self.dtype)
@@ -295,10 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             prompt, history = _prompt_of(body, chat)
-            max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
-            temperature, top_p = float(body.get("temperature", 0.0)), float(body.get("top_p", 1.0))
-            if max_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-                raise ValueError("need max_tokens >= 1, temperature >= 0, 0 < top_p <= 1")
+            max_tokens, temperature, top_p = _sampling_of(body)
         except (ValueError, TypeError, KeyError) as err:
             self._error(HTTPStatus.BAD_REQUEST, str(err), "invalid_request")
             return
@@ -336,20 +332,50 @@ def _prompt_of(body: dict[str, Any], chat: bool) -> tuple[str, list[dict[str, st
     return str(messages[-1]["content"]), history
 
 
+def _sampling_of(body: dict[str, Any]) -> tuple[int, float, float]:
+    """(max_tokens, temperature, top_p) of a request: max_tokens (or max_completion_tokens) an integer >= 1,
+    default 16; temperature finite and >= 0, default 0; 0 < top_p <= 1, default 1. ValueError naming the field."""
+    from .session import check_sampling
+
+    key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
+    values = [body.get(name) for name in (key, "temperature", "top_p")]
+    max_tokens, temperature, top_p = (d if v is None else v for v, d in zip(values, (16, 0.0, 1.0)))
+    check_sampling(max_tokens, temperature, top_p, names=(key, "temperature", "top_p"))
+    return max_tokens, float(temperature), float(top_p)
+
+
+def bind_server(host: str, port: int) -> ThreadingHTTPServer:
+    """A ThreadingHTTPServer listening on host:port (port 0: an ephemeral port, see server.server_address) that
+    answers nothing until attach_app. ServeAddressError (one line) when it cannot listen there: serve binds before
+    it loads anything, so a busy port fails at once rather than after the model load."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ServeAddressError(f"--port {port}: allowed 0 to 65535 (0: any free port)")
+    try:
+        return ThreadingHTTPServer((host, port), _Handler)
+    except OSError as err:
+        raise ServeAddressError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); choose "
+                                "another --port (0: any free port) or --host") from None
+
+
+def attach_app(server: ThreadingHTTPServer, app: AdapterServer) -> ThreadingHTTPServer:
+    server.RequestHandlerClass = type("Handler", (_Handler,), {"app": app})
+    return server
+
+
 def make_server(app: AdapterServer, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
     """A ThreadingHTTPServer bound to host:port (port 0: an ephemeral port, see server.server_address)."""
-    handler = type("Handler", (_Handler,), {"app": app})
-    return ThreadingHTTPServer((host, port), handler)
+    return attach_app(bind_server(host, port), app)
 
 
 def serve_command(args) -> int:
-    app = AdapterServer(args.model, parse_adapter_specs(args.adapter or []), force=args.force, device=args.device,
-                        max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
-    server = make_server(app, args.host, args.port)
-    host, port = server.server_address[:2]
-    print(f"qlorakit: serving {', '.join(app.model_ids)} on http://{host}:{port}/v1 (concurrent requests decoded "
-          f"together, up to {app.max_batch} per batch)", flush=True)
+    server = bind_server(args.host, args.port)
     try:
+        app = AdapterServer(args.model, parse_adapter_specs(args.adapter or []), force=args.force,
+                            device=args.device, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
+        attach_app(server, app)
+        host, port = server.server_address[:2]
+        print(f"qlorakit: serving {', '.join(app.model_ids)} on http://{host}:{port}/v1 (concurrent requests "
+              f"decoded together, up to {app.max_batch} per batch)", flush=True)
         server.serve_forever()
     finally:
         server.server_close()

@@ -9,37 +9,61 @@ import sys
 import torch
 from torch import nn
 
-from ..errors import QlorakitError
+from ..errors import OptionValueError, QlorakitError
 
 log = logging.getLogger("qlorakit.infer")
+
+SAMPLING_OPTIONS = ("--max-new-tokens", "--temperature", "--top-p")
+
+
+def check_sampling(max_new_tokens: object, temperature: object, top_p: object, *,
+                   names: tuple[str, str, str] = SAMPLING_OPTIONS) -> None:
+    """Refuse, with an OptionValueError naming the option (`names`), what decoding cannot do: max_new_tokens an
+    integer >= 1, temperature a finite number >= 0 (0: greedy), top_p a number in (0, 1]."""
+    def number(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise OptionValueError(f"{names[0]} {max_new_tokens!r}: allowed an integer >= 1")
+    if not number(temperature) or not 0 <= temperature < float("inf"):
+        raise OptionValueError(f"{names[1]} {temperature!r}: allowed a finite number >= 0 (0: greedy)")
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise OptionValueError(f"{names[2]} {top_p!r}: allowed a number > 0 and <= 1")
 
 
 def load_for_inference(model: str, adapter: str | None = None, *, force: bool = False, device: str | None = None,
                        quant_type: str = "nf4", compute_dtype: torch.dtype | None = None,
-                       progress: bool = True) -> tuple[nn.Module, object]:
-    """(model with the adapter applied, tokenizer). The adapter must match the base unless force."""
+                       progress: bool = True, quantize: bool = True) -> tuple[nn.Module, object]:
+    """(model with the adapter applied, tokenizer). The adapter must match the base unless force.
+
+    quantize False runs a 16-bit folder as stored, in the compute dtype (e.g. to check a merge in 16 bits); a
+    folder already in bitsandbytes' 4-bit format always loads its stored 4-bit weights (see loader.py)."""
     from ..adapters.fingerprint import base_fingerprint
-    from ..adapters.peft_format import load_adapter, read_adapter
+    from ..adapters.peft_format import adapter_modules, check_adapter_fits, load_adapter, read_adapter
     from ..model.loader import load_model
     from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
     from ..train.run import load_tokenizer, resolve_model_dir
+    from ..train.runtime import resolve_device
 
     model_dir = resolve_model_dir(model)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     dtype = compute_dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     tokenizer = load_tokenizer(model_dir)
     quant = {"load_in_4bit": True, "quant_type": quant_type, "blocksize": 64, "double_quant": True}
     if adapter:
-        config, _, record = read_adapter(adapter)
+        config, tensors, record = read_adapter(adapter)  # checked here, before the base is loaded
         # Rebuild the base the way the adapter was trained on it: its LoRA weights compensate that quantization.
         trained = record.get("quantization") or {}
         quant.update({k: trained[k] for k in quant if k in trained})
+    if not quantize:
+        quant["load_in_4bit"] = False
     net, report = load_model(model_dir, **quant, compute_dtype=dtype, device=dev, progress=progress)
     log.info("qlorakit: %s", report.line())
     if adapter:
-        targets = config.get("target_modules") or "all-linear"
-        inject_lora(net, targets, r=int(config["r"]), alpha=float(config["lora_alpha"]), dropout=0.0,
-                    use_rslora=bool(config.get("use_rslora", False)), adapter_dtype=dtype)
+        modules = adapter_modules(tensors)
+        check_adapter_fits(adapter, config, modules, net)
+        inject_lora(net, list(modules), r=config["r"], alpha=float(config["lora_alpha"]),
+                    dropout=0.0, use_rslora=bool(config.get("use_rslora", False)), adapter_dtype=dtype)
         load_adapter(net, adapter, base_fingerprint=base_fingerprint(model_dir), force=force)
         log.info("qlorakit: adapter %s applied", adapter)
     if dev.type == "cpu":
@@ -49,22 +73,31 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
 
 
 def generate_command(args: argparse.Namespace) -> int:
+    from .decode import check_repetition_penalty
     from .generate import generate
 
-    net, tok = load_for_inference(args.model, args.adapter, force=args.force, device=args.device)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    check_repetition_penalty(args.repetition_penalty)
+    net, tok = load_for_inference(args.model, args.adapter, force=args.force, device=args.device,
+                                  quantize=not args.no_quantize)
     for prompt in args.prompt:
         if len(args.prompt) > 1:
             print(f">>> {prompt}")
         generate(net, tok, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_p=args.top_p, use_chat_template=not args.no_chat_template, stream=sys.stdout)
+                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                 use_chat_template=not args.no_chat_template, stream=sys.stdout)
         print()
     return 0
 
 
 def chat_command(args: argparse.Namespace) -> int:
+    from .decode import check_repetition_penalty
     from .generate import generate
 
-    net, tok = load_for_inference(args.model, args.adapter, force=args.force, device=args.device)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    check_repetition_penalty(args.repetition_penalty)
+    net, tok = load_for_inference(args.model, args.adapter, force=args.force, device=args.device,
+                                  quantize=not args.no_quantize)
     if not getattr(tok, "chat_template", None):
         raise QlorakitError(f"{args.model}: the tokenizer has no chat template; use `qlorakit generate` instead")
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
@@ -84,6 +117,7 @@ def chat_command(args: argparse.Namespace) -> int:
             continue
         print("model> ", end="", flush=True)
         reply = generate(net, tok, line, history=history, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p, stream=sys.stdout)
+                         temperature=args.temperature, top_p=args.top_p,
+                         repetition_penalty=args.repetition_penalty, stream=sys.stdout)
         print()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]

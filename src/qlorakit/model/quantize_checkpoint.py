@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .. import kernels
-from ..errors import CheckpointFormatError, QlorakitError, QuantizationError
+from ..errors import CheckpointFormatError, QuantizationError
 from ..nn.linear4bit import Linear4bit
 from ..quant.blockwise import check_blocksize, check_quant_type
 from ..quant.bnb_format import (
@@ -34,7 +32,8 @@ from ..quant.bnb_format import (
     quant_state_to_tensors,
     quantization_config,
 )
-from .checkpoint_files import INDEX_FILE, PICKLE_SUFFIXES, find_checkpoint_files, require_model_folder
+from .checkpoint_files import INDEX_FILE, find_checkpoint_files, require_model_folder
+from .output_folder import check_out_dir, commit, copy_side_files, drop_auto_map, new_partial, say_left_out
 from .safetensors_writer import SafetensorsWriter
 from .targets import TargetLinear, target_linears_of
 
@@ -52,8 +51,6 @@ _QUANT_SUFFIXES = (
     "weight.quant_state.bitsandbytes__fp4",
     "bias",
 )
-# Not copied to the output: the weights this module rewrites, and pickle-based weights it never reads.
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", *PICKLE_SUFFIXES)
 
 
 def quantize_checkpoint(
@@ -64,32 +61,33 @@ def quantize_checkpoint(
     double_quant: bool = True,
     compute_dtype: str | torch.dtype = "bfloat16",
     overwrite: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Write a bitsandbytes-format 4-bit copy of the causal LM in `model_dir` to `out_dir`; returns out_dir.
 
     The output holds model.safetensors (or, for a sharded source, one output shard per source shard and
     model.safetensors.index.json), config.json with a `quantization_config` as transformers writes it
     (`compute_dtype` only goes there: it is the dtype bitsandbytes computes in after loading), and a copy of the
-    other top-level files (tokenizer, generation config, ...). It is written into a temporary sibling folder and
-    renamed into place when complete; an existing out_dir is refused unless `overwrite`, and then replaced only
-    after the new folder is complete.
+    other top-level files (tokenizer, generation config, ...); the source's custom code (*.py, `auto_map`) only
+    with `trust_remote_code`. It is written into a temporary sibling folder and renamed into place when complete
+    (see output_folder.py): an existing out_dir is replaced only with `overwrite`, only when it is empty or a
+    previous `qlorakit quantize` output, and only after the new folder is complete.
 
-    Raises CheckpointFormatError / QlorakitError with one line naming the file or key for bad input.
+    Raises CheckpointFormatError / OutputFolderError with one line naming the file or key for bad input.
     """
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     cdtype = _compute_dtype(compute_dtype)
     src = require_model_folder(model_dir)
     out = Path(out_dir)
-    check_out_dir(src, out, overwrite)
+    inputs = {"source model": src}
+    check_out_dir(out, "quantize", overwrite, inputs)
     config = read_config_json(src)
     checkpoint = find_checkpoint_files(src)
     targets = target_linears_of(src)
     _check_target_weights(src, targets, checkpoint.key_to_file())
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
+    partial = new_partial(out)
     try:
         weight_map, total_size, total_params = {}, 0, 0
         with tqdm(total=checkpoint.num_tensors(), desc="quantize", unit="tensor", file=sys.stderr) as bar:
@@ -111,12 +109,14 @@ def quantize_checkpoint(
             }
             write_json(partial / INDEX_FILE, index)
         config["quantization_config"] = quantization_config(quant_type, double_quant, cdtype)
+        left_out = drop_auto_map(config, trust_remote_code)
         write_json(partial / "config.json", config)
-        copy_side_files(src, partial)
-        commit(partial, out, overwrite)
+        left_out += copy_side_files(src, partial, trust_remote_code)
+        commit(partial, out, "quantize", overwrite, inputs)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    say_left_out(out, left_out)
     log.info("qlorakit: wrote %s (%d linear layers in %s, %.1f MB of weights)", out, len(targets), quant_type,
              total_size / 1e6)
     return out
@@ -232,49 +232,6 @@ def _check_target_weights(folder: Path, targets: dict[str, TargetLinear], stored
                     f"{path}: tensor {target.weight_key!r} is {dtype} {shape}; the architecture in config.json "
                     f"needs {expected} in one of {', '.join(_FLOAT_DTYPES)}"
                 )
-
-
-def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an output folder that is the source or inside it, is a file, or exists without `overwrite`."""
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise QlorakitError(f"{out}: the output folder may not be the source folder or inside it ({src})")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise QlorakitError(f"{out}: exists and is not a folder; give a new folder name")
-        if not overwrite:
-            raise QlorakitError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
-
-
-def commit(partial: Path, out: Path, overwrite: bool) -> None:
-    """Rename the complete `partial` folder to `out`, replacing an existing `out` only when `overwrite`."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(partial, out)
-        return
-    if not overwrite:
-        raise QlorakitError(f"{out}: appeared while quantizing; pass --overwrite (overwrite=True) to replace it")
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(out, old)
-    try:
-        os.rename(partial, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def copy_side_files(src: Path, dst: Path) -> None:
-    """Top-level files other than weights and config.json: tokenizer, generation config, chat template, licence."""
-    for path in sorted(src.iterdir()):
-        name = path.name
-        if (
-            not path.is_file()
-            or name.startswith(".")
-            or name == "config.json"
-            or name.endswith(_WEIGHT_SUFFIXES)
-            or name.endswith(".index.json")
-        ):
-            continue
-        shutil.copy2(path, dst / name)
 
 
 def write_json(path: Path, obj: object) -> None:

@@ -1,8 +1,10 @@
 """Training checkpoints: written to a temporary folder and renamed, resumable exactly.
 
 A checkpoint folder `checkpoints/step-000120/` holds the adapter in PEFT format (so any checkpoint is a usable
-adapter), the optimizer state as safetensors + JSON (no pickle), the RNG states, and trainer_state.json (step,
-data position, schedule). `checkpoints/latest` names the newest complete one. A data-parallel run adds the RNG
+adapter), the optimizer state as safetensors + JSON (no pickle), the RNG states, trainer_state.json (step, data
+position, schedule, the run's settings) and manifest.json (size and sha256 of every other file). It is written
+whole in a hidden temporary folder, manifest last, and renamed into place; `checkpoints/latest` then names it.
+Resume takes the newest checkpoint whose files match its manifest, and names any damaged one it skips. A data-parallel run adds the RNG
 states of ranks 1.. (`rng-rank1.safetensors`, ...), since their dropout streams differ from rank 0's. A sharded
 (FSDP2) run adds each rank's optimizer shard (`optimizer-rank1.safetensors` + `.json`, ...; rank 0's in the usual
 files) and resumes only with the same number of ranks.
@@ -10,7 +12,9 @@ files) and resumes only with the same number of ranks.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import shutil
@@ -18,12 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters.peft_format import load_adapter, save_adapter
-from ..errors import CheckpointFormatError
+from ..atomic import write_text
+from ..errors import CheckpointFormatError, CheckpointWriteError, QlorakitError
+from .manifest import MANIFEST_NAME, fsync_dir, verify_manifest, write_manifest
+
+log = logging.getLogger("qlorakit.train")
 
 STATE_NAME = "trainer_state.json"
 OPTIM_TENSORS = "optimizer.safetensors"
@@ -123,47 +131,112 @@ def save_checkpoint(
     if other_ranks_optimizer is not None:
         state["optimizer_shards"] = len(optims)
 
-    save_adapter(model, final, base_model_name_or_path=base_model_name, qlorakit_record=adapter_record,
-                 tensors=adapter_tensors)
-    # The adapter folder was renamed into place; the training state is added with per-file atomic writes and
-    # trainer_state.json last, so a folder without it is incomplete and never resumed from.
-    for rank, (opt_tensors, opt_meta) in enumerate(optims):
-        tensors_name, meta_name = _rank_optim_files(rank)
-        save_file(opt_tensors, str(final / (tensors_name + ".tmp")))
-        os.replace(final / (tensors_name + ".tmp"), final / tensors_name)
-        _write_json(final / meta_name, opt_meta)
-    for rank, tensors in enumerate([rng_tensors] + [t for t, _ in other_ranks_rng or []]):
-        name = _rank_rng_file(rank)
-        save_file(tensors, str(final / (name + ".tmp")))
-        os.replace(final / (name + ".tmp"), final / name)
-    _write_json(final / STATE_NAME, state)
-    (ckpt_root / "latest.tmp").write_text(final.name + "\n")
-    os.replace(ckpt_root / "latest.tmp", ckpt_root / "latest")
+    tmp = ckpt_root / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        save_adapter(model, tmp, base_model_name_or_path=base_model_name, qlorakit_record=adapter_record,
+                     tensors=adapter_tensors)
+        for rank, (opt_tensors, opt_meta) in enumerate(optims):
+            tensors_name, meta_name = _rank_optim_files(rank)
+            save_file(opt_tensors, str(tmp / tensors_name))
+            _write_json(tmp / meta_name, opt_meta)
+        for rank, tensors in enumerate([rng_tensors] + [t for t, _ in other_ranks_rng or []]):
+            save_file(tensors, str(tmp / _rank_rng_file(rank)))
+        _write_json(tmp / STATE_NAME, state)
+        write_manifest(tmp)  # last: a folder with a manifest is complete
+        if final.exists():  # an incomplete or damaged folder of this step, from an earlier attempt
+            old = ckpt_root / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        write_text(ckpt_root / "latest", final.name + "\n")
+        fsync_dir(ckpt_root)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        kept = f"the newest checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"{final}: writing the checkpoint failed ({write_error_text(err)}); {kept}; "
+                                   "fix that (free some space?) and run the same command to resume") from None
     _prune(ckpt_root, keep)
     return final
 
 
+def write_error_text(err: BaseException) -> str:
+    """What went wrong in a failed write, in the system's words (safetensors wraps them in its own message)."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return os.strerror(errno.ENOSPC) if os.strerror(errno.ENOSPC) in text else text
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def _is_complete(folder: Path) -> bool:
+    """A manifest; or a trainer_state.json in a checkpoint from before manifests (this version renames a folder
+    into place only once its manifest is written, so it never leaves a step folder without one)."""
+    return (folder / MANIFEST_NAME).is_file() or (folder / STATE_NAME).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoint folders under root/checkpoints, oldest first."""
+    ckpt_root = Path(root) / "checkpoints"
+    return sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and _is_complete(p))
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
-    complete = sorted(p for p in ckpt_root.glob("step-*") if (p / STATE_NAME).is_file())
-    for old in complete[:-keep]:
+    for old in complete_checkpoints(ckpt_root.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+# What a killed run can leave directly in its output folder: the final adapter's temporary and set-aside folders
+# (adapters/peft_format.py), and the temporary files of summary.json, config.yaml, metrics.jsonl (atomic.py) and
+# loss.png.
+_OUTPUT_LEFTOVERS = (".adapter.tmp-*", ".adapter.old-*", ".*.tmp", "loss.tmp.png")
+
+
+def remove_leftovers(root: Path) -> list[str]:
+    """Delete what killed writes left in the output folder `root`: under checkpoints/, hidden temporary and
+    set-aside folders and step folders without a manifest; beside it, the temporary names of the run's own
+    files. Only for the one run that holds the output folder's lock. Returns the names removed."""
+    root = Path(root)
+    ckpt_root = root / "checkpoints"
+    found = [p for pattern in _OUTPUT_LEFTOVERS for p in root.glob(pattern)]
+    if ckpt_root.is_dir():
+        # checkpoints/ holds only what save_checkpoint writes: any hidden entry is one of its temporary names
+        found += [p for p in ckpt_root.iterdir() if p.name.startswith(".")
+                  or (p.is_dir() and p.name.startswith("step-") and not _is_complete(p))]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return sorted(str(p.relative_to(root)) for p in found)
+
+
+def find_intact_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """(the newest complete checkpoint whose files match its manifest, or None; the newer ones skipped, each with
+    what is wrong with it). Checkpoints from before manifests are taken as they are."""
+    skipped: list[tuple[Path, str]] = []
+    for cand in reversed(complete_checkpoints(root)):
+        problem = verify_manifest(cand) if (cand / MANIFEST_NAME).is_file() else None
+        if problem is None:
+            return cand, skipped
+        skipped.append((cand, problem))
+    return None, skipped
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under root/checkpoints, or None."""
+    """The newest complete checkpoint under root/checkpoints (the one `latest` names), or None. Not verified:
+    find_intact_checkpoint() checks the files."""
     ckpt_root = Path(root) / "checkpoints"
     pointer = ckpt_root / "latest"
     if pointer.is_file():
         cand = ckpt_root / pointer.read_text().strip()
-        if (cand / STATE_NAME).is_file():
+        if cand.name.startswith("step-") and cand.is_dir() and _is_complete(cand):
             return cand
-    complete = sorted(p for p in ckpt_root.glob("step-*") if (p / STATE_NAME).is_file())
+    complete = complete_checkpoints(root)
     return complete[-1] if complete else None
 
 
@@ -196,7 +269,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         own = str(rank) in state.get("rng_ranks", {}) and (path / _rank_rng_file(rank)).is_file()
         with safe_open(str(path / _rank_rng_file(rank if own else 0)), framework="pt") as f:
             rng_tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, json.JSONDecodeError, KeyError, ValueError) as err:
-        raise CheckpointFormatError(f"{path}: cannot resume from this checkpoint ({err})") from None
-    _restore_rng(rng_tensors, state["rng_ranks"][str(rank)] if own else state["rng"])
+        _restore_rng(rng_tensors, state["rng_ranks"][str(rank)] if own else state["rng"])
+    except QlorakitError:
+        raise
+    except Exception as err:  # safetensors, torch and random each raise their own types for damaged input
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointFormatError(f"{path}: cannot resume from this checkpoint ({first}); move it away to "
+                                    "resume from an older one, or set training.resume: false") from None
     return state

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
@@ -22,8 +20,9 @@ from ..errors import QlorakitError
 from .checkpoint import (RngStates, capture_rng, latest_checkpoint, load_checkpoint, optimizer_files,
                          save_checkpoint)
 from .distributed import SINGLE_PROCESS, DistContext
-from .fsdp import grad_norm_value, loss_root, set_gradient_sync
-from .loss import count_targets, decoder_loss_sum
+from .forward import evaluate, forward_loss_sum
+from .fsdp import grad_norm_value, set_gradient_sync
+from .loss import count_targets
 from .metrics import MetricsWriter, plot_losses
 from .runtime import Runtime
 from .schedule import lr_factor, warmup_steps_for
@@ -56,16 +55,16 @@ class LoopSettings:
     save_every: int = 100
     log_every: int = 1
     keep_checkpoints: int = 2
-    resume: bool = True
     attn_implementation: str = "sdpa"
     stop_after_steps: int | None = None  # stop (as if killed) after this many steps; for tests and demos
+    run_settings: dict[str, Any] | None = None  # recorded in every checkpoint, compared on resume (run_state.py)
 
 
 @dataclass
 class TrainResult:
     steps: int
     total_steps: int
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # of the whole run, a resumed one's earlier steps included
     eval_history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int = 0
     interrupted: bool = False
@@ -86,34 +85,6 @@ class _Cursor:
         batch = self.plan[self.index]
         self.index += 1
         return batch
-
-
-def _model_inputs(batch: dict[str, torch.Tensor], packing: bool, attn_implementation: str,
-                  dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    from ..data import packed_attention_mask
-
-    inputs: dict[str, Any] = {
-        "input_ids": batch["input_ids"].to(device),
-        "position_ids": batch["position_ids"].to(device),
-    }
-    if packing and attn_implementation != "flash_attention_2":
-        # transformers isolates packed examples only with an explicit block-diagonal mask (or flash-attn varlen).
-        inputs["attention_mask"] = packed_attention_mask(batch["segment_ids"], dtype).to(device)
-    elif not packing:
-        inputs["attention_mask"] = batch["attention_mask"].to(device)
-    return inputs
-
-
-def forward_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], runtime: Runtime, packing: bool,
-                     attn_implementation: str) -> torch.Tensor:
-    """Summed token loss of one micro-batch (fp32 scalar), from the decoder's hidden states."""
-    inputs = _model_inputs(batch, packing, attn_implementation, runtime.compute_dtype, runtime.device)
-    labels = batch["labels"].to(runtime.device)
-    root = loss_root(model)
-    with runtime.autocast():
-        if root is not None:  # sharded (FSDP2): the same computation inside the root module's forward
-            return root(inputs, labels)
-        return decoder_loss_sum(model, inputs, labels)
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
@@ -154,35 +125,15 @@ class _ResumePoint:
     rng: RngStates
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, examples, settings: LoopSettings, runtime: Runtime, pad_id: int,
-             dist: DistContext = SINGLE_PROCESS) -> dict[str, float]:
-    """Mean token loss over `examples`; data-parallel, each rank takes its share of the batches and the sums are
-    all-reduced."""
+def planned_steps(train_examples, settings: LoopSettings) -> int:
+    """The run's optimizer steps: max_steps, or epochs over the batch plan at gradient_accumulation."""
     from ..data import epoch_batches
 
-    was_training = model.training
-    model.eval()
-    plan = epoch_batches(examples.lengths, settings.batch_size, settings.max_seq_length, settings.packing,
-                         seed=settings.seed, epoch=0)
-    total, count = 0.0, 0
-    share: list = dist.my_share(plan)
-    rounds = len(share)
-    if dist.sharded:  # every rank must join every forward's collectives: pad with repeats that are not counted
-        rounds = -(-len(plan) // dist.world_size)
-    for i in range(rounds):
-        rows = share[i] if i < len(share) else plan[0]
-        batch = examples.collate(rows, pad_id)
-        part = float(forward_loss_sum(model, batch, runtime, settings.packing, settings.attn_implementation))
-        if i < len(share):
-            total += part
-            count += count_targets(batch["labels"])
-    if dist.enabled:
-        total, summed = dist.sum_floats([total, count], runtime.device)
-        count = int(summed)
-    model.train(was_training)
-    loss = total / max(1, count)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": count}
+    batches = len(epoch_batches(train_examples.lengths, settings.batch_size, settings.max_seq_length,
+                                settings.packing, seed=settings.seed, epoch=0))
+    if batches == 0:
+        raise QlorakitError("no training batches: the training set is empty after filtering")
+    return settings.max_steps or max(1, math.ceil(settings.epochs * batches / settings.gradient_accumulation))
 
 
 def _divergence_message(step: int, loss: float, runtime: Runtime, settings: LoopSettings) -> str:
@@ -211,8 +162,10 @@ def train_loop(
     base_model_name: str | None = None,
     progress: bool = True,
     dist: DistContext = SINGLE_PROCESS,
+    resume_from: Path | None = None,
 ) -> TrainResult:
-    """Train the trainable parameters of `model` (LoRA adapters) on `train_examples`.
+    """Train the trainable parameters of `model` (LoRA adapters) on `train_examples`, continuing from the
+    checkpoint `resume_from` when given (run_state.plan_resume chooses and checks it).
 
     Data-parallel (`dist` enabled): every rank runs this loop over the same plan with equal parameters (see
     distributed.py); only rank 0 writes metrics, checkpoints and the plot, the others wait for each checkpoint.
@@ -228,18 +181,15 @@ def train_loop(
         return epoch_batches(train_examples.lengths, settings.batch_size, settings.max_seq_length,
                              settings.packing, seed=settings.seed, epoch=epoch)
 
-    batches_per_epoch = len(plan(0))
-    if batches_per_epoch == 0:
-        raise QlorakitError("no training batches: the training set is empty after filtering")
     ga = settings.gradient_accumulation
-    total_steps = settings.max_steps or max(1, math.ceil(settings.epochs * batches_per_epoch / ga))
+    total_steps = planned_steps(train_examples, settings)
     warmup = warmup_steps_for(total_steps, settings.warmup_ratio)
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", settings.learning_rate)
 
     step, cursor = 0, _Cursor(plan)
     resumed_from = 0
-    ckpt = latest_checkpoint(out) if settings.resume else None
+    ckpt = resume_from
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, rank=dist.rank,
                                 sharded_world=dist.world_size if dist.sharded else None)
@@ -252,6 +202,10 @@ def train_loop(
     metrics: MetricsWriter | _NoMetrics = (MetricsWriter(out, resume_from_step=resumed_from) if dist.is_main
                                            else _NoMetrics())
     result = TrainResult(steps=step, total_steps=total_steps, resumed_from=resumed_from)
+    # A resumed run's summary covers the whole run: the earlier steps' records come back from metrics.jsonl.
+    result.losses = [r["loss"] for r in metrics.kept if r.get("event") == "train"]
+    result.eval_history = [{k: v for k, v in r.items() if k != "event"} for r in metrics.kept
+                           if r.get("event") == "eval"]
     params = [p for p in model.parameters() if p.requires_grad]
 
     def resume_point() -> _ResumePoint:
@@ -259,7 +213,7 @@ def train_loop(
 
     def checkpoint_now(wait_for_all: bool = True) -> Path:
         st = {"epoch": done.epoch, "batch_index": done.batch_index, "total_steps": total_steps,
-              "settings_hash": _settings_hash(settings)}
+              "settings": settings.run_settings or {}}
         path = out / "checkpoints" / f"step-{step:06d}"
         if dist.sharded and not wait_for_all:
             # Gathering the shards needs every rank, and after Ctrl-C the others may be stopped anywhere.
@@ -338,11 +292,12 @@ def train_loop(
                 result.eval_history.append(ev)
                 metrics.write({"event": "eval", **ev})
                 say(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
-            if step % settings.save_every == 0 and step < total_steps:
+            if step % settings.save_every == 0 or step == total_steps:  # the last step too: max_steps may grow
                 result.checkpoint = checkpoint_now()
             stop = stop_requested["flag"] if not dist.enabled else dist.any(stop_requested["flag"], runtime.device)
             if stop or (settings.stop_after_steps and step >= settings.stop_after_steps):
-                result.checkpoint = checkpoint_now()
+                if result.checkpoint is None or result.checkpoint.name != f"step-{step:06d}":
+                    result.checkpoint = checkpoint_now()
                 result.interrupted = True
                 break
     except KeyboardInterrupt:
@@ -370,6 +325,8 @@ def _say_nothing(message: str) -> None:
 class _NoMetrics:
     """The metrics writer of ranks other than 0: records are dropped (rank 0 writes the same global values)."""
 
+    kept: list[dict[str, Any]] = []
+
     def write(self, record: dict[str, Any]) -> None:
         pass
 
@@ -381,12 +338,6 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def _settings_hash(settings: LoopSettings) -> str:
-    keys = ("seed", "batch_size", "gradient_accumulation", "max_seq_length", "packing", "learning_rate")
-    blob = json.dumps({k: getattr(settings, k) for k in keys}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def seed_everything(seed: int) -> None:

@@ -8,6 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
+from ..errors import CheckpointWriteError
+
 log = logging.getLogger("qlorakit.train")
 
 
@@ -17,13 +20,13 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, resume_from_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.kept: list[dict[str, Any]] = []  # the records of steps up to resume_from_step, when resuming
         if resume_from_step and self.path.exists():
             # Drop records written after the checkpoint we resume from, so the file tells one consistent story.
-            kept = [line for line in self.path.read_text().splitlines() if line.strip()
-                    and json.loads(line).get("step", 0) <= resume_from_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            self.kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_from_step]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.kept))
         elif not resume_from_step:
-            self.path.write_text("")
+            write_text(self.path, "")
         self._tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -33,8 +36,14 @@ class MetricsWriter:
             self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk mostly; the checkpoints written so far are intact
+            raise CheckpointWriteError(
+                f"{self.path}: writing a record failed ({err.strerror or err}); the run stopped at step "
+                f"{record.get('step', '?')} and the checkpoints written so far are intact; fix that and run the "
+                "same command to resume") from None
         if self._tb is not None:
             step = int(record.get("step", 0))
             for k, v in record.items():
@@ -47,7 +56,26 @@ class MetricsWriter:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A line that is not a JSON object (a write cut short by a kill or a full
+    disk) is skipped with one warning naming the file and line."""
+    records, bad = [], []
+    for number, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad:
+        log.warning("qlorakit: %s: skipped %d unreadable line(s) (line %s%s; a write cut short)", path, len(bad),
+                    bad[0], "" if len(bad) == 1 else f" .. {bad[-1]}")
+    return records
+
+
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:

@@ -12,17 +12,21 @@ from .run import run_training
 log = logging.getLogger("qlorakit.train")
 
 
-def _show(model, tokenizer, prompts: list[str], title: str, max_new_tokens: int) -> None:
+def _show(model, tokenizer, prompts: list[str], title: str, max_new_tokens: int, repetition_penalty: float) -> None:
+    """Greedy replies to `prompts`, with the same repetition penalty before and after training so they compare."""
     from ..infer.generate import generate
 
-    print(f"\n=== {title} ===", flush=True)
+    how = "greedy" if repetition_penalty == 1.0 else f"greedy, repetition penalty {repetition_penalty:g}"
+    print(f"\n=== {title}; {how} ===", flush=True)
     for prompt in prompts:
         print(f">>> {prompt}", flush=True)
-        generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, stream=sys.stdout)
+        generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                 stream=sys.stdout)
         print("\n", flush=True)
 
 
-def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int = 96, progress: bool = True) -> int:
+def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int = 96, repetition_penalty: float = 1.0,
+                  progress: bool = True) -> int:
     from .distributed import torchrun_env
 
     t0 = time.perf_counter()
@@ -38,16 +42,21 @@ def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int =
     before = None
     if prompts:
         def before(model, tok):
-            _show(model, tok, prompts, "before training (base model)", max_new_tokens)
+            _show(model, tok, prompts, "before training (base model)", max_new_tokens, repetition_penalty)
     out = run_training(cfg, progress=progress, before_training=before)
     if env is not None and env.rank != 0:
         return 130 if out.result.interrupted else 0
+    if out.already_finished:
+        print(f"{out.output_dir}: this run already finished ({out.result.steps} of {out.result.total_steps} steps); "
+              f"adapter: {out.adapter_dir}. Raise training.max_steps to train longer, or set another "
+              "training.output_dir for a new run.")
+        return 0
     if out.result.interrupted:
         print(f"stopped at step {out.result.steps}; checkpoint: {out.result.checkpoint}. "
               "Run the same command to resume.")
         return 130
     if prompts:
-        _show(out.model, out.tokenizer, prompts, "after training (base + adapter)", max_new_tokens)
+        _show(out.model, out.tokenizer, prompts, "after training (base + adapter)", max_new_tokens, repetition_penalty)
     hist = out.result.eval_history
     if hist:
         first, last = hist[0], hist[-1]

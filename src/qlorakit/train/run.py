@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
+from ..atomic import write_text
 from ..config import QloraConfig, dump_config
-from ..errors import QlorakitError
+from ..errors import CheckpointWriteError, QlorakitError
+from .checkpoint import remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
-from .loop import LoopSettings, TrainResult, seed_everything, train_loop
+from .loop import LoopSettings, TrainResult, planned_steps, seed_everything, train_loop
+from .run_state import OutputLock, examples_fingerprint, plan_resume
 from .runtime import Runtime, pick_runtime
 
 log = logging.getLogger("qlorakit.train")
@@ -116,9 +121,30 @@ def loop_settings(cfg: QloraConfig, stop_after_steps: int | None = None) -> Loop
         learning_rate=t.learning_rate, weight_decay=t.weight_decay, scheduler=t.scheduler,
         warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, max_seq_length=t.max_seq_length,
         packing=cfg.data.packing, eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
-        keep_checkpoints=t.keep_checkpoints, resume=t.resume, attn_implementation=cfg.model.attn_implementation,
+        keep_checkpoints=t.keep_checkpoints, attn_implementation=cfg.model.attn_implementation,
         stop_after_steps=stop_after_steps,
     )
+
+
+def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str, world_size: int) -> dict:
+    """What a checkpoint records of the run (run_state.py): `exact`, what decides the result; `free`, the rest."""
+    t, q, lo, d = cfg.training, cfg.quantization, cfg.lora, cfg.data
+    exact = {
+        "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint,
+        "quantization": f"{q.quant_type} blocksize {q.blocksize} double_quant {q.double_quant} "
+                        f"compute {q.compute_dtype}",
+        "lora": f"r {lo.rank} alpha {lo.alpha} dropout {lo.dropout} rslora {lo.use_rslora} "
+                f"dtype {lo.adapter_dtype} targets {lo.target_modules}",
+        "seed": t.seed, "batch_size": t.batch_size, "gradient_accumulation": t.gradient_accumulation,
+        "world_size": world_size, "optimizer": t.optimizer, "learning_rate": t.learning_rate,
+        "weight_decay": t.weight_decay, "scheduler": t.scheduler, "warmup_ratio": t.warmup_ratio,
+        "max_grad_norm": t.max_grad_norm, "max_seq_length": t.max_seq_length, "packing": d.packing,
+    }
+    free = {"max_steps": t.max_steps, "epochs": t.epochs, "eval_every": t.eval_every, "save_every": t.save_every,
+            "log_every": t.log_every, "keep_checkpoints": t.keep_checkpoints, "fused_blocks": t.fused_blocks,
+            "gradient_checkpointing": t.gradient_checkpointing, "keep_activations_gib": t.keep_activations_gib,
+            "offload_activations": t.offload_activations}
+    return {"exact": exact, "free": free}
 
 
 @dataclass
@@ -126,8 +152,9 @@ class RunOutput:
     result: TrainResult
     adapter_dir: Path | None
     output_dir: Path
-    model: nn.Module
+    model: nn.Module | None  # None when the run had already finished (nothing was loaded)
     tokenizer: object
+    already_finished: bool = False
 
 
 def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: int | None = None,
@@ -150,16 +177,77 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
 
 def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_after_steps: int | None,
                   device: str | None, before_training) -> RunOutput:
-    from ..adapters.fingerprint import base_fingerprint
-    from ..adapters.peft_format import lora_state_dict, save_adapter
-    from ..data import prepare_data
-
     t0 = time.perf_counter()
     seed_everything(cfg.training.seed)
     out = Path(cfg.training.output_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+    lock = _claim_output_dir(cfg) if dist.is_main else None
+    try:
+        return _train(cfg, dist, out, t0, progress=progress, stop_after_steps=stop_after_steps, device=device,
+                      before_training=before_training)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_output_dir(cfg: QloraConfig) -> OutputLock:
+    """Check output_dir can be written, lock it for this run, and clear what killed checkpoint writes left."""
+    from .preflight import check_output_dir
+
+    out = Path(cfg.training.output_dir)
+    check_output_dir(out)
+    lock = OutputLock(out)
+    removed = remove_leftovers(out)
+    if removed:
+        log.info("qlorakit: removed %d leftover(s) of interrupted writes in %s: %s", len(removed),
+                 out, ", ".join(removed))
+    if cfg.training.resume is False and (out / "checkpoints").is_dir():
+        log.warning("qlorakit: training.resume is false: deleting this run's old checkpoints in %s",
+                    out / "checkpoints")
+        shutil.rmtree(out / "checkpoints")
+    return lock
+
+
+def _offload_activations(model: nn.Module, runtime: Runtime, dist: DistContext) -> None:
+    """training.offload_activations: the recomputed layers' inputs go to pinned host memory (model/offload.py)."""
+    from ..model.offload import decoder_layers, offload_layer_inputs
+
+    if runtime.device.type != "cuda":
+        log.warning("qlorakit: training.offload_activations needs a CUDA device (it moves layer inputs between "
+                    "the GPU and pinned host memory); on %s every checkpointed layer keeps its input", runtime.device)
+        return
+    if dist.sharded:
+        log.warning("qlorakit: training.offload_activations is not supported with distributed: fsdp yet; the "
+                    "layers are recomputed with their inputs kept on the GPU")
+        return
+    layers = decoder_layers(model)
+    chosen = [i for i, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False)]
+    offload_layer_inputs(model, chosen)
+    log.info("qlorakit: activations: the inputs of %d of %d decoder layers wait for backward in pinned host "
+             "memory (the highest one stays on the GPU)", len(chosen), len(layers))
+
+
+def _check_disk(cfg: QloraConfig, model_dir: Path) -> None:
+    """Refuse before loading the model when output_dir's disk cannot hold the run's checkpoints."""
+    from ..model.lora_inject import lora_parameter_count
+    from ..optim.factory import OPTIMIZERS
+    from .preflight import check_free_disk, run_output_bytes
+
+    lo, t = cfg.lora, cfg.training
+    try:
+        params = lora_parameter_count(model_dir, lo.target_modules, lo.rank)
+    except QlorakitError:
+        return  # the model load that follows names the problem
+    adapter_bytes = 2 if lo.adapter_dtype in ("bfloat16", "float16") else 4
+    need = run_output_bytes(params, adapter_bytes, OPTIMIZERS[t.optimizer][0], t.keep_checkpoints)
+    check_free_disk(Path(t.output_dir), need, f"{t.keep_checkpoints + 1} checkpoints and the adapter")
+
+
+def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progress: bool,
+           stop_after_steps: int | None, device: str | None, before_training) -> RunOutput:
+    from ..adapters.fingerprint import base_fingerprint
+    from ..adapters.peft_format import lora_state_dict, peft_base_name, save_adapter
+    from ..data import prepare_data
+
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.revision)
     runtime = pick_runtime(cfg.quantization.compute_dtype, cfg.lora.adapter_dtype, device)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
@@ -175,6 +263,21 @@ def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_a
     )
     if dist.is_main:
         dist.barrier()
+    fingerprint = base_fingerprint(model_dir)
+    settings = loop_settings(cfg, stop_after_steps)
+    settings.run_settings = run_settings(cfg, examples_fingerprint(prepared.train, prepared.eval), fingerprint,
+                                         dist.world_size)
+    total_steps = planned_steps(prepared.train, settings)
+    resume = plan_resume(out, settings.run_settings, cfg.training.resume, total_steps)
+    if resume.finished:
+        log.info("qlorakit: %s already finished: step %d of %d; adapter: %s. To train longer raise "
+                 "training.max_steps (it continues from the last checkpoint); to start over set training.resume: "
+                 "false or another training.output_dir", out, resume.step, total_steps, out / "adapter")
+        done = TrainResult(steps=resume.step, total_steps=total_steps, resumed_from=resume.step)
+        return RunOutput(done, out / "adapter", out, None, tokenizer, already_finished=True)
+    if dist.is_main:
+        _check_disk(cfg, model_dir)
+        write_text(out / "config.yaml", dump_config(cfg))
     model = build_model(cfg, model_dir, runtime, progress)
     if cfg.training.gradient_checkpointing:
         from ..model.lora_inject import enable_activation_checkpointing
@@ -186,6 +289,8 @@ def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_a
             tokens = cfg.training.batch_size * cfg.training.max_seq_length
             plan = keep_activations(model, tokens, int(cfg.training.keep_activations_gib * 2**30))
             log.info(plan.line(tokens, cfg.training.keep_activations_gib))
+        if cfg.training.offload_activations:
+            _offload_activations(model, runtime, dist)
     if before_training is not None:
         before_training(model, tokenizer)
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
@@ -196,7 +301,6 @@ def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_a
     if dist.rank > 0:  # its own LoRA-dropout stream; rank 0 keeps the single-process one
         torch.manual_seed(cfg.training.seed + 1_000_003 * dist.rank)
     optimizer = build_optimizer(cfg, model)
-    fingerprint = base_fingerprint(model_dir)
     record = {
         "base_model": str(cfg.model.name),
         "base_model_dir": str(model_dir),
@@ -205,9 +309,9 @@ def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_a
         "qlorakit_version": _version(),
     }
     result = train_loop(
-        model, prepared.train, prepared.eval, tokenizer.pad_token_id, loop_settings(cfg, stop_after_steps),
-        runtime, optimizer, adapter_record=record, base_model_name=str(cfg.model.name), progress=progress,
-        dist=dist,
+        model, prepared.train, prepared.eval, tokenizer.pad_token_id, settings,
+        runtime, optimizer, adapter_record=record, base_model_name=peft_base_name(str(cfg.model.name)),
+        progress=progress, dist=dist, resume_from=resume.checkpoint,
     )
     adapter_dir = None
     if not result.interrupted:
@@ -218,12 +322,18 @@ def _run_training(cfg: QloraConfig, dist: DistContext, *, progress: bool, stop_a
             record["training"] = {"steps": result.steps,
                                   "final_loss": result.losses[-1] if result.losses else None,
                                   "eval": result.eval_history[-1] if result.eval_history else None}
-            adapter_dir = save_adapter(model, adapter_dir, base_model_name_or_path=str(cfg.model.name),
-                                       qlorakit_record=record, tensors=tensors)
+            try:
+                adapter_dir = save_adapter(model, adapter_dir,
+                                           base_model_name_or_path=peft_base_name(str(cfg.model.name)),
+                                           qlorakit_record=record, tensors=tensors)
+            except (OSError, SafetensorError) as err:
+                raise CheckpointWriteError(
+                    f"{adapter_dir}: writing the adapter failed ({write_error_text(err)}); the checkpoint of the last "
+                    "step holds the same weights: fix that and run the same command to write it") from None
             summary = {"adapter": str(adapter_dir), "metrics": str(out / "metrics.jsonl"),
                        "loss_plot": str(out / "loss.png"), "steps": result.steps,
                        "seconds": round(time.perf_counter() - t0, 1), "eval": result.eval_history}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         dist.barrier()
     return RunOutput(result, adapter_dir, out, model, tokenizer)
 

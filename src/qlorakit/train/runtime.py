@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DeviceError
+
 log = logging.getLogger("qlorakit.train")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -30,10 +32,44 @@ class Runtime:
         return None
 
 
+def available_devices() -> list[str]:
+    """What `--device` may name on this machine: cpu, then each accelerator that torch can use (cuda:0, ...)."""
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for kind in ("mps", "xpu"):
+        backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
+        if backend is not None and backend.is_available():
+            out.append(kind)
+    return out
+
+
+def resolve_device(device: str | None, option: str = "--device") -> torch.device:
+    """`device` as a torch.device (None: CUDA when there is one, else the CPU). A name torch does not know, or a
+    device this machine lacks (CUDA without a GPU, cuda:3 with two), is a DeviceError saying what is available,
+    before anything is loaded."""
+    if not device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    allowed = ", ".join(available_devices())
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"{option} {device!r} is not a device name; available here: {allowed}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            have = f"{count} CUDA device(s)" if count else "no CUDA device"
+            raise DeviceError(f"{option} {device}: not available, this machine has {have}; available here: "
+                              f"{allowed}")
+    elif dev.type != "cpu" and dev.type not in available_devices():
+        raise DeviceError(f"{option} {device}: not available on this machine; available here: {allowed}")
+    return dev
+
+
 def pick_runtime(compute_dtype: str, adapter_dtype: str, device: str | None = None) -> Runtime:
-    """CUDA when there is one, else CPU. On a GPU without bf16, fall back to fp16 compute with fp32 adapter
-    master weights, and say so."""
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`device` (resolve_device: CUDA when there is one, else CPU). On a GPU without bf16, fall back to fp16
+    compute with fp32 adapter master weights, and say so."""
+    dev = resolve_device(device, option="device")
     compute = _DTYPES[compute_dtype]
     adapter = _DTYPES[adapter_dtype]
     if dev.type == "cuda" and compute == torch.bfloat16 and not torch.cuda.is_bf16_supported():

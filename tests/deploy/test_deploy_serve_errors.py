@@ -1,0 +1,120 @@
+"""`qlorakit serve` refuses what it cannot do at once and in one line: a port in use or out of range and a
+device the machine lacks, before any model is loaded; a request asking for fewer than one token (or a negative or
+non-finite temperature, or top_p outside (0, 1]) is a 400 naming the field, not a 16-token reply."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from qlorakit import cli
+from qlorakit.errors import ServeAddressError
+from qlorakit.infer.serve import AdapterServer, bind_server, make_server
+
+
+@pytest.fixture
+def no_base_load(monkeypatch):
+    from qlorakit.model import loader
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the address and device were checked")
+
+    monkeypatch.setattr(loader, "load_model", refuse)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("qlorakit: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def missing_device() -> str:
+    """A CUDA device this machine does not have."""
+    return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+def test_port_in_use_fails_before_the_model_loads(tiny_base, capsys, no_base_load):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--model", str(tiny_base), "--port", str(port), "--device", "cpu"]) == 2
+    line = _one_line(capsys)
+    assert f"--port {port}: cannot listen there" in line and "in use" in line
+
+
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_port_out_of_range_is_one_line(tiny_base, capsys, no_base_load, port):
+    assert cli.main(["serve", "--model", str(tiny_base), "--port", port, "--device", "cpu"]) == 2
+    assert f"--port {port}: allowed 0 to 65535" in _one_line(capsys)
+
+
+def test_bind_server_refuses_a_port_already_bound():
+    server = bind_server("127.0.0.1", 0)
+    try:
+        with pytest.raises(ServeAddressError, match="cannot listen there"):
+            bind_server("127.0.0.1", server.server_address[1])
+    finally:
+        server.server_close()
+
+
+def test_missing_device_fails_before_the_model_loads(tiny_base, capsys, no_base_load):
+    device = missing_device()
+    assert cli.main(["serve", "--model", str(tiny_base), "--port", "0", "--device", device]) == 2
+    line = _one_line(capsys)
+    assert f"--device {device}: not available" in line and "available here: cpu" in line
+
+
+@pytest.fixture(scope="module")
+def url(tiny_base, adapter):
+    app = AdapterServer(str(tiny_base), {"alpha": adapter}, device="cpu", progress=False)
+    httpd = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1/completions"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+BAD_FIELDS = [
+    ({"max_tokens": 0}, "max_tokens 0: allowed an integer >= 1"),
+    ({"max_tokens": -3}, "max_tokens -3: allowed an integer >= 1"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens 0: allowed an integer >= 1"),
+    ({"max_tokens": 2.5}, "max_tokens 2.5: allowed an integer >= 1"),
+    ({"max_tokens": "4"}, "max_tokens '4': allowed an integer >= 1"),
+    ({"temperature": -1}, "temperature -1: allowed a finite number >= 0"),
+    ({"temperature": float("nan")}, "temperature nan: allowed a finite number >= 0"),
+    ({"top_p": 0}, "top_p 0: allowed a number > 0 and <= 1"),
+    ({"top_p": 1.5}, "top_p 1.5: allowed a number > 0 and <= 1"),
+]
+
+
+@pytest.mark.parametrize("fields,words", BAD_FIELDS, ids=[json.dumps(f) for f, _ in BAD_FIELDS])
+def test_out_of_range_request_fields_are_400s(url, fields, words):
+    status, body = _post(url, {"model": "alpha", "prompt": "hi", **fields})
+    assert status == 400 and body["error"]["code"] == "invalid_request"
+    assert words in body["error"]["message"] and "\n" not in body["error"]["message"]
+
+
+def test_max_tokens_1_gives_one_token_and_null_fields_take_defaults(url):
+    status, body = _post(url, {"model": "alpha", "prompt": "hi", "max_tokens": 1, "temperature": None,
+                               "top_p": None})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 1
