@@ -1,7 +1,7 @@
 """QLoRA training step on a Llama-shaped model built directly in NF4, against the peers in the same call.
 
     python3 benchmarks/train_step.py --out DIR [--batches 1x2048,4x2048] [--keep 1x2048=0,2;4x2048=0,10]
-                                     [--peers bnb-peft,unsloth] [--no-fused]
+                                     [--peers bnb-peft,unsloth] [--no-fused] [--offload]
 
 qlorakit side: random-init Llama-3-8B shape, block linears NF4 + double quantization (never held in bf16),
 LoRA r=64 alpha=16 on all 7 linears, dropout 0.05, fp32 adapters under bf16 autocast, non-reentrant gradient
@@ -112,12 +112,19 @@ def ours(args, peak_tflops: float) -> dict:
     for item in filter(None, args.keep.split(";")):
         shape, _, values = item.partition("=")
         keep[shape.strip()] = [float(v) for v in values.split(",")]
-    runs = [(bt, g) for bt in args.batches.split(",") for g in keep.get(bt, [0.0])]
-    for bt, keep_gib in runs:
+    runs = [(bt, g, off) for bt in args.batches.split(",") for g in keep.get(bt, [0.0])
+            for off in ((False, True) if args.offload else (False,))]
+    from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading
+
+    for bt, keep_gib, offload in runs:
         B, T = (int(v) for v in bt.split("x"))
+        stop_offloading(model)
         plan = keep_activations(model, B * T, int(keep_gib * 2**30))
         if keep_gib:
             print(plan.line(B * T, keep_gib), flush=True)
+        if offload:  # the recomputed layers' inputs wait in pinned host memory (training.offload_activations)
+            offload_layer_inputs(model, [i for i, layer in enumerate(decoder_layers(model))
+                                         if layer.gradient_checkpointing])
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -139,8 +146,9 @@ def ours(args, peak_tflops: float) -> dict:
         step = sorted(times[3:])[len(times[3:]) // 2]
         tok_s = B * T / step
         flops_tok = 6 * n_lin + 6 * V * H + 3 * 2 * T * H * n_layers
-        key = f"B{B}xT{T}" + (f"-keep{keep_gib:g}" if keep_gib else "")
+        key = f"B{B}xT{T}" + (f"-keep{keep_gib:g}" if keep_gib else "") + ("-offload" if offload else "")
         res[key] = dict(step_s=round(step, 4), tok_per_s=round(tok_s, 1), keep_activations_gib=keep_gib,
+                        offload_activations=offload,
                         kept_layers=plan.kept, kept_gate_up=plan.with_gate_up,
                                  torch_peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                  nvml_peak_GiB=round(nv.peak / 2**30, 2), loss=round(float(loss_sum) / n, 3),
@@ -164,6 +172,8 @@ def main() -> int:
     ap.add_argument("--keep", default="", help="per batch, the keep_activations_gib values to measure, e.g. "
                     "'1x2048=0,2;4x2048=0,10' (default: 0 for every batch)")
     ap.add_argument("--no-fused", action="store_true", help="transformers' modules instead of the fused block paths")
+    ap.add_argument("--offload", action="store_true", help="measure every run also with the recomputed layers' "
+                    "inputs offloaded to pinned host memory (training.offload_activations)")
     ap.add_argument("--peers", default="", help="comma-separated peers.py peers to run after ours")
     ap.add_argument("--peers-script", default=".peers/peers.py")
     args = ap.parse_args()
