@@ -66,6 +66,33 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          repetition_penalty=args.repetition_penalty, progress=not args.no_progress)
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+    import math
+
+    from .config import load_config
+    from .memory import estimate, suggest
+    from .train.run import resolve_model_dir
+
+    budget = args.memory_budget
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise OptionValueError(f"--memory-budget {budget:g}: allowed a finite number of GiB > 0")
+    cfg = load_config(args.config, args.set or [])
+    model_dir = resolve_model_dir(cfg.model.name, cfg.model.revision)
+    fit = suggest(cfg, model_dir, budget) if budget is not None else None
+    est = fit.estimate if fit is not None else estimate(cfg, model_dir)
+    if args.json:
+        record = est.to_json()
+        if fit is not None:
+            record["budget"] = fit.to_json()
+        print(json.dumps(record, indent=1))
+    else:
+        print(est.table())
+        if fit is not None:
+            print("\n" + "\n".join(fit.lines()))
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from .infer.session import generate_command
 
@@ -138,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "`qlorakit generate`; 1 = off, greedy)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser(
+        "estimate", help="estimate the peak GPU memory of a training config from config.json alone",
+        description="Peak GPU memory (torch's count and the device's, as NVML shows it) and host memory that "
+        "`qlorakit train CONFIG` needs, by component, beside 16-bit LoRA and full fine-tuning of the same model. "
+        "Reads the model's config.json only: no weights, no GPU. The memory model: src/qlorakit/memory/estimate.py.")
+    e.add_argument("config", nargs="?", help="the YAML config `qlorakit train` reads; omitted: all defaults")
+    e.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value, as for `qlorakit train` (repeatable)")
+    e.add_argument("--memory-budget", type=float, metavar="GiB",
+                   help="the GPU memory to fit in: says whether the config fits and, if not, which changes would")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    e.set_defaults(func=_cmd_estimate)
 
     g = sub.add_parser("generate", help="generate a reply on the 4-bit base (+ adapter)")
     _add_model_args(g)

@@ -287,6 +287,15 @@ class KeepPlan:
                 f"(training.keep_activations_gib={budget_gib:g})")
 
 
+def keep_plan(layers: int, fused_layers: int, small: int, large: int, budget_bytes: int) -> KeepPlan:
+    """How many of `fused_layers` (of `layers`) keep their activations within `budget_bytes`, given the bytes one
+    layer keeps without and with its MLP's gate/up output (layer_activation_bytes). Pure arithmetic: the memory
+    estimator (qlorakit.memory) plans with it exactly as keep_activations does."""
+    kept = min(fused_layers, budget_bytes // small)
+    with_gu = min(kept, (budget_bytes - kept * small) // (large - small)) if kept else 0
+    return KeepPlan(kept, with_gu, layers, kept * small + with_gu * (large - small))
+
+
 def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPlan:
     """Turn activation checkpointing off for the last fused decoder layers that `budget_bytes` of kept
     activations at `tokens` tokens per micro-batch can hold (layer_activation_bytes), and on for the other fused
@@ -300,9 +309,8 @@ def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPl
     fused = [layer for layer in layers if type(layer) is fused_layer]
     if not fused:
         return KeepPlan(0, 0, len(layers), 0)
-    small, large = layer_activation_bytes(model.config, tokens)
-    kept = min(len(fused), budget_bytes // small)
-    with_gu = min(kept, (budget_bytes - kept * small) // (large - small)) if kept else 0
+    plan = keep_plan(len(layers), len(fused), *layer_activation_bytes(model.config, tokens), budget_bytes)
+    kept, with_gu = plan.kept, plan.with_gate_up
     chosen = fused[len(fused) - kept:]
     for i, layer in enumerate(chosen):
         layer.gradient_checkpointing = False
@@ -310,4 +318,4 @@ def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPl
     for layer in fused[:len(fused) - kept]:
         layer.gradient_checkpointing = True
         layer.mlp.keep_gate_up = True  # a checkpointed layer recomputes everything anyway; keep its backward lean
-    return KeepPlan(kept, with_gu, len(layers), kept * small + with_gu * (large - small))
+    return plan

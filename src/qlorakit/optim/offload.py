@@ -18,6 +18,20 @@ from .storage import Apply, Slot, Work, items_for, kernel_views, reset_states
 CHUNK_BYTES = 64 * 2**20
 
 
+def plan_chunks(slots: list[Slot], chunk_bytes: int = CHUNK_BYTES) -> tuple[list[tuple[int, int]], list[int]]:
+    """Chunks of whole consecutive slots, (byte start, byte end) each, and each slot's chunk index; a slot larger
+    than chunk_bytes is one chunk. The GPU holds two staging buffers of the largest chunk's size."""
+    chunks: list[tuple[int, int]] = []
+    chunk_of: list[int] = []
+    for s in slots:
+        if chunks and s.offset + s.nbytes - chunks[-1][0] <= chunk_bytes:
+            chunks[-1] = (chunks[-1][0], s.offset + s.nbytes)
+        else:
+            chunks.append((s.offset, s.offset + s.nbytes))
+        chunk_of.append(len(chunks) - 1)
+    return chunks, chunk_of
+
+
 class OffloadArena:
     """States of several parameters of one CUDA device in pinned host memory (placement 'pinned')."""
 
@@ -30,15 +44,7 @@ class OffloadArena:
         self.views = [s.views(self.buffer, s.offset) for s in slots]
         for s, v in zip(slots, self.views):
             reset_states(s, v)
-        # Chunks of whole consecutive slots: (byte start, byte end); a slot larger than chunk_bytes is one chunk.
-        self.chunks: list[tuple[int, int]] = []
-        self.chunk_of: list[int] = []
-        for s in slots:
-            if self.chunks and s.offset + s.nbytes - self.chunks[-1][0] <= chunk_bytes:
-                self.chunks[-1] = (self.chunks[-1][0], s.offset + s.nbytes)
-            else:
-                self.chunks.append((s.offset, s.offset + s.nbytes))
-            self.chunk_of.append(len(self.chunks) - 1)
+        self.chunks, self.chunk_of = plan_chunks(slots, chunk_bytes)
         largest = max((end - start for start, end in self.chunks), default=1)
         self.staging = [torch.empty(largest, dtype=torch.uint8, device=device) for _ in range(2)]
         staging_views = [

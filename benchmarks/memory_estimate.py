@@ -1,0 +1,216 @@
+"""How close `qlorakit estimate` comes to measured peaks: training steps of a random-init model built in NF4.
+
+    python3 benchmarks/memory_estimate.py measure --out DIR        # on a GPU: DIR/memory_estimate.json
+    python3 benchmarks/memory_estimate.py compare DIR/memory_estimate.json   # anywhere: estimate vs measured
+
+`measure` (needs CUDA, not pydantic): the Llama-3-8B shape (model/synthetic.py), LoRA r=64 alpha=16 on all 7
+linears, dropout 0.05, fp32 adapters, bf16 autocast, qlorakit's own accumulate_gradients + clip 0.3 + optimizer
+step + zero_grad(set_to_none), as the training loop runs them, for each CASE below (3 steps each, random tokens).
+Per case: torch's peak allocated and reserved bytes, and NVML's used memory sampled every 2 ms, less what NVML
+showed before this process touched CUDA. Also the CUDA context: NVML's used memory after CUDA start-up, a cuBLAS
+matmul and a Triton kernel, less torch's reserved memory and the baseline.
+
+`compare`: writes a config.json of the same shape, builds the same configs and prints estimate and measurement
+side by side (qlorakit.memory.estimate; config.json only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+SHAPE = "llama3-8b"
+# name -> config sections (the keys `qlorakit train` reads); every case: r=64 on all linears, bf16, paged 32-bit
+# unless it says otherwise, data.packing false (random unpacked rows) unless it says otherwise.
+CASES: dict[str, dict] = {
+    "1x2048-paged32": {"training": {"batch_size": 1, "max_seq_length": 2048, "gradient_accumulation": 1}},
+    "4x2048-accum2-paged32": {"training": {"batch_size": 4, "max_seq_length": 2048, "gradient_accumulation": 2}},
+    "1x8192-adamw8-packed": {"training": {"batch_size": 1, "max_seq_length": 8192, "gradient_accumulation": 1,
+                                          "optimizer": "adamw_8bit"}, "data": {"packing": True}},
+    "4x2048-offload32-keep4": {"training": {"batch_size": 4, "max_seq_length": 2048, "gradient_accumulation": 1,
+                                            "optimizer": "offload_adamw_32bit", "keep_activations_gib": 4.0}},
+    "2x2048-accum2-adamw32-unfused": {"training": {"batch_size": 2, "max_seq_length": 2048,
+                                                   "gradient_accumulation": 2, "optimizer": "adamw_32bit",
+                                                   "fused_blocks": False}},
+    "1x2048-adamw32-no-checkpointing": {"training": {"batch_size": 1, "max_seq_length": 2048,
+                                                     "gradient_accumulation": 1, "optimizer": "adamw_32bit",
+                                                     "gradient_checkpointing": False}},
+}
+DEFAULTS = {"lora": {"rank": 64, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
+            "training": {"optimizer": "paged_adamw_32bit", "gradient_checkpointing": True, "fused_blocks": True,
+                         "keep_activations_gib": 0.0},
+            "data": {"packing": False}}
+
+
+def case_tree(case: dict) -> dict:
+    tree = {k: dict(v) for k, v in DEFAULTS.items()}
+    for section, values in case.items():
+        tree.setdefault(section, {}).update(values)
+    return tree
+
+
+class NvmlPeak:
+    def __init__(self, handle):
+        self.handle, self.peak, self._stop = handle, 0, False
+
+    def __enter__(self):
+        import pynvml
+
+        def run():
+            while not self._stop:
+                self.peak = max(self.peak, pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+                time.sleep(0.002)
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+
+
+def _batch(b: int, t: int, vocab: int, packed: bool):
+    import torch
+
+    ids = torch.randint(0, vocab, (b, t))
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(t).expand(b, t).contiguous(),
+             "attention_mask": torch.ones_like(ids)}
+    if packed:  # two examples per row
+        seg = torch.ones(b, t, dtype=torch.int32)
+        seg[:, t // 2:] = 2
+        batch["segment_ids"] = seg
+        batch["position_ids"] = torch.cat([torch.arange(t // 2), torch.arange(t - t // 2)]).expand(b, t).contiguous()
+    return batch
+
+
+def measure(out: Path, steps: int) -> None:
+    import pynvml
+    import torch
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    baseline = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    from qlorakit.model.fused_blocks import disable_fused_blocks, enable_fused_blocks, keep_activations
+    from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora
+    from qlorakit.model.synthetic import synthetic_llama
+    from qlorakit.optim import build_optimizer
+    from qlorakit.train.loop import accumulate_gradients
+    from qlorakit.train.runtime import Runtime
+
+    x = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
+    (x @ x).sum().item()
+    from qlorakit import kernels
+
+    kernels.call("rms_norm", x, torch.ones(1024, device="cuda", dtype=torch.bfloat16), 1e-5)
+    torch.cuda.synchronize()
+    context = pynvml.nvmlDeviceGetMemoryInfo(handle).used - baseline - torch.cuda.memory_reserved()
+    del x
+    model = synthetic_llama(SHAPE, device="cuda")
+    torch.manual_seed(0)
+    inject_lora(model, "all-linear", r=64, alpha=16, dropout=0.05, adapter_dtype=torch.float32)
+    model.train()
+    runtime = Runtime(torch.device("cuda"), torch.bfloat16, torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    vocab = model.config.vocab_size
+    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": SHAPE,
+              "nvml_baseline_bytes": baseline, "context_bytes": context, "cases": {}}
+    print(f"context {context / 2**30:.3f} GiB (baseline {baseline / 2**30:.3f} GiB)", flush=True)
+    for name, case in CASES.items():
+        t = case_tree(case)["training"]
+        packed = case_tree(case)["data"]["packing"]
+        disable_fused_blocks(model)
+        if t["fused_blocks"]:
+            enable_fused_blocks(model)
+        if t["gradient_checkpointing"]:
+            enable_activation_checkpointing(model)
+            keep_activations(model, t["batch_size"] * t["max_seq_length"], int(t["keep_activations_gib"] * 2**30))
+        else:
+            (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        opt = build_optimizer(t["optimizer"], params, lr=1e-5, weight_decay=0.0)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            with NvmlPeak(handle) as nv:
+                for _ in range(steps):
+                    micro = [_batch(t["batch_size"], t["max_seq_length"], vocab, packed)
+                             for _ in range(t["gradient_accumulation"])]
+                    accumulate_gradients(model, micro, runtime, packed, "sdpa")
+                    torch.nn.utils.clip_grad_norm_(params, 0.3)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                torch.cuda.synchronize()
+            rec = {"torch_peak_bytes": torch.cuda.max_memory_allocated(), "torch_reserved_bytes":
+                   torch.cuda.max_memory_reserved(), "nvml_peak_bytes": nv.peak - baseline,
+                   "optimizer_state_bytes": opt.state_bytes(), "seconds": round(time.perf_counter() - start, 1)}
+        except Exception as err:  # noqa: BLE001 - a failed case is reported, the others still run
+            rec = {"error": f"{type(err).__name__}: {err}"}
+        record["cases"][name] = rec
+        print(name, {k: (round(v / 2**30, 3) if isinstance(v, int) else v) for k, v in rec.items()}, flush=True)
+        del opt
+        for p in params:
+            p.grad = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory_estimate.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def compare(path: Path) -> None:
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    from qlorakit.config import config_from_dict
+    from qlorakit.memory import ModelShape
+    from qlorakit.memory.estimate import estimate_shape
+    from qlorakit.model.synthetic import SHAPES
+
+    record = json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        LlamaConfig(**SHAPES[record["shape"]]).save_pretrained(tmp)
+        shape = ModelShape(tmp)
+        print(f"{record['gpu']}, torch {record['torch']}; measured context {record['context_bytes'] / 2**30:.2f} GiB")
+        print(f"{'case':34s} {'torch est':>9s} {'measured':>9s} {'err':>6s} {'device est':>10s} {'NVML':>7s} "
+              f"{'err':>6s} {'reserved/alloc':>14s}")
+        for name, m in record["cases"].items():
+            if "error" in m:
+                print(f"{name:34s} failed: {m['error']}")
+                continue
+            tree = case_tree(CASES[name])
+            tree["model"] = {"name": tmp}
+            est = estimate_shape(config_from_dict(tree), shape)
+            tp, dp = m["torch_peak_bytes"], m["nvml_peak_bytes"]
+            print(f"{name:34s} {est.torch_peak / 2**30:9.2f} {tp / 2**30:9.2f} {est.torch_peak / tp - 1:+6.1%} "
+                  f"{est.device_peak / 2**30:10.2f} {dp / 2**30:7.2f} {est.device_peak / dp - 1:+6.1%} "
+                  f"{m['torch_reserved_bytes'] / tp:14.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--out", default="benchmarks/results")
+    m.add_argument("--steps", type=int, default=3)
+    c = sub.add_parser("compare")
+    c.add_argument("path")
+    args = ap.parse_args()
+    if args.cmd == "measure":
+        measure(Path(args.out), args.steps)
+    else:
+        compare(Path(args.path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

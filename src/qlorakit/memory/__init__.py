@@ -1,0 +1,31 @@
+"""Will it fit? Peak GPU and host memory of a training config, from config.json alone (no weights, no GPU).
+
+    est = estimate(load_config("run.yaml"), model_dir)
+    print(est.table()); json.dumps(est.to_json())
+    fit = suggest(cfg, model_dir, budget_gib=24)
+
+The memory model and every assumption: estimate.py's docstring; exact tensor sizes: shapes.py; the budget
+search: suggest.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import QloraConfig
+from .estimate import Component, Estimate, Method, estimate_shape
+from .shapes import ModelShape
+from .suggest import Fit, Option, suggest_shape
+
+
+def estimate(cfg: QloraConfig, model_dir: str | Path) -> Estimate:
+    """Peak memory of training `cfg` on the model in `model_dir` (its config.json only)."""
+    return estimate_shape(cfg, ModelShape(model_dir))
+
+
+def suggest(cfg: QloraConfig, model_dir: str | Path, budget_gib: float) -> Fit:
+    """Whether `cfg` fits in `budget_gib` GiB of GPU memory (device peak), and if not, which changes would."""
+    return suggest_shape(cfg, ModelShape(model_dir), budget_gib)
+
+
+__all__ = ["Component", "Estimate", "Fit", "Method", "ModelShape", "Option", "estimate", "suggest"]
