@@ -89,6 +89,11 @@ class TrainingSection(_Section):
         0.0, ge=0.0, description="with gradient_checkpointing: GiB of a micro-batch's activations (at batch_size x "
         "max_seq_length tokens) that fused Llama layers may keep for backward instead of recomputing them; the last "
         "layers that fit are not recomputed (faster), the rest are. 0 recomputes every layer (least memory)")
+    memory_budget_gib: float | None = Field(
+        None, gt=0, description="GPU memory (GiB, as NVML counts it) the run may use: before the model loads, "
+        "the estimator (qlorakit estimate) picks gradient checkpointing, offloaded layer inputs and as many layers "
+        "keeping their activations as fit, for the most speed within it; a budget nothing fits is refused with "
+        "what would fit. Unset: the config's own keep_activations_gib / offload_activations")
     offload_activations: bool = Field(
         False, description="with gradient_checkpointing: the input of every recomputed decoder layer waits for "
         "backward in pinned host memory instead of on the GPU (copied on a side stream, reloaded one layer ahead): "

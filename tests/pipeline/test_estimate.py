@@ -197,6 +197,82 @@ def test_more_tokens_more_memory_and_kept_layers(tmp_path):
     assert large - small > 1000
 
 
+def test_offloaded_layer_inputs_move_to_the_host_but_the_highest_one(tmp_path):
+    """training.offload_activations (model/offload.py): of L recomputed layers, L - 1 inputs wait in pinned host
+    memory; the highest stays on the GPU, and backward holds one reloaded input ahead of the layer it is in."""
+    model_dir = _write_config(tmp_path / "m", **{**LLAMA3_8B, "num_hidden_layers": 6})
+    plain = estimate(_cfg(model_dir, training={"max_seq_length": 1024}), model_dir)
+    off = estimate(_cfg(model_dir, training={"max_seq_length": 1024, "offload_activations": True}), model_dir)
+    one_input = 2 * 1024 * 4096 * 2
+    assert plain.component("saved_activations") == 6 * one_input
+    assert off.component("saved_activations") == 1 * one_input
+    assert off.component("layer_working_set") == plain.component("layer_working_set") + one_input
+    host = {c.key: c.nbytes for c in off.host}
+    assert host["offloaded_activations"] == 5 * one_input and "offloaded_activations" not in {c.key for c in plain.host}
+    assert off.torch_peak < plain.torch_peak
+
+
+def test_the_planner_keeps_what_fits_and_offloads_the_rest(tmp_path):
+    from qlorakit.memory import plan
+
+    model_dir = _write_config(tmp_path / "m", **{**LLAMA3_8B, "num_hidden_layers": 8})
+    cfg = _cfg(model_dir, training={"max_seq_length": 2048, "batch_size": 1})
+    lean = estimate(_cfg(model_dir, training={"max_seq_length": 2048, "batch_size": 1, "offload_activations": True,
+                                              "gradient_checkpointing": True}), model_dir)
+    kept = []
+    for extra_gib in (0.1, 1.0, 3.0):
+        budget = lean.device_peak / 2**30 + extra_gib
+        chosen = plan(cfg, model_dir, budget)
+        t = chosen.config.training
+        assert t.gradient_checkpointing and t.offload_activations
+        assert chosen.estimate.device_peak <= budget * 2**30
+        kept.append(t.keep_activations_gib)
+        assert "memory plan for training.memory_budget_gib" in chosen.line()
+    assert kept[0] < kept[1] < kept[2]
+    # One more 1/64 GiB of kept activations would not fit: the bisection stops at the budget.
+    more = _cfg(model_dir, training={"max_seq_length": 2048, "batch_size": 1, "offload_activations": True,
+                                     "keep_activations_gib": kept[1] + 0.2})
+    assert estimate(more, model_dir).device_peak > (lean.device_peak / 2**30 + 1.0) * 2**30
+
+
+def test_a_budget_nothing_fits_is_refused_before_loading_with_what_would(tmp_path):
+    from qlorakit.errors import QloraConfigError
+    from qlorakit.memory import plan
+
+    model_dir = _write_config(tmp_path / "m", **{**LLAMA3_8B, "num_hidden_layers": 8})
+    cfg = _cfg(model_dir, training={"max_seq_length": 8192, "batch_size": 8, "optimizer": "adamw_32bit"})
+    with pytest.raises(QloraConfigError, match="even with every layer recomputed and its input offloaded .*"
+                                              "what would fit: .*--set") as err:
+        plan(cfg, model_dir, 9.0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(QloraConfigError, match="nothing qlorakit can change fits \\(the least any change reaches "
+                                              "is .* GiB\\): a larger GPU is needed"):
+        plan(cfg, model_dir, 1.0)
+
+
+def test_a_training_run_says_its_estimate_and_its_plan_before_loading(tiny_model_dir, pattern_data, tmp_path,
+                                                                       caplog):
+    import logging
+
+    from pipeline_helpers import run_tree
+
+    from qlorakit.config import config_from_dict
+    from qlorakit.train.run import run_training
+
+    tree = run_tree(tiny_model_dir, pattern_data, tmp_path / "plain", training={"max_steps": 1})
+    with caplog.at_level(logging.INFO, logger="qlorakit.train"):
+        run_training(config_from_dict(tree), progress=False)
+    assert "memory estimate:" in caplog.text and "GiB torch peak" in caplog.text
+    caplog.clear()
+    tree = run_tree(tiny_model_dir, pattern_data, tmp_path / "planned",
+                    training={"max_steps": 1, "memory_budget_gib": 8.0})
+    with caplog.at_level(logging.INFO, logger="qlorakit.train"):
+        out = run_training(config_from_dict(tree), progress=False)
+    assert "memory plan for training.memory_budget_gib=8: gradient_checkpointing=True" in caplog.text
+    assert out.result.steps == 1
+    assert caplog.text.index("memory plan") < caplog.text.index("qlorakit: loaded")  # before the model loads
+
+
 @pytest.fixture
 def tiny_yaml(tmp_path, tiny_model_dir):
     tree = {"model": {"name": str(tiny_model_dir)}, "lora": {"rank": 8},

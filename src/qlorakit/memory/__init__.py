@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import QloraConfig
 from .estimate import Component, Estimate, Method, estimate_shape
+from .plan import MemoryPlan, plan_memory
 from .shapes import ModelShape
 from .suggest import Fit, Option, suggest_shape
 
@@ -23,9 +24,15 @@ def estimate(cfg: QloraConfig, model_dir: str | Path) -> Estimate:
     return estimate_shape(cfg, ModelShape(model_dir))
 
 
+def plan(cfg: QloraConfig, model_dir: str | Path, budget_gib: float, cuda: bool = True) -> MemoryPlan:
+    """The activation plan (checkpointing, offloaded inputs, kept layers) that fits `budget_gib` GiB fastest."""
+    return plan_memory(cfg, ModelShape(model_dir), budget_gib, cuda)
+
+
 def suggest(cfg: QloraConfig, model_dir: str | Path, budget_gib: float) -> Fit:
     """Whether `cfg` fits in `budget_gib` GiB of GPU memory (device peak), and if not, which changes would."""
     return suggest_shape(cfg, ModelShape(model_dir), budget_gib)
 
 
-__all__ = ["Component", "Estimate", "Fit", "Method", "ModelShape", "Option", "estimate", "suggest"]
+__all__ = ["Component", "Estimate", "Fit", "MemoryPlan", "Method", "ModelShape", "Option", "estimate", "plan",
+           "suggest"]

@@ -170,6 +170,7 @@ class Activations:
     working_set: int
     loss: int
     what: str
+    host: int = 0  # offloaded layer inputs in pinned host memory (training.offload_activations)
 
 
 def _unfused_layer_bytes(shape: ModelShape, tokens: int, d: int) -> int:
@@ -196,14 +197,21 @@ def activations(shape: ModelShape, cfg: QloraConfig, adapted: list[str]) -> Acti
         plan = keep_plan(layers, fused, small, large, int(t.keep_activations_gib * GiB)) if fused else None
         kept = plan.kept if plan else 0
         inputs = tokens * h * d
-        saved = (plan.bytes + kept * (beyond + eager) if plan else 0) + (layers - kept) * inputs
+        recomputed = layers - kept
+        # offload_activations: the recomputed layers' inputs wait in pinned host memory, but the highest one's
+        # (model/offload.py); in backward the next one is reloaded while the current one is differentiated.
+        offloaded = max(0, recomputed - 1) if t.offload_activations else 0
+        saved = (plan.bytes + kept * (beyond + eager) if plan else 0) + (recomputed - offloaded) * inputs
         gate_up_recomputed = (large - small) if plan and plan.with_gate_up < kept else 0
-        rebuild = max([full[k] for k in set(kinds[:layers - kept])] + [gate_up_recomputed])
-        saved_first = inputs if layers - kept else full[kinds[0]]
-        what = f"{layers - kept} recomputed layers' inputs" + (f", {kept} kept layers" if kept else "")
+        rebuild = max([full[k] for k in set(kinds[:recomputed])] + [gate_up_recomputed])
+        rebuild += inputs if offloaded else 0  # the prefetched input of the next layer down
+        saved_first = inputs if recomputed else full[kinds[0]]
+        what = f"{recomputed} recomputed layers' inputs" + (f" ({offloaded} in host memory)" if offloaded else "") \
+            + (f", {kept} kept layers" if kept else "")
+        host = offloaded * inputs
     else:
         saved = sum(full[k] for k in kinds)
-        rebuild, saved_first = 0, full[kinds[0]] if kinds else 0
+        rebuild, saved_first, host = 0, full[kinds[0]] if kinds else 0, 0
         what = f"all {layers} layers (no checkpointing)"
     working = rebuild + tokens * d * (3 * shape.intermediate + 3 * h) + 2 * scores * d
     packed_mask = cfg.data.packing and cfg.model.attn_implementation != "flash_attention_2"
@@ -211,7 +219,7 @@ def activations(shape: ModelShape, cfg: QloraConfig, adapted: list[str]) -> Acti
     chunk = min(batch * (seq - 1), LOSS_CHUNK_ROWS)
     loss = chunk * shape.vocab * d + chunk * 4 + 5 * tokens * h * d
     kind = f"{fused} fused" if fused == layers else (f"{fused} fused, {layers - fused} unfused" if fused else "unfused")
-    return Activations(saved, saved_first, mask, working, loss, f"{what}; {kind} layers")
+    return Activations(saved, saved_first, mask, working, loss, f"{what}; {kind} layers", host)
 
 
 def _peaks(static: int, grads: int, act: Activations, accumulation: int, layers: int) -> tuple[int, str]:
@@ -294,7 +302,7 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     summary = (f"{shape.architecture}, {shape.num_layers} layers, {shape.all_parameters / 1e9:.2f}B parameters "
                f"({shape.model_dir}); {tokens:,} tokens per micro-batch ({t.batch_size} x {t.max_seq_length})")
     return Estimate(str(shape.model_dir), shape.architecture, summary, components, torch_peak, moment, peak,
-                    _host(shape, opt), comparisons, _notes(cfg, shape, act, opt))
+                    _host(shape, opt, act), comparisons, _notes(cfg, shape, act, opt))
 
 
 _ALWAYS = {"lora_adapters", "lora_gradients", "saved_activations", "layer_working_set", "loss_chunk"}
@@ -320,8 +328,10 @@ def _full_finetuning(shape: ModelShape, act: Activations, accumulation: int, d: 
                   {"fp32_master_copy": sum(numels) * 4})
 
 
-def _host(shape: ModelShape, opt: OptimizerBytes) -> list[Component]:
+def _host(shape: ModelShape, opt: OptimizerBytes, act: Activations) -> list[Component]:
     out = []
+    if act.host:
+        out.append(Component("offloaded_activations", "offloaded layer inputs, pinned", act.host, "host"))
     if opt.pinned:
         out.append(Component("optimizer_states_pinned", "optimizer states, pinned (offloaded)", opt.pinned, "host"))
     if opt.managed:

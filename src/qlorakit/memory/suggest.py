@@ -5,6 +5,7 @@ ones that leave the training result alone to the ones that change it, each tried
 
   training.keep_activations_gib -> 0              same result, slower (every layer recomputed)
   training.gradient_checkpointing -> true         same result, slower
+  training.offload_activations -> true            same result: layer inputs wait in pinned host memory
   training.batch_size halved, gradient_accumulation raised to keep the effective batch: same result
   training.optimizer -> 8-bit states, then offloaded to pinned host memory (32-bit, then 8-bit)
   training.max_seq_length halved (down to 256)    longer examples are dropped or cut (data.overlong)
@@ -108,6 +109,12 @@ def _checkpointing(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Change
         yield {"training.gradient_checkpointing": True}, "same result, slower: layers are recomputed in backward"
 
 
+def _offload(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str]]:
+    if not cfg.training.offload_activations:
+        yield ({"training.offload_activations": True, "training.gradient_checkpointing": True},
+               "same result: recomputed layers' inputs wait in pinned host memory (CUDA)")
+
+
 def _batch(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str]]:
     t = cfg.training
     for b in range(t.batch_size - 1, 0, -1):
@@ -161,7 +168,7 @@ def _targets(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str
             yield {"lora.target_modules": names}, f"LoRA on {', '.join(names)} only"
 
 
-KNOBS: tuple[Knob, ...] = (_keep, _checkpointing, _batch, _optimizer, _seq_length, _rank, _targets)
+KNOBS: tuple[Knob, ...] = (_keep, _checkpointing, _offload, _batch, _optimizer, _seq_length, _rank, _targets)
 
 
 def _apply(cfg: QloraConfig, changes: Changes) -> QloraConfig:

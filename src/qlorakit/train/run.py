@@ -16,7 +16,7 @@ from torch import nn
 
 from ..atomic import write_text
 from ..config import QloraConfig, dump_config
-from ..errors import CheckpointWriteError, QlorakitError
+from ..errors import CheckpointWriteError, QloraConfigError, QlorakitError
 from .checkpoint import remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, planned_steps, seed_everything, train_loop
@@ -226,6 +226,29 @@ def _offload_activations(model: nn.Module, runtime: Runtime, dist: DistContext) 
              "memory (the highest one stays on the GPU)", len(chosen), len(layers))
 
 
+def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime) -> QloraConfig:
+    """Say the estimated peak; with training.memory_budget_gib, let the planner pick the activation plan (both
+    before the model loads; a budget that nothing fits is refused here)."""
+    from ..memory import estimate, plan
+
+    budget = cfg.training.memory_budget_gib
+    try:
+        if budget is not None:
+            chosen = plan(cfg, model_dir, budget, cuda=runtime.device.type == "cuda")
+            log.info(chosen.line())
+            return chosen.config
+        est = estimate(cfg, model_dir)
+    except QloraConfigError:
+        raise
+    except QlorakitError as err:  # an architecture the estimator cannot read; the model load names the problem
+        log.info("qlorakit: no memory estimate for %s (%s)", model_dir, err)
+        return cfg
+    where = "on a CUDA device" if runtime.device.type != "cuda" else "device-wide"
+    log.info("qlorakit: memory estimate: %.2f GiB torch peak, %.2f GiB %s (`qlorakit estimate` shows the "
+             "breakdown)", est.torch_peak / 2**30, est.device_peak / 2**30, where)
+    return cfg
+
+
 def _check_disk(cfg: QloraConfig, model_dir: Path) -> None:
     """Refuse before loading the model when output_dir's disk cannot hold the run's checkpoints."""
     from ..model.lora_inject import lora_parameter_count
@@ -250,6 +273,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
 
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.revision)
     runtime = pick_runtime(cfg.quantization.compute_dtype, cfg.lora.adapter_dtype, device)
+    cfg = _plan_memory(cfg, model_dir, runtime)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     d = cfg.data
     if not dist.is_main:  # rank 0 tokenises and fills the cache; the others then read it

@@ -1,0 +1,71 @@
+"""training.memory_budget_gib: the fastest activation plan whose estimated device peak fits the budget, chosen
+before the model loads.
+
+Only choices that leave the result alone are made: gradient checkpointing on, the inputs of recomputed layers
+offloaded to pinned host memory (on a CUDA device), and as many layers as fit keeping their activations for
+backward (training.keep_activations_gib: no recompute for them, the fastest way to spend memory). When even
+the leanest of these does not fit, the run is refused before anything loads, with what would fit (suggest.py:
+smaller micro-batches, 8-bit or offloaded optimizer states, shorter sequences, a lower rank, fewer modules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import QloraConfig
+from ..errors import QloraConfigError
+from .estimate import GiB, Estimate, estimate_shape
+from .shapes import ModelShape
+from .suggest import _apply, suggest_shape
+
+
+@dataclass
+class MemoryPlan:
+    config: QloraConfig  # the run's config with the plan's choices in it
+    estimate: Estimate
+    budget_gib: float
+    changes: dict
+
+    def line(self) -> str:
+        t = self.config.training
+        chose = ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
+                          for k, v in self.changes.items()) or "the config as it is"
+        return (f"qlorakit: memory plan for training.memory_budget_gib={self.budget_gib:g}: {chose}; estimated "
+                f"peak {self.estimate.torch_peak / GiB:.2f} GiB torch, {self.estimate.device_peak / GiB:.2f} GiB "
+                f"device-wide ({t.batch_size} x {t.max_seq_length} tokens per micro-batch; "
+                f"`qlorakit estimate` shows the breakdown)")
+
+
+def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bool) -> MemoryPlan:
+    """The plan for `cfg` within `budget_gib` GiB (device peak); QloraConfigError, with what would fit, when
+    nothing that keeps the result does."""
+    budget = budget_gib * GiB
+    lean = {"training.gradient_checkpointing": True, "training.keep_activations_gib": 0.0}
+    if cuda:
+        lean["training.offload_activations"] = True
+
+    def peak(keep_gib: float) -> int:
+        return estimate_shape(_apply(cfg, {**lean, "training.keep_activations_gib": keep_gib}), shape).device_peak
+
+    if peak(0.0) > budget:
+        fit = suggest_shape(_apply(cfg, lean), shape, budget_gib)
+        ways = [f"{o.set_args()} ({o.device_peak / GiB:.2f} GiB; {o.effect})" for o in fit.options]
+        if fit.combined is not None:
+            ways.append(f"{fit.combined.set_args()} ({fit.combined.device_peak / GiB:.2f} GiB)")
+        floor = f" (the least any change reaches is {fit.floor / GiB:.2f} GiB)" if fit.floor else ""
+        hint = "; or ".join(ways) if ways else f"nothing qlorakit can change fits{floor}: a larger GPU is needed"
+        raise QloraConfigError(
+            f"training.memory_budget_gib={budget_gib:g}: even with every layer recomputed"
+            f"{' and its input offloaded' if cuda else ''} the estimated device peak is "
+            f"{fit.estimate.device_peak / GiB:.2f} GiB; what would fit: {hint}")
+    # Kept activations grow with keep_activations_gib in steps of one layer; bisect to within 1/64 GiB.
+    lo, hi = 0.0, 1.0
+    while peak(hi) <= budget and hi < 4096:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1 / 64:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid)
+    changes = {k: v for k, v in {**lean, "training.keep_activations_gib": round(lo, 4)}.items()
+               if getattr(cfg.training, k.split(".", 1)[1]) != v}
+    planned = _apply(cfg, changes)
+    return MemoryPlan(planned, estimate_shape(planned, shape), budget_gib, changes)
