@@ -23,6 +23,8 @@ endif
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The replies before and after training: greedy, with a mild repetition penalty over the reply (README: why).
+QUICKSTART_DECODING := --repetition-penalty 1.1 --max-new-tokens 128
 QUICKSTART_PROMPTS := --prompt "Give three tips for a good night's sleep." \
 	--prompt "Is a tomato a fruit or a vegetable? Answer in one sentence." \
 	--prompt "Write a haiku about autumn rain."
@@ -30,7 +32,7 @@ QUICKSTART_PROMPTS := --prompt "Give three tips for a good night's sleep." \
 quickstart: $(STAMP)
 	@start=$$(date +%s); \
 	$(BIN)/qlorakit demo && \
-	$(BIN)/qlorakit train examples/quickstart.yaml $(QUICKSTART_PROMPTS); status=$$?; \
+	$(BIN)/qlorakit train examples/quickstart.yaml $(QUICKSTART_DECODING) $(QUICKSTART_PROMPTS); status=$$?; \
 	echo "quickstart: $$(( $$(date +%s) - start )) s (after set-up)"; exit $$status
 
 clean:

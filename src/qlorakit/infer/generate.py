@@ -117,7 +117,7 @@ def _hf_stream(model, tokenizer, enc, device, eos, pad, max_new_tokens, temperat
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
                   max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, streamer=streamer,
-                  do_sample=temperature > 0)
+                  do_sample=temperature > 0, repetition_penalty=1.0)  # not the model's generation_config's
     if repetition_penalty != 1.0:
         prompt_len = enc["input_ids"].shape[1]
         kwargs.update(logits_processor=LogitsProcessorList(
