@@ -92,6 +92,33 @@ def test_resume_with_other_lora_dropout_or_data_is_refused(tiny_model_dir, patte
         run_training(config_from_dict(tree), progress=False)
 
 
+def _as_legacy(run) -> None:
+    """Rewrite run's checkpoints as qlorakit 0.1 wrote them: a settings_hash of six settings, no manifest."""
+    import hashlib
+    import json
+
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        exact = state.pop("settings")["exact"]
+        keys = ("seed", "batch_size", "gradient_accumulation", "max_seq_length", "packing", "learning_rate")
+        blob = json.dumps({k: exact[k] for k in keys}, sort_keys=True)
+        state["settings_hash"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        (ckpt / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        (ckpt / "manifest.json").unlink()
+
+
+def test_checkpoints_of_qlorakit_0_1_are_compared_by_their_settings_hash(tiny_model_dir, pattern_data, stopped_at_4,
+                                                                        uninterrupted, caplog):
+    _as_legacy(stopped_at_4)
+    with pytest.raises(RunConflictError, match="its settings_hash differs"):
+        run_training(_config(tiny_model_dir, pattern_data, stopped_at_4, learning_rate=1e-3), progress=False)
+    with caplog.at_level(logging.WARNING, logger="qlorakit.train"):
+        out = run_training(_config(tiny_model_dir, pattern_data, stopped_at_4), progress=False)
+    assert "before all settings were recorded; only six were compared" in caplog.text
+    assert out.result.resumed_from == 4
+    _same_as_uninterrupted(stopped_at_4, out.model, uninterrupted)
+
+
 def test_force_resumes_despite_the_change_and_says_so(tiny_model_dir, pattern_data, stopped_at_4, caplog):
     cfg = _config(tiny_model_dir, pattern_data, stopped_at_4, learning_rate=1e-3, resume="force")
     with caplog.at_level(logging.WARNING, logger="qlorakit.train"):

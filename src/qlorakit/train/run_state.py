@@ -78,6 +78,13 @@ class ResumePlan:
     notes: list[str] = field(default_factory=list)
 
 
+def legacy_settings_hash(settings: dict[str, Any]) -> str:
+    """The settings_hash that checkpoints of qlorakit 0.1 recorded, of the same six values in `settings`."""
+    keys = ("seed", "batch_size", "gradient_accumulation", "max_seq_length", "packing", "learning_rate")
+    blob = json.dumps({k: settings.get("exact", {}).get(k) for k in keys}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def compare_settings(stored: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(differences in `exact`, differences in `free`), each as 'key: old -> new'."""
     def diffs(group: str) -> list[str]:
@@ -120,7 +127,14 @@ def plan_resume(output_dir: Path, settings: dict[str, Any], mode: bool | str, to
                                     "checkpoint away or set training.resume: false") from None
     stored = state.get("settings")
     if stored is None:
-        note = f"qlorakit: {ckpt} was written before settings were recorded; resuming without comparing them"
+        # Written by qlorakit 0.1 before the settings were recorded: it kept a hash of six of them.
+        if "settings_hash" in state and state["settings_hash"] != legacy_settings_hash(settings) and mode != "force":
+            raise RunConflictError(
+                f"{ckpt}: written with another seed, batch_size, gradient_accumulation, max_seq_length, packing or "
+                "learning_rate (its settings_hash differs); resuming would silently mix two runs. Use another "
+                "training.output_dir, set training.resume: force to continue anyway, or training.resume: false "
+                "to start over")
+        note = f"qlorakit: {ckpt} was written before all settings were recorded; only six were compared"
         log.warning(note)
         plan.notes.append(note)
     else:
