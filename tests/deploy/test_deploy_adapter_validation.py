@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli_helpers import one_error_line
 from qlorakit import cli
 from qlorakit.adapters.peft_format import adapter_modules, check_adapter_fits, read_adapter
 from qlorakit.errors import CheckpointFormatError
@@ -67,14 +68,6 @@ def no_base_load(monkeypatch):
     monkeypatch.setattr(loader, "load_model", refuse)
 
 
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("qlorakit: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def _generate(base, adapter) -> int:
     return cli.main(["generate", "--model", str(base), "--adapter", str(adapter), "--prompt", "hi",
                      "--max-new-tokens", "2", "--device", "cpu"])
@@ -119,7 +112,7 @@ def test_broken_adapter_is_one_line_before_the_base_loads(case, command, tiny_ba
            "chat": lambda: cli.main(["chat", "--model", str(tiny_base), "--adapter", str(broken), "--device", "cpu"]),
            }[command]
     assert run() == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert str(broken) in line
     for word in words:
         assert word in line, line
@@ -134,7 +127,7 @@ def test_weights_of_rank_16_under_r_8_are_refused_everywhere(tiny_base, tmp_path
     for run in (lambda: _generate(tiny_base, broken), lambda: _merge(tiny_base, broken, tmp_path),
                 lambda: _serve(tiny_base, broken)):
         assert run() == 2
-        assert "r is 8 but" in _one_line(capsys)
+        assert "r is 8 but" in one_error_line(capsys)
     with pytest.raises(CheckpointFormatError, match="r is 8 but"):
         AdapterServer(str(tiny_base), {"a": broken}, device="cpu", progress=False)
 
@@ -143,19 +136,19 @@ def test_adapted_module_missing_from_the_base_is_refused_in_generate_and_serve(t
                                                                                 capsys):
     broken = _rename_modules(_copy(adapter, tmp_path), "layers.1.", "layers.7.")
     assert _generate(tiny_base, broken) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert "adapts 'model.layers.7." in line and "this base model does not have" in line
     with pytest.raises(CheckpointFormatError, match="adapts 'model.layers.7.*does not have"):
         AdapterServer(str(tiny_base), {"a": broken}, device="cpu", progress=False)
     assert _merge(tiny_base, broken, tmp_path) == 2
-    assert "model.layers.7." in _one_line(capsys)
+    assert "model.layers.7." in one_error_line(capsys)
 
 
 def test_target_module_name_missing_from_the_base_is_refused(tiny_base, adapter, tmp_path, capsys):
     config = json.loads((adapter / "adapter_config.json").read_text())
     broken = _edit_config(_copy(adapter, tmp_path), target_modules=[*config["target_modules"], "qkv_proj"])
     assert _generate(tiny_base, broken) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert "target_modules names 'qkv_proj'" in line and "no module of this base model" in line
 
 

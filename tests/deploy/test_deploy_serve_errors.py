@@ -13,6 +13,7 @@ import urllib.request
 import pytest
 import torch
 
+from cli_helpers import one_error_line
 from qlorakit import cli
 from qlorakit.errors import ServeAddressError
 from qlorakit.infer.serve import AdapterServer, bind_server, make_server
@@ -28,14 +29,6 @@ def no_base_load(monkeypatch):
     monkeypatch.setattr(loader, "load_model", refuse)
 
 
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("qlorakit: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def missing_device() -> str:
     """A CUDA device this machine does not have."""
     return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
@@ -47,14 +40,14 @@ def test_port_in_use_fails_before_the_model_loads(tiny_base, capsys, no_base_loa
         taken.listen()
         port = taken.getsockname()[1]
         assert cli.main(["serve", "--model", str(tiny_base), "--port", str(port), "--device", "cpu"]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert f"--port {port}: cannot listen there" in line and "in use" in line
 
 
 @pytest.mark.parametrize("port", ["99999", "-1"])
 def test_port_out_of_range_is_one_line(tiny_base, capsys, no_base_load, port):
     assert cli.main(["serve", "--model", str(tiny_base), "--port", port, "--device", "cpu"]) == 2
-    assert f"--port {port}: allowed 0 to 65535" in _one_line(capsys)
+    assert f"--port {port}: allowed 0 to 65535" in one_error_line(capsys)
 
 
 def test_bind_server_refuses_a_port_already_bound():
@@ -69,7 +62,7 @@ def test_bind_server_refuses_a_port_already_bound():
 def test_missing_device_fails_before_the_model_loads(tiny_base, capsys, no_base_load):
     device = missing_device()
     assert cli.main(["serve", "--model", str(tiny_base), "--port", "0", "--device", device]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert f"--device {device}: not available" in line and "available here: cpu" in line
 
 

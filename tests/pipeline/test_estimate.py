@@ -11,6 +11,7 @@ import pytest
 import torch
 from pipeline_helpers import save_tiny_model, write_yaml
 
+from cli_helpers import one_error_line
 from qlorakit import cli
 from qlorakit.config import config_from_dict
 from qlorakit.memory import estimate, suggest
@@ -345,34 +346,26 @@ def test_budget_nothing_fits_and_combinations(tmp_path):
     assert len(fit.combined.changes) > 1
 
 
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("qlorakit: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def test_bad_input_is_one_line(tmp_path, tiny_yaml, capsys):
     assert cli.main(["estimate", str(tmp_path / "missing.yaml")]) == 2
-    assert "missing.yaml: config file not found" in _one_line(capsys)
+    assert "missing.yaml: config file not found" in one_error_line(capsys)
 
     assert cli.main(["estimate", str(tiny_yaml), "--set", f"model.name={tmp_path / 'no-such-model'}"]) == 2
-    assert "folder not found" in _one_line(capsys)
+    assert "folder not found" in one_error_line(capsys)
 
     (tmp_path / "empty").mkdir()
     assert cli.main(["estimate", str(tiny_yaml), "--set", f"model.name={tmp_path / 'empty'}"]) == 2
-    assert "no config.json" in _one_line(capsys)
+    assert "no config.json" in one_error_line(capsys)
 
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "config.json").write_text(json.dumps({"model_type": "no-such-type"}))
     assert cli.main(["estimate", str(tiny_yaml), "--set", f"model.name={odd}"]) == 2
-    assert "config.json" in _one_line(capsys)
+    assert "config.json" in one_error_line(capsys)
 
     assert cli.main(["estimate", str(tiny_yaml), "--set", "lora.target_modules=[nope_proj]"]) == 2
-    assert "'nope_proj' matches no linear layer" in _one_line(capsys)
+    assert "'nope_proj' matches no linear layer" in one_error_line(capsys)
 
     for bad in ("-1", "0", "nan", "inf"):
         assert cli.main(["estimate", str(tiny_yaml), "--memory-budget", bad]) == 2
-        assert f"--memory-budget {bad}: allowed a finite number of GiB > 0" in _one_line(capsys)
+        assert f"--memory-budget {bad}: allowed a finite number of GiB > 0" in one_error_line(capsys)

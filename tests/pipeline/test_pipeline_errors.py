@@ -11,17 +11,10 @@ import pytest
 import torch
 from pipeline_helpers import run_tree, write_yaml
 
+from cli_helpers import one_error_line
 from qlorakit import cli
 from qlorakit.errors import DeviceError
 from qlorakit.train.runtime import pick_runtime, resolve_device
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("qlorakit: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture
@@ -56,13 +49,13 @@ def test_sampling_values_out_of_range_are_one_line(case, command, tiny_model_dir
     args, words = SAMPLING[case]
     prompt = ["--prompt", "hi"] if command == "generate" else []
     assert cli.main([command, "--model", str(tiny_model_dir), *prompt, "--device", "cpu", *args]) == 2
-    assert words in _one_line(capsys)
+    assert words in one_error_line(capsys)
 
 
 def test_train_max_new_tokens_below_1_is_one_line(tiny_model_dir, pattern_data, tmp_path, capsys, no_base_load):
     config = write_yaml(tmp_path / "run.yaml", run_tree(tiny_model_dir, pattern_data, tmp_path / "run"))
     assert cli.main(["train", str(config), "--prompt", "hi", "--max-new-tokens", "0"]) == 2
-    assert "--max-new-tokens 0: allowed an integer >= 1" in _one_line(capsys)
+    assert "--max-new-tokens 0: allowed an integer >= 1" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -71,13 +64,13 @@ def test_missing_device_is_one_line_before_loading(command, tiny_model_dir, caps
     device = missing_device()
     prompt = ["--prompt", "hi"] if command == "generate" else []
     assert cli.main([command, "--model", str(tiny_model_dir), *prompt, "--device", device]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert f"--device {device}: not available" in line and "available here: cpu" in line
 
 
 def test_unknown_device_name_is_one_line(tiny_model_dir, capsys, no_base_load):
     assert cli.main(["generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--device", "gpu"]) == 2
-    assert "--device 'gpu' is not a device name; available here: cpu" in _one_line(capsys)
+    assert "--device 'gpu' is not a device name; available here: cpu" in one_error_line(capsys)
 
 
 def test_training_runtime_refuses_a_missing_device():
@@ -92,7 +85,7 @@ def test_yaml_key_given_twice_names_the_key_and_both_lines(tmp_path, capsys, no_
     config.write_text("lora:\n  rank: 8\ntraining:\n  learning_rate: 1.0e-4\n  batch_size: 2\n"
                       "  learning_rate: 2.0e-4\n", encoding="utf-8")
     assert cli.main(["train", str(config)]) == 2
-    assert _one_line(capsys) == (f"qlorakit: error: {config}: key 'training.learning_rate' is given twice "
+    assert one_error_line(capsys) == (f"qlorakit: error: {config}: key 'training.learning_rate' is given twice "
                                  "(lines 4 and 6); keep one")
 
 
@@ -100,7 +93,7 @@ def test_section_given_twice_is_refused_too(tmp_path, capsys, no_base_load):
     config = tmp_path / "run.yaml"
     config.write_text("lora:\n  rank: 8\nlora:\n  alpha: 16\n", encoding="utf-8")
     assert cli.main(["train", str(config)]) == 2
-    assert "key 'lora' is given twice (lines 1 and 3)" in _one_line(capsys)
+    assert "key 'lora' is given twice (lines 1 and 3)" in one_error_line(capsys)
 
 
 def test_config_that_is_not_utf8_is_one_line(tmp_path, capsys, no_base_load):
@@ -108,7 +101,7 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path, capsys, no_base_load):
     text = "training:\n  output_dir: runs/café\n"
     config.write_bytes(text.encode("latin-1"))
     assert cli.main(["train", str(config)]) == 2
-    line = _one_line(capsys)
+    line = one_error_line(capsys)
     assert str(config) in line and f"not UTF-8 text (byte 0xe9 at offset {text.index('é')})" in line
 
 
@@ -117,7 +110,7 @@ def test_output_dir_that_is_a_file_is_one_line(tiny_model_dir, pattern_data, tmp
     taken.write_text("not a folder")
     config = write_yaml(tmp_path / "run.yaml", run_tree(tiny_model_dir, pattern_data, taken))
     assert cli.main(["train", str(config), "--no-progress"]) == 2
-    assert str(taken) in _one_line(capsys)
+    assert str(taken) in one_error_line(capsys)
 
 
 @pytest.mark.parametrize("error,line", [
@@ -134,6 +127,6 @@ def test_os_errors_escaping_a_command_are_one_line(monkeypatch, capsys, error, l
 
     monkeypatch.setattr(cli, "_cmd_demo", fails)
     assert cli.main(["demo"]) == 2
-    assert _one_line(capsys) == f"qlorakit: error: {line}"
+    assert one_error_line(capsys) == f"qlorakit: error: {line}"
     with pytest.raises(type(error)):
         cli.main(["-v", "demo"])
