@@ -1,7 +1,7 @@
 """QLoRA training step on a Llama-shaped model built directly in NF4, against the peers in the same call.
 
     python3 benchmarks/train_step.py --out DIR [--batches 1x2048,4x2048] [--keep 1x2048=0,2;4x2048=0,10]
-                                     [--peers bnb-peft,unsloth] [--no-fused] [--offload]
+                                     [--peers bnb-peft,unsloth] [--no-fused] [--offload [only]]
 
 qlorakit side: random-init Llama-3-8B shape, block linears NF4 + double quantization (never held in bf16),
 LoRA r=64 alpha=16 on all 7 linears, dropout 0.05, fp32 adapters under bf16 autocast, non-reentrant gradient
@@ -113,7 +113,7 @@ def ours(args, peak_tflops: float) -> dict:
         shape, _, values = item.partition("=")
         keep[shape.strip()] = [float(v) for v in values.split(",")]
     runs = [(bt, g, off) for bt in args.batches.split(",") for g in keep.get(bt, [0.0])
-            for off in ((False, True) if args.offload else (False,))]
+            for off in {"": (False,), "both": (False, True), "only": (True,)}[args.offload]]
     from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading
 
     for bt, keep_gib, offload in runs:
@@ -172,8 +172,9 @@ def main() -> int:
     ap.add_argument("--keep", default="", help="per batch, the keep_activations_gib values to measure, e.g. "
                     "'1x2048=0,2;4x2048=0,10' (default: 0 for every batch)")
     ap.add_argument("--no-fused", action="store_true", help="transformers' modules instead of the fused block paths")
-    ap.add_argument("--offload", action="store_true", help="measure every run also with the recomputed layers' "
-                    "inputs offloaded to pinned host memory (training.offload_activations)")
+    ap.add_argument("--offload", nargs="?", const="both", default="", choices=("both", "only"),
+                    help="measure every run also (both) or only with the recomputed layers' inputs offloaded to "
+                    "pinned host memory (training.offload_activations)")
     ap.add_argument("--peers", default="", help="comma-separated peers.py peers to run after ours")
     ap.add_argument("--peers-script", default=".peers/peers.py")
     args = ap.parse_args()
