@@ -142,3 +142,28 @@ def test_checkpoint_estimate_covers_a_real_checkpoint(tmp_path):
                                     (5 * 2**40, "5.0 TiB")])
 def test_format_bytes(n, text):
     assert format_bytes(n) == text
+
+
+def test_train_checks_output_dir_and_disk_before_loading_the_model(tiny_model_dir, pattern_data, tmp_path,
+                                                                   monkeypatch):
+    """`qlorakit train`: an output_dir that is a file, and a disk without room for the run's checkpoints (sized
+    from the estimator's adapter bytes), are refused before anything loads."""
+    from pipeline_helpers import run_tree
+
+    from qlorakit.config import config_from_dict
+    from qlorakit.model import loader
+    from qlorakit.train.run import run_training
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the pre-flight refused")
+
+    monkeypatch.setattr(loader, "load_model", no_load)
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    with pytest.raises(OutputDirError):
+        run_training(config_from_dict(run_tree(tiny_model_dir, pattern_data, a_file)), progress=False)
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(real_usage(p).total, real_usage(p).total, 1024))
+    with pytest.raises(DiskSpaceError, match="3 checkpoints and the adapter needs about"):
+        run_training(config_from_dict(run_tree(tiny_model_dir, pattern_data, tmp_path / "run")), progress=False)

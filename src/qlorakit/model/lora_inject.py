@@ -68,16 +68,6 @@ def inject_lora(
     return names
 
 
-def lora_parameter_count(model_dir, target_modules: str | list[str], rank: int) -> int:
-    """Trainable LoRA parameters, rank x (in + out) per adapted linear, of the model in `model_dir`, from
-    config.json alone (the model is built on the meta device: nothing is loaded)."""
-    from .targets import load_causal_lm_config, meta_causal_lm
-
-    model = meta_causal_lm(load_causal_lm_config(model_dir))
-    linears = [model.get_submodule(name) for name in select_targets(model, target_modules)]
-    return sum(rank * (m.in_features + m.out_features) for m in linears)
-
-
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters; a 4-bit weight counts as its logical out x in parameters."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

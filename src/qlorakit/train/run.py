@@ -226,9 +226,10 @@ def _offload_activations(model: nn.Module, runtime: Runtime, dist: DistContext) 
              "memory (the highest one stays on the GPU)", len(chosen), len(layers))
 
 
-def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime) -> QloraConfig:
+def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime):
     """Say the estimated peak; with training.memory_budget_gib, let the planner pick the activation plan (both
-    before the model loads; a budget that nothing fits is refused here)."""
+    before the model loads; a budget that nothing fits is refused here). Returns (the config to run, the
+    estimate, or None where the estimator cannot read the architecture)."""
     from ..memory import estimate, plan
 
     budget = cfg.training.memory_budget_gib
@@ -236,31 +237,30 @@ def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime) -> QloraCo
         if budget is not None:
             chosen = plan(cfg, model_dir, budget, cuda=runtime.device.type == "cuda")
             log.info(chosen.line())
-            return chosen.config
+            return chosen.config, chosen.estimate
         est = estimate(cfg, model_dir)
     except QloraConfigError:
         raise
     except QlorakitError as err:  # an architecture the estimator cannot read; the model load names the problem
         log.info("qlorakit: no memory estimate for %s (%s)", model_dir, err)
-        return cfg
+        return cfg, None
     where = "on a CUDA device" if runtime.device.type != "cuda" else "device-wide"
     log.info("qlorakit: memory estimate: %.2f GiB torch peak, %.2f GiB %s (`qlorakit estimate` shows the "
              "breakdown)", est.torch_peak / 2**30, est.device_peak / 2**30, where)
-    return cfg
+    return cfg, est
 
 
-def _check_disk(cfg: QloraConfig, model_dir: Path) -> None:
-    """Refuse before loading the model when output_dir's disk cannot hold the run's checkpoints."""
-    from ..model.lora_inject import lora_parameter_count
+def _check_disk(cfg: QloraConfig, est) -> None:
+    """Refuse before loading the model when output_dir's disk cannot hold the run's checkpoints (sized from the
+    estimate's exact adapter bytes)."""
     from ..optim.factory import OPTIMIZERS
     from .preflight import check_free_disk, run_output_bytes
 
+    if est is None:
+        return
     lo, t = cfg.lora, cfg.training
-    try:
-        params = lora_parameter_count(model_dir, lo.target_modules, lo.rank)
-    except QlorakitError:
-        return  # the model load that follows names the problem
     adapter_bytes = 2 if lo.adapter_dtype in ("bfloat16", "float16") else 4
+    params = est.component("lora_adapters") // adapter_bytes
     need = run_output_bytes(params, adapter_bytes, OPTIMIZERS[t.optimizer][0], t.keep_checkpoints)
     check_free_disk(Path(t.output_dir), need, f"{t.keep_checkpoints + 1} checkpoints and the adapter")
 
@@ -273,7 +273,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
 
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.revision)
     runtime = pick_runtime(cfg.quantization.compute_dtype, cfg.lora.adapter_dtype, device)
-    cfg = _plan_memory(cfg, model_dir, runtime)
+    cfg, est = _plan_memory(cfg, model_dir, runtime)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     d = cfg.data
     if not dist.is_main:  # rank 0 tokenises and fills the cache; the others then read it
@@ -300,7 +300,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         done = TrainResult(steps=resume.step, total_steps=total_steps, resumed_from=resume.step)
         return RunOutput(done, out / "adapter", out, None, tokenizer, already_finished=True)
     if dist.is_main:
-        _check_disk(cfg, model_dir)
+        _check_disk(cfg, est)
         write_text(out / "config.yaml", dump_config(cfg))
     model = build_model(cfg, model_dir, runtime, progress)
     if cfg.training.gradient_checkpointing:
