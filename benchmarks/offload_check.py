@@ -68,7 +68,19 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--batches", default="1x2048,4x2048")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--sdpa", choices=("flash", "any"), default="flash",
+                    help="attention backend: flash (deterministic backward under use_deterministic_algorithms) or "
+                    "whatever torch picks (cuDNN's backward may sum in a varying order)")
     args = ap.parse_args()
+    if args.sdpa == "flash":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return check(args)
+    return check(args)
+
+
+def check(args) -> int:
     # Bit-identity needs deterministic kernels: cuBLAS with a fixed workspace, torch's deterministic choices (SDPA
     # backward included). A first run without this saw 'keep' differ from itself between two steps (0.06).
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -122,7 +134,7 @@ def main() -> int:
         row["offload_vs_recompute_time"] = round(row["offload"]["step_ms"] / row["recompute"]["step_ms"], 3)
         results[f"B{B}xT{T}"] = row
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "commit": sh("git", "rev-parse", "HEAD"),
-              "layers": args.layers, "rank": args.rank, "results": results, "checks": run.checks}
+              "layers": args.layers, "rank": args.rank, "sdpa": args.sdpa, "results": results, "checks": run.checks}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "offload_check.json").write_text(json.dumps(record, indent=1) + "\n")
