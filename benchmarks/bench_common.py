@@ -1,9 +1,11 @@
-"""What the GPU self-check benchmarks (kernels.py, optim.py) share: a recorder of PASS/FAIL checks and of targets
-met or missed, printed as they come, and git metadata that never fails the run."""
+"""What the GPU benchmarks share: a recorder of PASS/FAIL checks and of targets met or missed, printed as they
+come, git metadata that never fails the run, and a sampler of the device-wide (NVML) memory peak."""
 
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,3 +36,32 @@ def sh(*cmd: str) -> str:
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except Exception:  # noqa: BLE001 - metadata only
         return "unknown"
+
+
+class NvmlPeak:
+    """`with NvmlPeak() as nv: ...` then nv.peak: the largest device-wide used memory (bytes, what nvidia-smi
+    shows) sampled every `every` seconds on the current CUDA device (or the NVML handle given)."""
+
+    def __init__(self, handle=None, every: float = 0.005):
+        self.handle, self.every, self.peak, self._stop = handle, every, 0, False
+
+    def __enter__(self):
+        import pynvml
+        import torch
+
+        pynvml.nvmlInit()
+        if self.handle is None:
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+
+        def run():
+            while not self._stop:
+                self.peak = max(self.peak, pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
+                time.sleep(self.every)
+
+        self._t = threading.Thread(target=run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()

@@ -20,12 +20,13 @@ import argparse
 import gc
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import NvmlPeak  # noqa: E402
 
 SHAPE = "llama3-8b"
 # name -> config sections (the keys `qlorakit train` reads); every case: r=64 on all linears, bf16, paged 32-bit
@@ -55,27 +56,6 @@ def case_tree(case: dict) -> dict:
     for section, values in case.items():
         tree.setdefault(section, {}).update(values)
     return tree
-
-
-class NvmlPeak:
-    def __init__(self, handle):
-        self.handle, self.peak, self._stop = handle, 0, False
-
-    def __enter__(self):
-        import pynvml
-
-        def run():
-            while not self._stop:
-                self.peak = max(self.peak, pynvml.nvmlDeviceGetMemoryInfo(self.handle).used)
-                time.sleep(0.002)
-
-        self._t = threading.Thread(target=run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
 
 
 def _batch(b: int, t: int, vocab: int, packed: bool):
@@ -141,7 +121,7 @@ def measure(out: Path, steps: int) -> None:
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
-            with NvmlPeak(handle) as nv:
+            with NvmlPeak(handle, every=0.002) as nv:
                 for _ in range(steps):
                     micro = [_batch(t["batch_size"], t["max_seq_length"], vocab, packed)
                              for _ in range(t["gradient_accumulation"])]

@@ -23,34 +23,14 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-
-class NvmlPeak:
-    def __enter__(self):
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        self.peak, self._stop = 0, False
-
-        def run():
-            while not self._stop:
-                self.peak = max(self.peak, pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-                time.sleep(0.005)
-
-        self._t = threading.Thread(target=run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop = True
-        self._t.join()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import NvmlPeak  # noqa: E402
 
 
 def matmul_ceiling() -> float:
