@@ -210,3 +210,17 @@ def test_leftovers_of_killed_writes_are_removed_and_a_torn_metrics_line_is_skipp
     assert "removed 3 leftover(s)" in caplog.text
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004", "step-000006"]
     _same_as_uninterrupted(stopped_at_4, out.model, uninterrupted)
+
+
+def test_resume_false_starts_over_deleting_only_the_runs_own_checkpoints(tiny_model_dir, pattern_data, stopped_at_4,
+                                                                         uninterrupted):
+    """training.resume: false deletes this run's step folders, `latest` and write leftovers; a file of the user's
+    in checkpoints/ (hidden or not) stays."""
+    ckpts = stopped_at_4 / "checkpoints"
+    (ckpts / "notes.txt").write_text("mine")
+    (ckpts / ".mine").write_text("mine too")
+    out = run_training(_config(tiny_model_dir, pattern_data, stopped_at_4, resume=False), progress=False)
+    assert out.result.resumed_from == 0 and out.result.steps == STEPS
+    assert (ckpts / "notes.txt").read_text() == "mine" and (ckpts / ".mine").read_text() == "mine too"
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-000004", "step-000006"]
+    _same_as_uninterrupted(stopped_at_4, out.model, uninterrupted)

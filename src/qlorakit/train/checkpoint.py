@@ -207,12 +207,27 @@ def remove_leftovers(root: Path) -> list[str]:
     ckpt_root = root / "checkpoints"
     found = [p for pattern in _OUTPUT_LEFTOVERS for p in root.glob(pattern)]
     if ckpt_root.is_dir():
-        # checkpoints/ holds only what save_checkpoint writes: any hidden entry is one of its temporary names
-        found += [p for p in ckpt_root.iterdir() if p.name.startswith(".")
+        # save_checkpoint's temporary names: .step-N.tmp-PID / .step-N.old-PID, and save_adapter's inside them
+        found += [p for p in ckpt_root.iterdir() if p.name.startswith((".step-", "..step-", ".latest."))
                   or (p.is_dir() and p.name.startswith("step-") and not _is_complete(p))]
     for p in found:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     return sorted(str(p.relative_to(root)) for p in found)
+
+
+def remove_checkpoints(root: Path) -> list[str]:
+    """training.resume false: delete this run's checkpoints (complete step folders and `latest`) and what killed
+    writes left, nothing else that may sit in root/checkpoints. Returns the names removed."""
+    ckpt_root = Path(root) / "checkpoints"
+    removed = remove_leftovers(root)
+    if ckpt_root.is_dir():
+        for p in complete_checkpoints(root) + [ckpt_root / "latest"]:
+            if p.exists():
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+                removed.append(str(p.relative_to(root)))
+        if not any(ckpt_root.iterdir()):
+            ckpt_root.rmdir()
+    return removed
 
 
 def find_intact_checkpoint(root: Path) -> tuple[Path | None, list[tuple[Path, str]]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from torch import nn
 from ..atomic import write_text
 from ..config import QloraConfig, dump_config
 from ..errors import CheckpointWriteError, QloraConfigError, QlorakitError
-from .checkpoint import remove_leftovers, write_error_text
+from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, planned_steps, seed_everything, train_loop
 from .run_state import OutputLock, examples_fingerprint, plan_resume
@@ -201,9 +200,10 @@ def _claim_output_dir(cfg: QloraConfig) -> OutputLock:
         log.info("qlorakit: removed %d leftover(s) of interrupted writes in %s: %s", len(removed),
                  out, ", ".join(removed))
     if cfg.training.resume is False and (out / "checkpoints").is_dir():
-        log.warning("qlorakit: training.resume is false: deleting this run's old checkpoints in %s",
-                    out / "checkpoints")
-        shutil.rmtree(out / "checkpoints")
+        gone = remove_checkpoints(out)
+        if gone:
+            log.warning("qlorakit: training.resume is false: deleted the earlier run's checkpoints in %s (%s)",
+                        out / "checkpoints", ", ".join(gone))
     return lock
 
 
