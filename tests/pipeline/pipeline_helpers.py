@@ -158,3 +158,16 @@ def damage(path: Path, how: str) -> None:
         state["rng"]["python"][1] = state["rng"]["python"][1][:-3]
         data = bytearray(json.dumps(state, indent=1).encode())
     path.write_bytes(bytes(data))
+
+
+def left_padded_rows(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of left-padded rows of the given lengths: pad id 0, tokens drawn from 3..vocab-1,
+    seeded by the lengths."""
+    gen = torch.Generator().manual_seed(sum(lengths))
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[i, width - n:] = 1
+    return ids, mask

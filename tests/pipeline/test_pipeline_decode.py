@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_helpers import randomize_lora_b
+from pipeline_helpers import left_padded_rows, randomize_lora_b
 
 from qlorakit.errors import QlorakitError
 from qlorakit.infer.decode import StaticDecoder, choose_next, decode_tokens
@@ -38,18 +38,6 @@ def _model(tiny_model_dir, attn: str, four_bit: bool):
     return net.eval()
 
 
-def _prompts(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded rows of the given lengths (pad id 0)."""
-    gen = torch.Generator().manual_seed(sum(lengths))
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[i, width - n:] = 1
-    return ids, mask
-
-
 def _hf_greedy(net, ids, mask, eos: list[int], pad: int) -> torch.Tensor:
     out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=0, do_sample=False,
                        eos_token_id=eos, pad_token_id=pad)
@@ -66,7 +54,7 @@ def _ours(net, ids, mask, eos: list[int], pad: int) -> torch.Tensor:
 @pytest.mark.parametrize("lengths", [[7], [5, 9, 3]], ids=["one-row", "left-padded"])
 def test_greedy_tokens_equal_transformers_generate(tiny_model_dir, attn, four_bit, lengths):
     net = _model(tiny_model_dir, attn, four_bit)
-    ids, mask = _prompts(net.config.vocab_size, lengths)
+    ids, mask = left_padded_rows(net.config.vocab_size, lengths)
     no_eos = [-5]  # never produced: every row runs the full length
     ref = _hf_greedy(net, ids, mask, [net.config.vocab_size + 7], pad=0)
     got = _ours(net, ids, mask, no_eos, pad=0)
@@ -76,7 +64,7 @@ def test_greedy_tokens_equal_transformers_generate(tiny_model_dir, attn, four_bi
 
 def test_rows_stop_at_their_end_token_and_are_padded_after_it(tiny_model_dir):
     net = _model(tiny_model_dir, "sdpa", False)
-    ids, mask = _prompts(net.config.vocab_size, [6, 4])
+    ids, mask = left_padded_rows(net.config.vocab_size, [6, 4])
     free = _ours(net, ids, mask, [-5], pad=0)
     eos = int(free[0, 2])  # row 0's third token becomes its end token
     got = _ours(net, ids, mask, [eos], pad=0)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_helpers import randomize_lora_b
+from pipeline_helpers import left_padded_rows, randomize_lora_b
 
 from qlorakit.errors import OptionValueError, QlorakitError
 from qlorakit.infer.decode import decode_tokens, penalize_repeats
@@ -37,18 +37,6 @@ def _model(tiny_model_dir, four_bit: bool):
 
         net = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     return net.eval()
-
-
-def _rows(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded rows of the given lengths (pad id 0)."""
-    gen = torch.Generator().manual_seed(sum(lengths))
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, width - n:] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[i, width - n:] = 1
-    return ids, mask
 
 
 def _ours(net, ids, mask, penalty: float) -> torch.Tensor:
@@ -89,7 +77,7 @@ def test_the_penalty_is_transformers_repetition_penalty_on_random_logits(penalty
 @pytest.mark.parametrize("lengths", [[9], [6, 11, 3]], ids=["one-row", "left-padded"])
 def test_penalized_greedy_tokens_equal_transformers_generate(tiny_model_dir, four_bit, lengths):
     net = _model(tiny_model_dir, four_bit)
-    ids, mask = _rows(net.config.vocab_size, lengths)
+    ids, mask = left_padded_rows(net.config.vocab_size, lengths)
     got = _ours(net, ids, mask, 1.3)
     assert torch.equal(got, _transformers(net, ids, mask, 1.3))
     assert not torch.equal(got, _ours(net, ids, mask, 1.0))  # the random model repeats itself; the penalty acts
@@ -97,7 +85,7 @@ def test_penalized_greedy_tokens_equal_transformers_generate(tiny_model_dir, fou
 
 def test_a_row_in_a_batch_gives_its_tokens_alone(tiny_model_dir):
     net = _model(tiny_model_dir, False)
-    ids, mask = _rows(net.config.vocab_size, [6, 11, 3])
+    ids, mask = left_padded_rows(net.config.vocab_size, [6, 11, 3])
     together = _ours(net, ids, mask, 1.5)
     for i in range(ids.shape[0]):
         alone = ids[i:i + 1, mask[i].bool()]
