@@ -10,17 +10,10 @@ import shutil
 import pytest
 from pipeline_helpers import run_tree, write_yaml
 
+from cli_helpers import one_error_line
 from qlorakit import cli
 from qlorakit.train import loop
 from qlorakit.train import loss as loss_module
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("qlorakit: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def _generate(model_dir, adapter_dir, *extra: str) -> int:
@@ -36,7 +29,7 @@ def test_generate_with_the_trained_adapter(tiny_model_dir, trained_run, capsys):
 def test_adapter_on_another_base_is_refused_unless_forced(other_base_dir, trained_run, capsys):
     adapter = trained_run.run_dir / "adapter"
     assert _generate(other_base_dir, adapter) == 2
-    line = _error_line(capsys)
+    line = one_error_line(capsys)
     assert "trained on another base model" in line and "--force" in line
     assert _generate(other_base_dir, adapter, "--force") == 0
 
@@ -94,7 +87,7 @@ def test_user_error_is_one_line_exit_2(case, tiny_model_dir, pattern_data, tmp_p
     config = write_yaml(tmp_path / "run.yaml", tree)
     args = ["train", str(config), "--no-progress"] + [a for o in overrides for a in ("--set", o)]
     assert cli.main(args) == 2
-    line = _error_line(capsys)
+    line = one_error_line(capsys)
     for word in words:
         assert word in line, line
 
@@ -107,7 +100,7 @@ def test_incomplete_model_folder_is_one_line_exit_2(present, tiny_model_dir, pat
         shutil.copy(tiny_model_dir / name, folder / name)
     config = write_yaml(tmp_path / "run.yaml", run_tree(folder, pattern_data, tmp_path / "run"))
     assert cli.main(["train", str(config), "--no-progress"]) == 2
-    line = _error_line(capsys)
+    line = one_error_line(capsys)
     assert ("cannot load its tokenizer" if present else "not a Hugging Face model folder (no config.json)") in line
 
 
@@ -127,7 +120,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_causes(tiny_model_dir, patte
     monkeypatch.setattr(loss_module, "causal_lm_loss_sum", loss_nan_at_step_2)
     config = write_yaml(tmp_path / "run.yaml", run_tree(tiny_model_dir, pattern_data, tmp_path / "run"))
     assert cli.main(["train", str(config), "--no-progress"]) == 2
-    line = _error_line(capsys)
+    line = one_error_line(capsys)
     assert "loss became nan at step 2" in line
     assert "training.learning_rate is 0.01" in line and "bad data" in line
     assert "fp16" not in line and "gradient clipping" not in line  # float32 compute, clipping on: not the causes
