@@ -1,14 +1,15 @@
 """How close `qlorakit estimate` comes to measured peaks: training steps of a random-init model built in NF4.
 
-    python3 benchmarks/memory_estimate.py measure --out DIR        # on a GPU: DIR/memory_estimate.json
-    python3 benchmarks/memory_estimate.py compare DIR/memory_estimate.json   # anywhere: estimate vs measured
+    python3 benchmarks/memory_estimate.py measure --shape llama3-8b --out DIR   # on a GPU: DIR/memory_estimate-SHAPE.json
+    python3 benchmarks/memory_estimate.py compare DIR/memory_estimate-SHAPE.json  # anywhere: estimate vs measured
 
-`measure` (needs CUDA, not pydantic): the Llama-3-8B shape (model/synthetic.py), LoRA r=64 alpha=16 on all 7
+`measure` (needs CUDA): the Llama-3-8B or Llama-2-70B shape (model/synthetic.py), LoRA r=64 alpha=16 on all 7
 linears, dropout 0.05, fp32 adapters, bf16 autocast, qlorakit's own accumulate_gradients + clip 0.3 + optimizer
-step + zero_grad(set_to_none), as the training loop runs them, for each CASE below (3 steps each, random tokens).
-Per case: torch's peak allocated and reserved bytes, and NVML's used memory sampled every 2 ms, less what NVML
-showed before this process touched CUDA. Also the CUDA context: NVML's used memory after CUDA start-up, a cuBLAS
-matmul and a Triton kernel, less torch's reserved memory and the baseline.
+step + zero_grad(set_to_none), as the training loop runs them, for each case of `cases()` (`--steps` steps each,
+random tokens; a case that does not fit is reported as failed). Per case: torch's peak allocated and reserved
+bytes, and NVML's used memory sampled every 2 ms, less what NVML showed before this process touched CUDA. Also the
+CUDA context: NVML's used memory after CUDA start-up, a cuBLAS matmul and a Triton kernel, less torch's reserved
+memory and the baseline.
 
 `compare`: writes a config.json of the same shape, builds the same configs and prints estimate and measurement
 side by side (qlorakit.memory.estimate; config.json only).
@@ -28,26 +29,36 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_common import NvmlPeak  # noqa: E402
 
-SHAPE = "llama3-8b"
-# name -> config sections (the keys `qlorakit train` reads); every case: r=64 on all linears, bf16, paged 32-bit
-# unless it says otherwise, data.packing false (random unpacked rows) unless it says otherwise.
-CASES: dict[str, dict] = {
-    "1x2048-paged32": {"training": {"batch_size": 1, "max_seq_length": 2048, "gradient_accumulation": 1}},
-    "4x2048-accum2-paged32": {"training": {"batch_size": 4, "max_seq_length": 2048, "gradient_accumulation": 2}},
-    "1x8192-adamw8-packed": {"training": {"batch_size": 1, "max_seq_length": 8192, "gradient_accumulation": 1,
-                                          "optimizer": "adamw_8bit"}, "data": {"packing": True}},
-    "4x2048-offload32-keep4": {"training": {"batch_size": 4, "max_seq_length": 2048, "gradient_accumulation": 1,
+# The grid the estimate is checked on: T in (512, 2048, 8192), B in (1, 4), and three activation policies:
+#   keep      every layer's activations stay on the GPU (no checkpointing)
+#   offload   every layer recomputed in backward, its input waiting in pinned host memory (the top one stays)
+#   recompute every layer recomputed in backward, its input kept on the GPU
+# plus, for the 8B shape, the optimizer / accumulation / packing variants below. Every case: r=64 on all linears,
+# bf16, paged 32-bit Adam unless it says otherwise, data.packing false (random unpacked rows) unless it says so.
+POLICIES = {"keep": {"gradient_checkpointing": False},
+            "offload": {"gradient_checkpointing": True, "offload_activations": True},
+            "recompute": {"gradient_checkpointing": True}}
+VARIANTS: dict[str, dict] = {
+    "4x2048-accum2-recompute": {"training": {"batch_size": 4, "max_seq_length": 2048, "gradient_accumulation": 2}},
+    "1x8192-adamw8-packed-recompute": {"training": {"batch_size": 1, "max_seq_length": 8192,
+                                                    "optimizer": "adamw_8bit"}, "data": {"packing": True}},
+    "4x2048-offload32-keep4": {"training": {"batch_size": 4, "max_seq_length": 2048,
                                             "optimizer": "offload_adamw_32bit", "keep_activations_gib": 4.0}},
     "2x2048-accum2-adamw32-unfused": {"training": {"batch_size": 2, "max_seq_length": 2048,
                                                    "gradient_accumulation": 2, "optimizer": "adamw_32bit",
                                                    "fused_blocks": False}},
-    "1x2048-adamw32-no-checkpointing": {"training": {"batch_size": 1, "max_seq_length": 2048,
-                                                     "gradient_accumulation": 1, "optimizer": "adamw_32bit",
-                                                     "gradient_checkpointing": False}},
 }
+
+
+def cases(shape: str) -> dict[str, dict]:
+    grid = {f"{b}x{t}-{name}": {"training": {"batch_size": b, "max_seq_length": t, **policy}}
+            for t in (512, 2048, 8192) for b in (1, 4) for name, policy in POLICIES.items()}
+    return {**grid, **VARIANTS} if shape == "llama3-8b" else grid
+
+
 DEFAULTS = {"lora": {"rank": 64, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
             "training": {"optimizer": "paged_adamw_32bit", "gradient_checkpointing": True, "fused_blocks": True,
-                         "keep_activations_gib": 0.0},
+                         "keep_activations_gib": 0.0, "offload_activations": False, "gradient_accumulation": 1},
             "data": {"packing": False}}
 
 
@@ -72,7 +83,7 @@ def _batch(b: int, t: int, vocab: int, packed: bool):
     return batch
 
 
-def measure(out: Path, steps: int) -> None:
+def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
     import pynvml
     import torch
 
@@ -81,6 +92,7 @@ def measure(out: Path, steps: int) -> None:
     baseline = pynvml.nvmlDeviceGetMemoryInfo(handle).used
     from qlorakit.model.fused_blocks import disable_fused_blocks, enable_fused_blocks, keep_activations
     from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora
+    from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading
     from qlorakit.model.synthetic import synthetic_llama
     from qlorakit.optim import build_optimizer
     from qlorakit.train.loop import accumulate_gradients
@@ -94,17 +106,18 @@ def measure(out: Path, steps: int) -> None:
     torch.cuda.synchronize()
     context = pynvml.nvmlDeviceGetMemoryInfo(handle).used - baseline - torch.cuda.memory_reserved()
     del x
-    model = synthetic_llama(SHAPE, device="cuda")
+    model = synthetic_llama(shape, device="cuda")
     torch.manual_seed(0)
     inject_lora(model, "all-linear", r=64, alpha=16, dropout=0.05, adapter_dtype=torch.float32)
     model.train()
     runtime = Runtime(torch.device("cuda"), torch.bfloat16, torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.config.vocab_size
-    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": SHAPE,
+    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": shape,
               "nvml_baseline_bytes": baseline, "context_bytes": context, "cases": {}}
     print(f"context {context / 2**30:.3f} GiB (baseline {baseline / 2**30:.3f} GiB)", flush=True)
-    for name, case in CASES.items():
+    todo = {k: v for k, v in cases(shape).items() if not only or k in only}
+    for name, case in todo.items():
         t = case_tree(case)["training"]
         packed = case_tree(case)["data"]["packing"]
         disable_fused_blocks(model)
@@ -113,6 +126,9 @@ def measure(out: Path, steps: int) -> None:
         if t["gradient_checkpointing"]:
             enable_activation_checkpointing(model)
             keep_activations(model, t["batch_size"] * t["max_seq_length"], int(t["keep_activations_gib"] * 2**30))
+            if t["offload_activations"]:
+                layers = decoder_layers(model)
+                offload_layer_inputs(model, [i for i, x in enumerate(layers) if x.gradient_checkpointing])
         else:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         opt = build_optimizer(t["optimizer"], params, lr=1e-5, weight_decay=0.0)
@@ -138,12 +154,13 @@ def measure(out: Path, steps: int) -> None:
         record["cases"][name] = rec
         print(name, {k: (round(v / 2**30, 3) if isinstance(v, int) else v) for k, v in rec.items()}, flush=True)
         del opt
+        stop_offloading(model)
         for p in params:
             p.grad = None
         gc.collect()
         torch.cuda.empty_cache()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "memory_estimate.json").write_text(json.dumps(record, indent=1) + "\n")
+    (out / f"memory_estimate-{shape}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def compare(path: Path) -> None:
@@ -167,7 +184,7 @@ def compare(path: Path) -> None:
             if "error" in m:
                 print(f"{name:34s} failed: {m['error']}")
                 continue
-            tree = case_tree(CASES[name])
+            tree = case_tree(cases(record["shape"])[name])
             tree["model"] = {"name": tmp}
             est = estimate_shape(config_from_dict(tree), shape)
             tp, dp = m["torch_peak_bytes"], m["nvml_peak_bytes"]
@@ -182,11 +199,13 @@ def main() -> int:
     m = sub.add_parser("measure")
     m.add_argument("--out", default="benchmarks/results")
     m.add_argument("--steps", type=int, default=3)
+    m.add_argument("--shape", default="llama3-8b", choices=("llama3-8b", "llama2-70b"))
+    m.add_argument("--only", default="", help="comma-separated case names (default: all of the shape's)")
     c = sub.add_parser("compare")
     c.add_argument("path")
     args = ap.parse_args()
     if args.cmd == "measure":
-        measure(Path(args.out), args.steps)
+        measure(Path(args.out), args.steps, args.shape, [c for c in args.only.split(",") if c])
     else:
         compare(Path(args.path))
     return 0
