@@ -57,6 +57,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .infer.decode import check_repetition_penalty
     from .train.pipeline import train_command
+    from .train.runtime import prefer_expandable_segments
+
+    prefer_expandable_segments()
 
     if args.max_new_tokens < 1:
         raise OptionValueError(f"--max-new-tokens {args.max_new_tokens}: allowed an integer >= 1")

@@ -75,7 +75,12 @@ class TrainingSection(_Section):
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "offload_adamw_32bit",
-                       "offload_adamw_8bit"] = "paged_adamw_32bit"
+                       "offload_adamw_8bit", "host_adamw_32bit"] = Field(
+        "paged_adamw_32bit", description="AdamW with 32- or 8-bit states in GPU memory (adamw_*), CUDA unified memory "
+        "(paged_*), or pinned host memory streamed through the GPU (offload_*); host_adamw_32bit keeps the fp32 "
+        "master weights and moments in pinned host memory and the adapters on the GPU in the compute dtype, and "
+        "steps each adapter inside backward as soon as its gradient is complete (least GPU memory; no gradient "
+        "clipping, single process)")
     paged_prefetch: Literal["auto", "always", "never"] = Field(
         "auto", description="paged optimizers: when to prefetch the states to the GPU before an update. 'auto' "
         "while the driver is evicting them (detected from the update's timing), 'always' before every update "
@@ -122,6 +127,10 @@ class TrainingSection(_Section):
         if self.keep_activations_gib > 0 and not self.gradient_checkpointing:
             raise ValueError("keep_activations_gib needs gradient_checkpointing: true (without checkpointing every "
                              "layer keeps all its activations anyway); drop one of them")
+        if self.optimizer == "host_adamw_32bit" and self.max_grad_norm:
+            raise ValueError(f"optimizer host_adamw_32bit steps each adapter inside backward, before the norm of all "
+                             f"gradients exists, so it cannot clip by it: set max_grad_norm: null (it is "
+                             f"{self.max_grad_norm:g}) or pick another optimizer")
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("offload_activations needs gradient_checkpointing: true (it moves what checkpointing "
                              "keeps, the layer inputs); drop one of them")

@@ -37,13 +37,17 @@ def lora_modules(model: nn.Module) -> dict[str, LoraLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def lora_state_dict(model: nn.Module, source=None) -> dict[str, torch.Tensor]:
     """PEFT-keyed LoRA tensors of `model` (contiguous CPU copies, in the adapter dtype). Sharded (FSDP2) adapters
-    are gathered whole: then every rank must call this together."""
+    are gathered whole: then every rank must call this together. `source(parameter)`, when given, supplies each
+    tensor instead (an optimizer's fp32 master copy of a parameter kept in a lower precision)."""
+    def value(p: torch.Tensor) -> torch.Tensor:
+        return source(p) if source is not None else full(p.detach())
+
     out = {}
     for name, m in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = full(m.lora_A.weight.detach()).to("cpu").contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = full(m.lora_B.weight.detach()).to("cpu").contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = value(m.lora_A.weight).to("cpu").contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = value(m.lora_B.weight).to("cpu").contiguous()
     return out
 
 

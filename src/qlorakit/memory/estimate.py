@@ -4,7 +4,8 @@ The memory model, one micro-batch of T = batch_size x max_seq_length tokens, com
 
 Static (the whole run), exact to the byte (memory/shapes.py; tests compare them with a loaded model):
   4-bit weights and their quantization constants; embeddings, LM head, norms, biases and buffers in the compute
-  dtype; LoRA adapters and their gradients in lora.adapter_dtype; AdamW states (32-bit: 8 B per trainable
+  dtype; LoRA adapters and their gradients in lora.adapter_dtype (host_adamw_32bit: adapters in the compute
+  dtype, two layers' gradients in flight, master copy and states in pinned host memory); AdamW states (32-bit: 8 B per trainable
   parameter; 8-bit: 2 B + 8 B per 256 for tensors of >= 4096 elements), in ordinary GPU memory (adamw_*), CUDA
   unified memory (paged_*: torch does not count it, NVML does; it is allocated at the first step and must fit
   in free GPU memory then, optim/paged.py) or pinned host memory (offload_*: two GPU staging buffers of the
@@ -55,7 +56,7 @@ reported beside it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..config import QloraConfig
 from ..model.fused_blocks import keep_plan, layer_activation_bytes
@@ -245,7 +246,7 @@ def device_peak(torch_peak: int, unified: int) -> int:
 
 def _optimizer_label(name: str) -> str:
     bits, paged = OPTIMIZERS[name]
-    where = {True: "paged ", "pinned": "offloaded ", False: ""}[paged]
+    where = {True: "paged ", "pinned": "offloaded ", "host": "host ", False: ""}[paged]
     return f"{where}AdamW {bits}-bit"
 
 
@@ -255,8 +256,15 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     d = dtype_bytes(q.compute_dtype)
     adapted = shape.adapted(lo.target_modules)
     lora_numels = shape.lora_numels(adapted, lo.rank)
-    lora = sum(lora_numels) * dtype_bytes(lo.adapter_dtype)
+    # host_adamw_32bit: the GPU holds the adapters in the compute dtype and the gradients of the layers whose step
+    # is in flight (taken as two layers'); master copy, moments and an accumulation sum live in pinned host memory
+    host_step = OPTIMIZERS[t.optimizer][1] == "host"
+    lora = sum(lora_numels) * (d if host_step else dtype_bytes(lo.adapter_dtype))
+    grads = 2 * lora // max(1, shape.num_layers) if host_step else lora
+    accumulation = 1 if host_step else t.gradient_accumulation
     opt = optimizer_bytes(lora_numels, t.optimizer)
+    if host_step and t.gradient_accumulation > 1:
+        opt = replace(opt, pinned=opt.pinned + 4 * sum(lora_numels))
     four_bit = _four_bit_bytes(cfg, shape, adapted)
     w4, consts, workspace = four_bit if q.load_in_4bit else (0, 0, 0)
     w16_linears = 0 if q.load_in_4bit else sum(shape.target_weight_numels()) * d
@@ -270,7 +278,8 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
         Component("embeddings_head_norms", "embeddings, head, norms", others, "GPU"),
         Component("dequant_workspace", "dequantize workspace", workspace, "GPU"),
         Component("lora_adapters", f"LoRA adapters (r={lo.rank}, {len(adapted)} linears)", lora, "GPU"),
-        Component("lora_gradients", "LoRA gradients", lora, "GPU"),
+        Component("lora_gradients", "LoRA gradients" + (" (in flight, stepped in backward)" if host_step else ""),
+                  grads, "GPU"),
         Component("optimizer_states", f"optimizer states ({optimizer})" if not OPTIMIZERS[t.optimizer][1]
                   else "optimizer states of small tensors", opt.device, "GPU"),
         Component("optimizer_states_paged", f"optimizer states ({optimizer})", opt.managed, "GPU, unified memory"),
@@ -280,9 +289,9 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
         Component("layer_working_set", "one layer's recompute + backward", act.working_set, "GPU"),
         Component("loss_chunk", "loss chunk and hidden rows", act.loss, "GPU"),
     ]
-    grads_states = lora + opt.device + opt.staging
+    grads_states = grads + opt.device + opt.staging
     weights = w4 + consts + workspace + w16_linears + others + lora
-    torch_peak, moment = _peaks(weights + grads_states - lora, lora, act, t.gradient_accumulation, shape.num_layers)
+    torch_peak, moment = _peaks(weights + grads_states - grads, grads, act, accumulation, shape.num_layers)
     peak = device_peak(torch_peak, opt.managed)
     components.append(Component("cuda_context", "CUDA context, cuBLAS, kernels", CUDA_CONTEXT_BYTES,
                                 "GPU, outside torch"))
@@ -293,7 +302,7 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     for name, label, base in (("qlora_nf4", f"QLoRA ({q.quant_type}, this LoRA)", sum(four_bit)),
                               ("lora_16bit", "LoRA, 16-bit base", sum(shape.target_weight_numels()) * d)):
         method_weights = base + others + lora
-        method_peak = _peaks(method_weights + grads_states - lora, lora, act, t.gradient_accumulation,
+        method_peak = _peaks(method_weights + grads_states - grads, grads, act, accumulation,
                              shape.num_layers)[0]
         comparisons.append(Method(name, label, method_weights, grads_states + opt.managed, method_peak,
                                   device_peak(method_peak, opt.managed)))

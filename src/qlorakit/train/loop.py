@@ -9,6 +9,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -88,13 +89,15 @@ class _Cursor:
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
-                         packing: bool, attn_implementation: str, dist: DistContext = SINGLE_PROCESS) -> float:
+                         packing: bool, attn_implementation: str, dist: DistContext = SINGLE_PROCESS,
+                         before_backward: Callable[[int], None] | None = None) -> float:
     """Backpropagate one optimizer step's loss, adding to the parameters' .grad; return that loss.
 
     The loss is the mean over the target tokens of all micro-batches together: each micro-batch's summed loss
     is divided by the step's total target count, so the gradient does not depend on how the step's examples
     are split into micro-batches (batch 4 x accumulation 1 == batch 1 x accumulation 4). NaN and inf pass
-    through to the caller.
+    through to the caller. `before_backward(i)` is called before micro-batch i's backward (an optimizer that
+    steps inside backward learns which micro-batch is the step's last).
 
     Data-parallel (`dist` enabled): `micro_batches` is the whole step on every rank; this rank forwards its
     share, and the trainable parameters' gradients and the loss are summed over ranks, so every rank returns the
@@ -107,6 +110,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         if dist.sharded:  # reduce-scatter once, after the rank's last micro-batch
             set_gradient_sync(model, i == len(share) - 1)
         part = forward_loss_sum(model, batch, runtime, packing, attn_implementation)
+        if before_backward is not None:
+            before_backward(i)
         (part / n_targets).backward()
         loss_sum += float(part.detach())
     if dist.enabled:
@@ -222,6 +227,8 @@ def train_loop(
             return latest_checkpoint(out) or path
         rngs = dist.gather_objects(done.rng) if wait_for_all and dist.enabled else [done.rng]
         adapter_tensors = optims = None
+        if hasattr(optimizer, "master"):  # host_adamw_32bit: the fp32 master copies, not the GPU's compute dtype
+            adapter_tensors = lora_state_dict(model, optimizer.master)
         if dist.sharded:
             adapter_tensors = lora_state_dict(model)
             optims = dist.gather_to_main(optimizer_files(optimizer))  # each rank's optimizer shard
@@ -259,7 +266,7 @@ def train_loop(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss = accumulate_gradients(model, micro, runtime, settings.packing, settings.attn_implementation,
-                                        dist)
+                                        dist, getattr(optimizer, "begin_micro_batch", None))
             tokens_since += sum(int(b["attention_mask"].sum()) for b in micro)
             if not math.isfinite(loss):
                 raise TrainingDivergedError(_divergence_message(step + 1, loss, runtime, settings))
@@ -302,11 +309,19 @@ def train_loop(
                 break
     except KeyboardInterrupt:
         bar.close()
-        # No barrier: the other ranks may be stopped anywhere (torchrun interrupts them all).
-        result.checkpoint = checkpoint_now(wait_for_all=False)
         result.interrupted = True
-        log.info("qlorakit: interrupted at step %d; checkpoint saved to %s; run the same command to resume",
-                 step, result.checkpoint)
+        if getattr(optimizer, "step_in_progress", False):
+            # host_adamw_32bit steps inside backward: stopped there, some adapters hold step+1, others step.
+            result.checkpoint = latest_checkpoint(out)
+            log.warning("qlorakit: interrupted inside backward while the optimizer was stepping the adapters "
+                        "(host_adamw_32bit), so step %d is half applied and is not saved; the newest checkpoint "
+                        "is %s; run the same command to resume from it", step + 1,
+                        result.checkpoint or "none (the run starts over)")
+        else:
+            # No barrier: the other ranks may be stopped anywhere (torchrun interrupts them all).
+            result.checkpoint = checkpoint_now(wait_for_all=False)
+            log.info("qlorakit: interrupted at step %d; checkpoint saved to %s; run the same command to resume",
+                     step, result.checkpoint)
     finally:
         bar.close()
         metrics.close()

@@ -20,7 +20,7 @@ from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, planned_steps, seed_everything, train_loop
 from .run_state import OutputLock, examples_fingerprint, plan_resume
-from .runtime import Runtime, pick_runtime
+from .runtime import DTYPES, Runtime, pick_runtime
 
 log = logging.getLogger("qlorakit.train")
 
@@ -107,7 +107,9 @@ def build_optimizer(cfg: QloraConfig, model: nn.Module) -> torch.optim.Optimizer
     name = cfg.training.optimizer
     optimizer = make_optimizer(name, params, lr=cfg.training.learning_rate,
                                weight_decay=cfg.training.weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                               paged_prefetch=cfg.training.paged_prefetch)
+                               paged_prefetch=cfg.training.paged_prefetch,
+                               compute_dtype=DTYPES[cfg.quantization.compute_dtype],
+                               accumulation=cfg.training.gradient_accumulation)
     log.info("qlorakit: optimizer %s: %s", name, optimizer.describe())
     return optimizer
 
@@ -166,6 +168,10 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
     dist = init_distributed(mode=cfg.training.distributed)
     try:
         check_batch_split(cfg.training.gradient_accumulation, dist)
+        if dist.enabled and cfg.training.optimizer == "host_adamw_32bit":
+            raise QloraConfigError(f"training.optimizer host_adamw_32bit steps each adapter inside backward, before "
+                                   f"gradients could be reduced over ranks: it runs in one process only (this is "
+                                   f"{dist.world_size}); use paged_adamw_32bit or offload_adamw_32bit")
         if dist.enabled and device is None and torch.cuda.is_available():
             device = f"cuda:{dist.local_rank}"
         return _run_training(cfg, dist, progress=progress and dist.is_main, stop_after_steps=stop_after_steps,
@@ -342,6 +348,8 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         adapter_dir = out / "adapter"
         # Sharded: every rank gathers the adapter (a collective), rank 0 writes it.
         tensors = lora_state_dict(model) if dist.sharded else None
+        if hasattr(optimizer, "master"):  # host_adamw_32bit: save the fp32 master copies
+            tensors = lora_state_dict(model, optimizer.master)
         if dist.is_main:  # the adapters are equal on every rank; one writes them
             record["training"] = {"steps": result.steps,
                                   "final_loss": result.losses[-1] if result.losses else None,
