@@ -268,7 +268,8 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     four_bit = _four_bit_bytes(cfg, shape, adapted)
     w4, consts, workspace = four_bit if q.load_in_4bit else (0, 0, 0)
     w16_linears = 0 if q.load_in_4bit else sum(shape.target_weight_numels()) * d
-    others = shape.other_weight_bytes(d)
+    embed_host = shape.movable_embedding_bytes(d) if t.embeddings_on_host else 0
+    others = shape.other_weight_bytes(d) - embed_host
     act = activations(shape, cfg, adapted)
     n, optimizer = len(shape.targets), _optimizer_label(t.optimizer)
     components = [
@@ -311,7 +312,7 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     summary = (f"{shape.architecture}, {shape.num_layers} layers, {shape.all_parameters / 1e9:.2f}B parameters "
                f"({shape.model_dir}); {tokens:,} tokens per micro-batch ({t.batch_size} x {t.max_seq_length})")
     return Estimate(str(shape.model_dir), shape.architecture, summary, components, torch_peak, moment, peak,
-                    _host(shape, opt, act), comparisons, _notes(cfg, shape, act, opt))
+                    _host(shape, opt, act, embed_host), comparisons, _notes(cfg, shape, act, opt))
 
 
 _ALWAYS = {"lora_adapters", "lora_gradients", "saved_activations", "layer_working_set", "loss_chunk"}
@@ -337,8 +338,10 @@ def _full_finetuning(shape: ModelShape, act: Activations, accumulation: int, d: 
                   {"fp32_master_copy": sum(numels) * 4})
 
 
-def _host(shape: ModelShape, opt: OptimizerBytes, act: Activations) -> list[Component]:
+def _host(shape: ModelShape, opt: OptimizerBytes, act: Activations, embed_host: int) -> list[Component]:
     out = []
+    if embed_host:
+        out.append(Component("input_embeddings", "input embeddings, pinned", embed_host, "host"))
     if act.host:
         out.append(Component("offloaded_activations", "offloaded layer inputs, pinned", act.host, "host"))
     if opt.pinned:

@@ -145,6 +145,14 @@ class ModelShape:
                 total += p.numel() * (compute_bytes if p.is_floating_point() else p.element_size())
         return total + sum(b.numel() * b.element_size() for b in self.model.buffers())
 
+    def movable_embedding_bytes(self, compute_bytes: int) -> int:
+        """Bytes of the input embedding table that training.embeddings_on_host moves to host memory: 0 when it is
+        tied to the output embedding (model/host_embedding.py refuses those)."""
+        if getattr(self.config, "tie_word_embeddings", False):
+            return 0
+        embed = self.model.get_input_embeddings()
+        return embed.weight.numel() * compute_bytes if isinstance(embed, nn.Embedding) else 0
+
     @cached_property
     def all_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -232,6 +232,22 @@ def _offload_activations(model: nn.Module, runtime: Runtime, dist: DistContext) 
              "memory (the highest one stays on the GPU)", len(chosen), len(layers))
 
 
+def _embeddings_to_host(model: nn.Module, runtime: Runtime) -> None:
+    """training.embeddings_on_host: the frozen input embedding table to pinned host memory (model/host_embedding)."""
+    from ..model.host_embedding import host_embedding_bytes, move_embeddings_to_host
+
+    if runtime.device.type != "cuda":
+        log.warning("qlorakit: training.embeddings_on_host needs a CUDA device; on %s the table stays where it is",
+                    runtime.device)
+        return
+    reason = move_embeddings_to_host(model)
+    if reason is not None:
+        log.warning("qlorakit: training.embeddings_on_host: the input embeddings stay on the GPU: %s", reason)
+        return
+    log.info("qlorakit: input embeddings in pinned host memory (%.2f GiB less on the GPU); the batch's tokens are "
+             "looked up on the CPU", host_embedding_bytes(model) / 2**30)
+
+
 def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime):
     """Say the estimated peak; with training.memory_budget_gib, let the planner pick the activation plan (both
     before the model loads; a budget that nothing fits is refused here). Returns (the config to run, the
@@ -323,6 +339,8 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
             _offload_activations(model, runtime, dist)
     if before_training is not None:
         before_training(model, tokenizer)
+    if cfg.training.embeddings_on_host:
+        _embeddings_to_host(model, runtime)
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
     if dist.sharded:
         from .fsdp import shard_model
@@ -343,6 +361,10 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         runtime, optimizer, adapter_record=record, base_model_name=peft_base_name(str(cfg.model.name)),
         progress=progress, dist=dist, resume_from=resume.checkpoint,
     )
+    if cfg.training.embeddings_on_host:  # generation after training (CUDA graphs) wants the table on the GPU
+        from ..model.host_embedding import restore_embeddings
+
+        restore_embeddings(model)
     adapter_dir = None
     if not result.interrupted:
         adapter_dir = out / "adapter"
