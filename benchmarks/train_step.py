@@ -7,10 +7,10 @@ qlorakit side: random-init Llama-3-8B shape, block linears NF4 + double quantiza
 LoRA r=64 alpha=16 on all 7 linears, dropout 0.05, fp32 adapters under bf16 autocast, non-reentrant gradient
 checkpointing, the fused block paths (model/fused_blocks.py) unless --no-fused, with `--keep` GiB of activations
 kept instead of recomputed (training.keep_activations_gib; each listed value is measured, 0 = recompute every
-layer), the fused linear + cross-entropy loss, the configured optimizer, clip 0.3; random tokens,
-loss on every token, the same loop as ../shared/bench/peers.py. Peers run in their own processes afterwards
-(peers.py), so no memory of ours stays resident beside them. Memory: torch's peak allocated and the
-device-wide peak sampled through NVML every 5 ms. MFU counts the matmul work a LoRA step needs:
+layer), the fused linear + cross-entropy loss, the configured optimizer, clip 0.3 (none with host_adamw_32bit,
+which steps inside backward); random tokens, loss on every token, the same loop as ../shared/bench/peers.py.
+Peers run in their own processes afterwards (peers.py), so no memory of ours stays resident beside them.
+Memory: torch's peak allocated and the device-wide peak sampled through NVML every 5 ms. MFU counts the matmul work a LoRA step needs:
 forward + input gradient + checkpoint recompute of the frozen linears (6 N per token), the LM head
 (forward + input gradient + chunk recompute, 6 V H), and attention (~ 3 x 4 T H / 2 per layer, causal),
 over the bf16 matmul rate measured in the same run.
@@ -27,7 +27,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+# As `qlorakit train` sets it (train/runtime.prefer_expandable_segments), before CUDA starts.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import NvmlPeak  # noqa: E402
@@ -68,7 +71,17 @@ def ours(args, peak_tflops: float) -> dict:
     if fused is not None:
         print(fused.line(), flush=True)
     enable_activation_checkpointing(model)
+    if args.embeddings_on_host:  # training.embeddings_on_host
+        from qlorakit.model.host_embedding import move_embeddings_to_host
+
+        reason = move_embeddings_to_host(model)
+        print(f"qlorakit: embeddings on host: {reason or 'moved'}", flush=True)
+    if args.unstacked_dequant:  # training.stacked_dequant false: grouped weights dequantized one at a time
+        from qlorakit.kernels.triton_matmul import set_workspace_limit
+
+        set_workspace_limit(0)
     params = [p for p in model.parameters() if p.requires_grad]
+    clip = args.optimizer != "host_adamw_32bit"  # it steps inside backward: no global norm to clip by
     try:
         from qlorakit.optim import build_optimizer
 
@@ -87,6 +100,8 @@ def ours(args, peak_tflops: float) -> dict:
                 if type(m).__name__ == "Linear4bit")
     model.train()
     res = {"weights_GiB": round(weights_gib, 2), "build_s": round(build_s, 1), "optimizer": opt_name,
+           "clip": clip, "embeddings_on_host": args.embeddings_on_host, "unstacked_dequant": args.unstacked_dequant,
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
            "trainable": sum(p.numel() for p in params), "fused": None if fused is None else fused.line()}
     keep = {}
     for item in filter(None, args.keep.split(";")):
@@ -118,7 +133,8 @@ def ours(args, peak_tflops: float) -> dict:
                 loss_sum = forward_loss_sum(model, batch, runtime, packing=False, attn_implementation="sdpa")
                 n = B * (T - 1)
                 (loss_sum / n).backward()
-                torch.nn.utils.clip_grad_norm_(params, 0.3)
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(params, 0.3)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
@@ -155,6 +171,9 @@ def main() -> int:
     ap.add_argument("--offload", nargs="?", const="both", default="", choices=("both", "only"),
                     help="measure every run also (both) or only with the recomputed layers' inputs offloaded to "
                     "pinned host memory (training.offload_activations)")
+    ap.add_argument("--embeddings-on-host", action="store_true", help="training.embeddings_on_host")
+    ap.add_argument("--unstacked-dequant", action="store_true", help="training.stacked_dequant false: Q/K/V and "
+                    "gate/up weights dequantized and multiplied one at a time (the workspace holds one weight)")
     ap.add_argument("--peers", default="", help="comma-separated peers.py peers to run after ours")
     ap.add_argument("--peers-script", default=".peers/peers.py")
     args = ap.parse_args()

@@ -107,6 +107,10 @@ class TrainingSection(_Section):
         False, description="keep the frozen input embedding table in pinned host memory and look the batch's "
         "tokens up on the CPU (vocab x hidden x 2 bytes less on the GPU: 0.49 GiB for Llama-2-70B, 0.98 GiB for "
         "Llama-3-8B); not with tied embeddings; CUDA only")
+    stacked_dequant: bool = Field(
+        True, description="fused groups (Q/K/V, gate/up) dequantize their weights into one workspace and run one "
+        "matmul; false dequantizes and multiplies one weight at a time, so the workspace holds the largest single "
+        "weight (Llama-2-70B: 0.44 GiB less on the GPU)")
     fused_blocks: bool = Field(
         True, description="run Llama attention Q/K/V and the gate/up/down MLP as fused 4-bit LoRA groups and "
         "RMSNorm through one-pass kernels (training and prefill); false keeps transformers' modules as they are")

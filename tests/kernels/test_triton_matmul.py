@@ -6,7 +6,9 @@ reference's dequantized weight. The dense W goes into one reused buffer per (dev
 a tensor that autograd saves: a call recorded by autograd gets a fresh W, so a later call cannot change the
 gradient. With QLORAKIT_KERNELS=triton, nn.Linear4bit's forward and backward run through these implementations
 and match the reference path (exactly where both multiply the same W with torch; within fp32 rounding for the
-GEMV and fused kernels).
+GEMV and fused kernels). With a workspace cap (set_workspace_limit) below a call's stacked weight,
+linear_4bit_cat* go weight by weight: the same Y (bit for bit where the BLAS sums K in the same order), dX within
+one extra rounding per weight, a workspace of one weight, and None restores the stacked path.
 """
 
 from __future__ import annotations
@@ -145,3 +147,180 @@ def make_linear_4bit():
         return Linear4bit(packed, state, linear.bias.detach())
 
     return make
+
+
+# The workspace cap (set_workspace_limit): above it linear_4bit_cat* go weight by weight, the workspace holding
+# one dense weight at a time. Bounds below are Higham's: an fp32 accumulation of n terms is off the exact sum by
+# at most gamma_n * T, T = sum |terms|, gamma_n = n u / (1 - n u), u = 2^-24; rounding a value v to a dtype of
+# unit roundoff u_d moves it by at most u_d |v|. Products of two bf16 values are exact in fp32.
+UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
+CAT_SHAPES = {"2-weights": ((24, 40), 128, (20,)), "3-weights": ((40, 8, 9), 96, (4, 5))}
+
+
+def gamma32(n: int) -> float:
+    u = UNIT_ROUNDOFF[torch.float32]
+    return n * u / (1 - n * u)
+
+
+def quantized_group(ns: tuple[int, ...], k: int, seed: int = 0):
+    qs = [quantized(n, k, seed=seed + i) for i, n in enumerate(ns)]
+    return [q[0] for q in qs], [q[1] for q in qs]
+
+
+def stacked_bytes(states, dtype: torch.dtype) -> int:
+    return sum(s.numel for s in states) * dtype.itemsize
+
+
+def largest_bytes(states, dtype: torch.dtype) -> int:
+    return max(s.numel for s in states) * dtype.itemsize
+
+
+@pytest.fixture
+def workspace_cap(fresh_workspace):
+    """set_workspace_limit, reset to no cap (and the workspace released) after the test."""
+    assert triton_matmul.workspace_limit() is None
+    try:
+        yield triton_matmul.set_workspace_limit
+    finally:
+        triton_matmul.set_workspace_limit(None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(CAT_SHAPES.values()), ids=list(CAT_SHAPES))
+def test_capped_cat_forward_equals_the_stacked_forward_bit_for_bit(workspace_cap, shape, dtype):
+    """Each element of Y is the same K-term dot product of the same row of X and the same (bit-identical, same
+    Triton dequantize) row of W_i in both paths; for K <= 256 the CPU BLAS (MKL sgemm, oneDNN's bf16 kernel)
+    reduces it in one fp32 chain whatever the output width, so the per-weight Y is bit-identical."""
+    ns, k, lead = shape
+    packed, states = quantized_group(ns, k)
+    for seed in range(3):
+        x = torch.randn(*lead, k, generator=torch.Generator().manual_seed(100 + seed)).to(dtype)
+        workspace_cap(None)
+        stacked = triton_matmul.linear_4bit_cat_triton(x, packed, states)
+        workspace_cap(stacked_bytes(states, dtype) - 1)
+        capped = triton_matmul.linear_4bit_cat_triton(x, packed, states)
+        assert capped.shape == (*lead, sum(ns)) and capped.dtype == dtype and capped.is_contiguous()
+        assert torch.equal(capped, stacked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_capped_cat_forward_at_large_k_is_within_two_roundings_of_the_stacked(workspace_cap, dtype):
+    """For larger K the CPU BLAS blocks the K reduction by shape (oneDNN's bf16 kernel from K = 512, MKL from
+    about 1024), so the stacked [M, sum N_i] and the per-weight [M, N_i] products may add the same K products in
+    a different order. Each is an fp32 K-term sum (off the exact dot product by <= gamma_K T) rounded once to
+    `dtype` (<= u_d (|exact| + gamma_K T)), so they differ by at most twice that. (Measured on an AVX-512/AMX CPU with
+    these shapes: bf16 has about one element in 10^4 one ulp apart, where the two fp32 sums round to neighbouring
+    bf16 values; fp32 differs in its last bits in most elements with one thread, in none with two.)"""
+    ns, k = (128, 64, 32), 1024
+    packed, states = quantized_group(ns, k, seed=7)
+    w = torch.cat([dequantize_4bit(p, s, dtype) for p, s in zip(packed, states)]).double()
+    for seed in range(2):
+        x = torch.randn(128, k, generator=torch.Generator().manual_seed(200 + seed)).to(dtype)
+        stacked = triton_matmul.linear_4bit_cat_triton(x, packed, states)
+        workspace_cap(stacked_bytes(states, dtype) - 1)
+        capped = triton_matmul.linear_4bit_cat_triton(x, packed, states)
+        workspace_cap(None)
+        exact, terms = x.double() @ w.t(), x.double().abs() @ w.abs().t()
+        one = gamma32(k) * terms + UNIT_ROUNDOFF[dtype] * (exact.abs() + gamma32(k) * terms)
+        assert ((capped.double() - stacked.double()).abs() <= 2 * one).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", list(CAT_SHAPES.values()), ids=list(CAT_SHAPES))
+def test_capped_cat_grad_input_is_within_one_extra_rounding_per_weight(workspace_cap, shape, dtype):
+    """dX = sum over all sum N_i columns of dY_j W_j. Stacked: one fp32 accumulation, rounded once to `dtype`.
+    Per-weight: dY[:, cols_0] W_0, then addmm_ adds each further block onto the partial sum, which has been
+    rounded to `dtype` after every weight: one extra rounding of the partial sum per weight (w roundings in all,
+    each <= u_d |partial| <= u_d T 1.01, T = sum_j |dY_j W_j|), and fp32 accumulations of sum N_i (+ w) terms in
+    both, each <= gamma T. So |per-weight - stacked| <= (w + 1) u_d 1.01 T + 2 gamma_{N + w} T."""
+    ns, k, lead = shape
+    packed, states = quantized_group(ns, k, seed=3)
+    w = torch.cat([dequantize_4bit(p, s, dtype) for p, s in zip(packed, states)]).double()
+    n = sum(ns)
+    for seed in range(3):
+        dy = torch.randn(*lead, n, generator=torch.Generator().manual_seed(300 + seed)).to(dtype)
+        workspace_cap(None)
+        stacked = triton_matmul.linear_4bit_cat_grad_input_triton(dy, packed, states)
+        workspace_cap(stacked_bytes(states, dtype) - 1)
+        capped = triton_matmul.linear_4bit_cat_grad_input_triton(dy, packed, states)
+        assert capped.shape == (*lead, k) and capped.dtype == dtype
+        terms = dy.double().abs() @ w.abs()
+        bound = ((len(ns) + 1) * UNIT_ROUNDOFF[dtype] * 1.01 + 2 * gamma32(n + len(ns))) * terms
+        assert ((capped.double() - stacked.double()).abs() <= bound).all()
+
+
+def test_the_cap_keeps_the_workspace_to_one_weight_and_none_restores_stacking(workspace_cap):
+    ns, k, dtype = (40, 8, 9), 96, torch.bfloat16
+    packed, states = quantized_group(ns, k)
+    x, dy = torch.randn(20, k).to(dtype), torch.randn(20, sum(ns)).to(dtype)
+
+    def call_both():
+        triton_matmul.release_workspace()
+        y = triton_matmul.linear_4bit_cat_triton(x, packed, states)
+        dx = triton_matmul.linear_4bit_cat_grad_input_triton(dy, packed, states)
+        return y, dx, triton_matmul.workspace_bytes()
+
+    y_stacked, dx_stacked, nbytes = call_both()
+    assert nbytes == stacked_bytes(states, dtype)  # uncapped: the whole [sum N_i, K] stack
+    workspace_cap(stacked_bytes(states, dtype))  # a cap the stack fits: still stacked
+    assert call_both()[2] == stacked_bytes(states, dtype)
+    for cap in (stacked_bytes(states, dtype) - 1, largest_bytes(states, dtype), 0):  # 0: below even one weight
+        workspace_cap(cap)
+        assert triton_matmul.workspace_limit() == cap
+        y, dx, nbytes = call_both()
+        assert nbytes == largest_bytes(states, dtype)  # one weight at a time, each through the workspace
+        assert torch.equal(y, y_stacked) and dx.shape == dx_stacked.shape
+    workspace_cap(None)
+    assert triton_matmul.workspace_limit() is None
+    y, dx, nbytes = call_both()
+    assert nbytes == stacked_bytes(states, dtype) and torch.equal(y, y_stacked) and torch.equal(dx, dx_stacked)
+
+
+def test_a_single_weight_is_never_split_by_the_cap(workspace_cap):
+    packed, states = quantized_group((24,), 64)
+    x = torch.randn(20, 64)
+    expected = triton_matmul.linear_4bit_cat_triton(x, packed, states)
+    workspace_cap(0)
+    assert torch.equal(triton_matmul.linear_4bit_cat_triton(x, packed, states), expected)
+    assert triton_matmul.workspace_bytes() == 24 * 64 * 4
+
+
+def test_setting_a_cap_drops_larger_buffers_and_rejects_bad_values(workspace_cap):
+    packed, states = quantized_group((24, 40), 64)
+    with torch.no_grad():
+        triton_matmul.linear_4bit_cat_triton(torch.randn(3, 64), packed, states)
+        triton_matmul.dense_weight(packed[0], states[0], torch.bfloat16)
+    assert triton_matmul.workspace_bytes() == 64 * 64 * 4 + 24 * 64 * 2
+    workspace_cap(40 * 64 * 4)  # the fp32 stack is over it: dropped; the bf16 weight is kept
+    assert triton_matmul.workspace_bytes() == 24 * 64 * 2
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="set_workspace_limit"):
+            triton_matmul.set_workspace_limit(bad)
+    assert triton_matmul.workspace_limit() == 40 * 64 * 4
+
+
+def test_a_capped_call_recorded_by_autograd_keeps_its_own_weights(workspace_cap):
+    """Recorded calls save fresh weights, never the workspace: overwriting the workspace before backward does
+    not change the gradients (which are then exactly the per-block products torch's backward computes)."""
+    ns, k = (24, 40), 128
+    packed, states = quantized_group(ns, k, seed=5)
+    ws = [dequantize_4bit(p, s, torch.float32) for p, s in zip(packed, states)]
+    other_packed, other_states = quantized_group(ns, k, seed=11)
+    workspace_cap(0)
+    x = torch.randn(20, k, requires_grad=True)
+    y = triton_matmul.linear_4bit_cat_triton(x, packed, states)
+    with torch.no_grad():
+        assert torch.equal(y, triton_matmul.linear_4bit_cat_triton(x, packed, states))
+    dy = torch.randn(20, sum(ns), requires_grad=True)
+    dx = triton_matmul.linear_4bit_cat_grad_input_triton(dy, packed, states)
+    with torch.no_grad():  # overwrite the workspace with other weights of the same shapes
+        triton_matmul.linear_4bit_cat_triton(torch.randn(20, k), other_packed, other_states)
+        triton_matmul.linear_4bit_cat_grad_input_triton(torch.randn(20, sum(ns)), other_packed, other_states)
+    g, v = torch.randn(20, sum(ns)), torch.randn(20, k)
+    y.backward(g)
+    dx.backward(v)
+    blocks = g.split(list(ns), dim=1)
+    expected = blocks[0] @ ws[0] + blocks[1] @ ws[1]
+    terms = g.double().abs() @ torch.cat(ws).double().abs()
+    assert ((x.grad.double() - expected.double()).abs() <= 2 * gamma32(sum(ns) + 1) * terms).all()
+    assert torch.equal(dy.grad, torch.cat([v @ w.t() for w in ws], dim=1))

@@ -192,6 +192,15 @@ def test_llama2_70b_from_config_json_alone(tmp_path):
     assert lora16.weights == weights * 2 + est.component("embeddings_head_norms") + est.component("lora_adapters")
 
 
+def test_unstacked_dequantize_workspace_is_the_largest_single_weight(tmp_path):
+    model_dir = _write_config(tmp_path / "llama2-70b", **LLAMA2_70B)
+    stacked = estimate(_cfg(model_dir), model_dir)
+    single = estimate(_cfg(model_dir, training={"stacked_dequant": False}), model_dir)
+    assert stacked.component("dequant_workspace") == 2 * 28672 * 8192 * 2  # gate/up stacked, bf16
+    assert single.component("dequant_workspace") == 28672 * 8192 * 2
+    assert stacked.torch_peak - single.torch_peak == 28672 * 8192 * 2
+
+
 def test_tied_head_counts_once(tmp_path):
     tied = _write_config(tmp_path / "tied", **{**LLAMA3_8B, "num_hidden_layers": 2, "tie_word_embeddings": True})
     untied = _write_config(tmp_path / "untied", **{**LLAMA3_8B, "num_hidden_layers": 2})

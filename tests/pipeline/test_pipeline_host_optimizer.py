@@ -88,3 +88,27 @@ def test_clipping_is_refused_in_one_line(tiny_model_dir, pattern_data, tmp_path)
     with pytest.raises(QloraConfigError, match="max_grad_norm: null") as err:
         config_from_dict(tree)
     assert "\n" not in str(err.value).strip()
+
+
+def test_lean_settings_on_a_cpu_run_say_what_they_do_and_leave_nothing_behind(tiny_model_dir, pattern_data,
+                                                                                tmp_path, caplog, monkeypatch):
+    """embeddings_on_host needs CUDA (said, not silently ignored); stacked_dequant false caps the process-wide
+    dequantize workspace during the run only."""
+    import qlorakit.train.loop as loop_module
+    from qlorakit.kernels.triton_matmul import workspace_limit
+
+    tree = run_tree(tiny_model_dir, pattern_data, tmp_path / "run",
+                    training={"max_steps": 1, "embeddings_on_host": True, "stacked_dequant": False})
+    seen = {}
+    forward = loop_module.forward_loss_sum
+
+    def spy(*args, **kwargs):  # the cap while the run trains
+        seen["cap"] = workspace_limit()
+        return forward(*args, **kwargs)
+
+    caplog.set_level("INFO", logger="qlorakit")
+    monkeypatch.setattr(loop_module, "forward_loss_sum", spy)
+    run_training(config_from_dict(tree), progress=False)
+    assert seen["cap"] == 0 and workspace_limit() is None
+    assert "embeddings_on_host needs a CUDA device" in caplog.text
+    assert "stacked_dequant false" in caplog.text

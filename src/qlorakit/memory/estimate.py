@@ -321,7 +321,8 @@ _ALWAYS = {"lora_adapters", "lora_gradients", "saved_activations", "layer_workin
 def _four_bit_bytes(cfg: QloraConfig, shape: ModelShape, adapted: list[str]) -> tuple[int, int, int]:
     """(packed weights, quantization constants, dequantize workspace) of the base in 4 bits."""
     q = cfg.quantization
-    fused = cfg.training.fused_blocks and shape.fusable_layers(adapted)["layer"] > 0
+    # stacked_dequant false: the groups dequantize one weight at a time (kernels/triton_matmul workspace cap)
+    fused = cfg.training.fused_blocks and cfg.training.stacked_dequant and shape.fusable_layers(adapted)["layer"] > 0
     return (shape.weights_4bit_bytes(), shape.constant_bytes(q.blocksize, q.double_quant, q.quant_type),
             shape.workspace_elements(adapted, fused) * dtype_bytes(q.compute_dtype))
 

@@ -177,6 +177,10 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
         return _run_training(cfg, dist, progress=progress and dist.is_main, stop_after_steps=stop_after_steps,
                              device=device, before_training=before_training)
     finally:
+        if not cfg.training.stacked_dequant:  # the workspace cap is process-wide: give it back
+            from ..kernels.triton_matmul import set_workspace_limit
+
+            set_workspace_limit(None)
         shutdown(dist)
 
 
@@ -341,6 +345,11 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         before_training(model, tokenizer)
     if cfg.training.embeddings_on_host:
         _embeddings_to_host(model, runtime)
+    if not cfg.training.stacked_dequant:
+        from ..kernels.triton_matmul import set_workspace_limit
+
+        set_workspace_limit(0)  # grouped weights one at a time: the workspace holds the largest single weight
+        log.info("qlorakit: training.stacked_dequant false: Q/K/V and gate/up weights are dequantized one at a time")
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
     if dist.sharded:
         from .fsdp import shard_model
