@@ -20,9 +20,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# As `qlorakit train` sets it (train/runtime.prefer_expandable_segments), before CUDA starts.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -114,7 +118,8 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     vocab = model.config.vocab_size
     record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shape": shape,
-              "nvml_baseline_bytes": baseline, "context_bytes": context, "cases": {}}
+              "nvml_baseline_bytes": baseline, "context_bytes": context,
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "cases": {}}
     print(f"context {context / 2**30:.3f} GiB (baseline {baseline / 2**30:.3f} GiB)", flush=True)
     todo = {k: v for k, v in cases(shape).items() if not only or k in only}
     for name, case in todo.items():
@@ -163,7 +168,10 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
     (out / f"memory_estimate-{shape}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
-def compare(path: Path) -> None:
+def compare(path: Path, markdown: Path | None = None) -> None:
+    """Estimate beside measurement for every case of the record; NVML as a whole-card figure (the process's peak
+    plus what the card showed before it started), as `qlorakit estimate`'s device peak means it. With `markdown`,
+    the same table is also written there."""
     import tempfile
 
     from transformers import LlamaConfig
@@ -174,23 +182,33 @@ def compare(path: Path) -> None:
     from qlorakit.model.synthetic import SHAPES
 
     record = json.loads(path.read_text())
+    gib = 2**30
+    head = (f"{record['gpu']}, torch {record['torch']}, PYTORCH_CUDA_ALLOC_CONF={record.get('alloc_conf')}; "
+            f"measured CUDA context {record['context_bytes'] / gib:.2f} GiB, card before start "
+            f"{record['nvml_baseline_bytes'] / gib:.2f} GiB ({path.name})")
+    rows = [("case", "torch est", "measured", "err", "device est", "NVML", "err", "reserved/alloc")]
     with tempfile.TemporaryDirectory() as tmp:
         LlamaConfig(**SHAPES[record["shape"]]).save_pretrained(tmp)
         shape = ModelShape(tmp)
-        print(f"{record['gpu']}, torch {record['torch']}; measured context {record['context_bytes'] / 2**30:.2f} GiB")
-        print(f"{'case':34s} {'torch est':>9s} {'measured':>9s} {'err':>6s} {'device est':>10s} {'NVML':>7s} "
-              f"{'err':>6s} {'reserved/alloc':>14s}")
         for name, m in record["cases"].items():
             if "error" in m:
-                print(f"{name:34s} failed: {m['error']}")
+                rows.append((name, "", "", "", "", "", "", m["error"].split(".")[0]))
                 continue
             tree = case_tree(cases(record["shape"])[name])
             tree["model"] = {"name": tmp}
             est = estimate_shape(config_from_dict(tree), shape)
-            tp, dp = m["torch_peak_bytes"], m["nvml_peak_bytes"]
-            print(f"{name:34s} {est.torch_peak / 2**30:9.2f} {tp / 2**30:9.2f} {est.torch_peak / tp - 1:+6.1%} "
-                  f"{est.device_peak / 2**30:10.2f} {dp / 2**30:7.2f} {est.device_peak / dp - 1:+6.1%} "
-                  f"{m['torch_reserved_bytes'] / tp:14.3f}")
+            tp, dp = m["torch_peak_bytes"], m["nvml_peak_bytes"] + record["nvml_baseline_bytes"]
+            rows.append((name, f"{est.torch_peak / gib:.2f}", f"{tp / gib:.2f}", f"{est.torch_peak / tp - 1:+.1%}",
+                         f"{est.device_peak / gib:.2f}", f"{dp / gib:.2f}", f"{est.device_peak / dp - 1:+.1%}",
+                         f"{m['torch_reserved_bytes'] / tp:.3f}"))
+    widths = [max(len(r[i]) for r in rows if len(r[i]) < 40) for i in range(len(rows[0]))]
+    print(head)
+    for r in rows:
+        print(" ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    if markdown is not None:
+        lines = [head, "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        markdown.write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
@@ -203,11 +221,12 @@ def main() -> int:
     m.add_argument("--only", default="", help="comma-separated case names (default: all of the shape's)")
     c = sub.add_parser("compare")
     c.add_argument("path")
+    c.add_argument("--markdown", type=Path, help="also write the table there")
     args = ap.parse_args()
     if args.cmd == "measure":
         measure(Path(args.out), args.steps, args.shape, [c for c in args.only.split(",") if c])
     else:
-        compare(Path(args.path))
+        compare(Path(args.path), args.markdown)
     return 0
 
 

@@ -205,7 +205,10 @@ def activations(shape: ModelShape, cfg: QloraConfig, adapted: list[str]) -> Acti
         saved = (plan.bytes + kept * (beyond + eager) if plan else 0) + (recomputed - offloaded) * inputs
         gate_up_recomputed = (large - small) if plan and plan.with_gate_up < kept else 0
         rebuild = max([full[k] for k in set(kinds[:recomputed])] + [gate_up_recomputed])
-        rebuild += inputs if offloaded else 0  # the prefetched input of the next layer down
+        # the prefetched input of the next layer down, and (measured, benchmarks/results/memory_estimate-llama3-8b-
+        # h100.json: the offload rows exceed the recompute rows by 3 layer inputs at T = 8192 and 32768, not 1)
+        # the reloaded input and its gradient while the layer's backward runs
+        rebuild += 3 * inputs if offloaded else 0
         saved_first = inputs if recomputed else full[kinds[0]]
         what = f"{recomputed} recomputed layers' inputs" + (f" ({offloaded} in host memory)" if offloaded else "") \
             + (f", {kept} kept layers" if kept else "")
@@ -214,7 +217,9 @@ def activations(shape: ModelShape, cfg: QloraConfig, adapted: list[str]) -> Acti
         saved = sum(full[k] for k in kinds)
         rebuild, saved_first, host = 0, full[kinds[0]] if kinds else 0, 0
         what = f"all {layers} layers (no checkpointing)"
-    working = rebuild + tokens * d * (3 * shape.intermediate + 3 * h) + 2 * scores * d
+    # The MLP backward holds four T x intermediate tensors at once, not three (measured: the recompute rows of
+    # memory_estimate-llama3-8b-h100.json were short by T x intermediate x d at T = 8192 and 32768)
+    working = rebuild + tokens * d * (4 * shape.intermediate + 3 * h) + 2 * scores * d
     packed_mask = cfg.data.packing and cfg.model.attn_implementation != "flash_attention_2"
     mask = batch * seq * seq * d if packed_mask else 0
     chunk = min(batch * (seq - 1), LOSS_CHUNK_ROWS)

@@ -2,8 +2,9 @@
 before the model loads.
 
 Only choices that leave the result alone are made: gradient checkpointing on, the inputs of recomputed layers
-offloaded to pinned host memory (on a CUDA device), and as many layers as fit keeping their activations for
-backward (training.keep_activations_gib: no recompute for them, the fastest way to spend memory). When even
+offloaded to pinned host memory (on a CUDA device), when that is not enough the input embedding table in pinned
+host memory and grouped weights dequantized one at a time (training.embeddings_on_host, stacked_dequant), and as
+many layers as fit keeping their activations for backward (training.keep_activations_gib: no recompute for them, the fastest way to spend memory). When even
 the leanest of these does not fit, the run is refused before anything loads, with what would fit (suggest.py:
 smaller micro-batches, 8-bit or offloaded optimizer states, shorter sequences, a lower rank, fewer modules).
 """
@@ -47,6 +48,10 @@ def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bo
     def peak(keep_gib: float) -> int:
         return estimate_shape(_apply(cfg, {**lean, "training.keep_activations_gib": keep_gib}), shape).device_peak
 
+    if peak(0.0) > budget and cuda:  # then also the tables that change no number: embeddings and the workspace
+        lean["training.stacked_dequant"] = False
+        if shape.movable_embedding_bytes(2):
+            lean["training.embeddings_on_host"] = True
     if peak(0.0) > budget:
         fit = suggest_shape(_apply(cfg, lean), shape, budget_gib)
         ways = [f"{o.set_args()} ({o.device_peak / GiB:.2f} GiB; {o.effect})" for o in fit.options]

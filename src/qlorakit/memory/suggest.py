@@ -6,8 +6,12 @@ ones that leave the training result alone to the ones that change it, each tried
   training.keep_activations_gib -> 0              same result, slower (every layer recomputed)
   training.gradient_checkpointing -> true         same result, slower
   training.offload_activations -> true            same result: layer inputs wait in pinned host memory
+  training.embeddings_on_host -> true, stacked_dequant -> false   same result: the input embedding table in
+                                                  pinned host memory, grouped weights dequantized one at a time
   training.batch_size halved, gradient_accumulation raised to keep the effective batch: same result
-  training.optimizer -> 8-bit states, then offloaded to pinned host memory (32-bit, then 8-bit)
+  training.optimizer -> 8-bit states, then offloaded to pinned host memory (32-bit, then 8-bit), then
+                        host_adamw_32bit with max_grad_norm null (adapters in the compute dtype on the GPU, master
+                        copy and states on the host, stepped inside backward; no gradient clipping)
   training.max_seq_length halved (down to 256)    longer examples are dropped or cut (data.overlong)
   lora.rank halved (down to 4)
   lora.target_modules -> attention only, then q_proj and v_proj
@@ -115,6 +119,18 @@ def _offload(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str
                "same result: recomputed layers' inputs wait in pinned host memory (CUDA)")
 
 
+def _lean_tables(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str]]:
+    t = cfg.training
+    changes: Changes = {}
+    if not t.embeddings_on_host and shape.movable_embedding_bytes(2):
+        changes["training.embeddings_on_host"] = True
+    if t.stacked_dequant:
+        changes["training.stacked_dequant"] = False
+    if changes:
+        yield changes, ("same result: the input embedding table in pinned host memory (CUDA), Q/K/V and gate/up "
+                        "weights dequantized one at a time")
+
+
 def _batch(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str]]:
     t = cfg.training
     for b in range(t.batch_size - 1, 0, -1):
@@ -124,18 +140,25 @@ def _batch(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str]]
                    f"same result: the effective batch stays {t.batch_size * t.gradient_accumulation}, steps slower")
 
 
+_HOST = "host_adamw_32bit"
 _OPTIMIZER_STEPS = {
-    "paged_adamw_32bit": ["paged_adamw_8bit", "offload_adamw_32bit", "offload_adamw_8bit"],
-    "adamw_32bit": ["adamw_8bit", "offload_adamw_32bit", "offload_adamw_8bit"],
-    "paged_adamw_8bit": ["offload_adamw_8bit"],
-    "adamw_8bit": ["offload_adamw_8bit"],
-    "offload_adamw_32bit": ["offload_adamw_8bit"],
-    "offload_adamw_8bit": [],
+    "paged_adamw_32bit": ["paged_adamw_8bit", "offload_adamw_32bit", "offload_adamw_8bit", _HOST],
+    "adamw_32bit": ["adamw_8bit", "offload_adamw_32bit", "offload_adamw_8bit", _HOST],
+    "paged_adamw_8bit": ["offload_adamw_8bit", _HOST],
+    "adamw_8bit": ["offload_adamw_8bit", _HOST],
+    "offload_adamw_32bit": ["offload_adamw_8bit", _HOST],
+    "offload_adamw_8bit": [_HOST],
+    _HOST: [],
 }
 
 
 def _optimizer(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str]]:
     for name in _OPTIMIZER_STEPS[cfg.training.optimizer]:
+        if name == _HOST:
+            yield ({"training.optimizer": name, "training.max_grad_norm": None},
+                   "no gradient clipping; otherwise the same result: adapters in the compute dtype on the GPU, fp32 "
+                   "master copy and AdamW states in pinned host memory, each adapter stepped inside backward")
+            continue
         effect = "8-bit AdamW states: close to 32-bit, not identical" if name.endswith("8bit") else "same result"
         if name.startswith("offload"):
             effect += ", slower steps: states cross PCIe twice per step"
@@ -168,7 +191,8 @@ def _targets(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str
             yield {"lora.target_modules": names}, f"LoRA on {', '.join(names)} only"
 
 
-KNOBS: tuple[Knob, ...] = (_keep, _checkpointing, _offload, _batch, _optimizer, _seq_length, _rank, _targets)
+KNOBS: tuple[Knob, ...] = (_keep, _checkpointing, _offload, _lean_tables, _batch, _optimizer, _seq_length, _rank,
+                           _targets)
 
 
 def _apply(cfg: QloraConfig, changes: Changes) -> QloraConfig:
