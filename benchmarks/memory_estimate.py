@@ -157,6 +157,8 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
         except Exception as err:  # noqa: BLE001 - a failed case is reported, the others still run
             rec = {"error": f"{type(err).__name__}: {err}"}
         record["cases"][name] = rec
+        out.mkdir(parents=True, exist_ok=True)  # after every case, so a run stopped at its time limit keeps them
+        (out / f"memory_estimate-{shape}.json").write_text(json.dumps(record, indent=1) + "\n")
         print(name, {k: (round(v / 2**30, 3) if isinstance(v, int) else v) for k, v in rec.items()}, flush=True)
         del opt
         stop_offloading(model)
