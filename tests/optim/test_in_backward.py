@@ -55,13 +55,14 @@ def _train(net, opt, batches, dtype, accumulation, lrs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("accumulation", [1, 3])
-def test_same_training_as_fp32_adamw_after_backward(dtype, accumulation):
+@pytest.mark.parametrize("bucket_numel", [1, 1000, 2**22])  # a bucket per tensor, a few, one for all
+def test_same_training_as_fp32_adamw_after_backward(dtype, accumulation, bucket_numel):
     lrs = [3e-3, 2e-3, 1e-3, 5e-4]
     batches = _batches(len(lrs) * accumulation, seed=1)
     ref_net, host_net = _net(0), _net(0)
     ref = AdamW(ref_net.parameters(), lr=1.0, weight_decay=0.01)
     host = HostAdamW(host_net.parameters(), lr=1.0, weight_decay=0.01, compute_dtype=dtype,
-                     accumulation=accumulation)
+                     accumulation=accumulation, bucket_numel=bucket_numel)
     assert all(p.dtype == dtype for p in host_net.parameters())
     assert _train(ref_net, ref, batches, dtype, accumulation, lrs) == \
         _train(host_net, host, batches, dtype, accumulation, lrs)
@@ -158,5 +159,21 @@ def test_factory_builds_it_and_the_estimator_counts_its_host_bytes():
     numels = [p.numel() for p in net.parameters()]
     states = sum(t.numel() * t.element_size() for st in opt.state.values() for k, t in st.items()
                  if k in ("master", "exp_avg", "exp_avg_sq"))
-    assert optimizer_bytes(numels, "host_adamw_32bit").pinned == states == 12 * sum(numels)
-    assert opt.state_bytes_total() == states + 4 * sum(numels)  # + the fp32 accumulation sum
+    assert states == 12 * sum(numels)  # the views; the flat buffers align each tensor to 64 elements
+    aligned = sum(-(-n // 64) * 64 for n in numels)
+    assert optimizer_bytes(numels, "host_adamw_32bit").pinned == 12 * aligned
+    assert opt.state_bytes_total() == 16 * aligned  # + the fp32 accumulation sum
+
+
+def test_buckets_follow_backward_order_and_cover_every_tensor_once():
+    from qlorakit.optim.in_backward import plan_buckets, staging_bytes
+
+    numels = [100, 30, 500, 64, 7, 1000]
+    buckets = plan_buckets(numels, bucket_numel=256)
+    assert sorted(i for b in buckets for i in b) == list(range(len(numels)))
+    assert [i for b in buckets for i in b] == list(reversed(range(len(numels))))  # last tensor first
+    # aligned to 64 elements: 1000 -> 1024 alone; 7, 64 -> 64 + 64, then 500 -> 512 overflows 256 but the
+    # bucket was not empty, so it closes before it
+    assert buckets == [[5], [4, 3], [2], [1, 0]]
+    assert staging_bytes(numels, 1, 256) == 2 * 3 * 1024 * 4
+    assert staging_bytes(numels, 2, 256) == 2 * 4 * 1024 * 4

@@ -243,7 +243,8 @@ def test_offloaded_layer_inputs_move_to_the_host_but_the_highest_one(tmp_path):
     one_input = 2 * 1024 * 4096 * 2
     assert plain.component("saved_activations") == 6 * one_input
     assert off.component("saved_activations") == 1 * one_input
-    assert off.component("layer_working_set") == plain.component("layer_working_set") + one_input
+    # the prefetched next input, the reloaded one and its gradient (estimate.py, fitted to the H100 8B grid)
+    assert off.component("layer_working_set") == plain.component("layer_working_set") + 3 * one_input
     host = {c.key: c.nbytes for c in off.host}
     assert host["offloaded_activations"] == 5 * one_input and "offloaded_activations" not in {c.key for c in plain.host}
     assert off.torch_peak < plain.torch_peak

@@ -58,19 +58,19 @@ def test_resumes_exactly_and_a_ctrl_c_inside_backward_keeps_the_last_whole_step(
         tiny_model_dir, pattern_data, tmp_path, fp32_adamw_run, monkeypatch):
     out = tmp_path / "run"
     cfg = _config(tiny_model_dir, pattern_data, out, "host_adamw_32bit")
-    real = HostAdamW._update
-    calls = {"n": 0}
+    from qlorakit.optim import in_backward
 
-    def update(self, p, grad, group):
-        # Each step: 2 micro-batches x (number of adapters) calls; stop in step 3's last micro-batch, after
-        # some adapters have stepped.
-        calls["n"] += 1
-        if self.state[p]["step"] == 2 and self._micro == 1 and self._stepped == 3:
+    real_run, real_plan = HostAdamW._run, in_backward.plan_buckets
+
+    def run(self, bucket):
+        # Stop in step 3's last micro-batch, after three buckets (one tensor each, below) have stepped.
+        if self.state[bucket.params[0]]["step"] == 2 and self._micro == 1 and self._stepped == 3:
             raise KeyboardInterrupt
-        return real(self, p, grad, group)
+        return real_run(self, bucket)
 
     with monkeypatch.context() as patch:
-        patch.setattr(HostAdamW, "_update", update)
+        patch.setattr(HostAdamW, "_run", run)
+        patch.setattr(in_backward, "plan_buckets", lambda numels, bucket_numel=0: real_plan(numels, 1))
         first = run_training(cfg, progress=False)
     assert first.result.interrupted and first.result.steps == 2
     assert latest_checkpoint(out).name == "step-000002" == first.result.checkpoint.name

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field, replace
 from ..config import QloraConfig
 from ..model.fused_blocks import keep_plan, layer_activation_bytes
 from ..optim.factory import OPTIMIZERS
+from ..optim.in_backward import host_bytes, staging_bytes
 from .shapes import DTYPE_BYTES, ModelShape, OptimizerBytes, dtype_bytes, optimizer_bytes
 
 GiB = 2**30
@@ -268,8 +269,9 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     grads = 2 * lora // max(1, shape.num_layers) if host_step else lora
     accumulation = 1 if host_step else t.gradient_accumulation
     opt = optimizer_bytes(lora_numels, t.optimizer)
-    if host_step and t.gradient_accumulation > 1:
-        opt = replace(opt, pinned=opt.pinned + 4 * sum(lora_numels))
+    if host_step and t.gradient_accumulation > 1:  # and an fp32 gradient sum, on the host and in the GPU slots
+        opt = replace(opt, pinned=host_bytes(lora_numels, t.gradient_accumulation),
+                      staging=staging_bytes(lora_numels, t.gradient_accumulation))
     four_bit = _four_bit_bytes(cfg, shape, adapted)
     w4, consts, workspace = four_bit if q.load_in_4bit else (0, 0, 0)
     w16_linears = 0 if q.load_in_4bit else sum(shape.target_weight_numels()) * d

@@ -26,6 +26,7 @@ from ..model.lora_inject import select_targets
 from ..model.targets import TargetLinear, find_target_linears, load_causal_lm_config, meta_causal_lm
 from ..optim.adamw import AdamW
 from ..optim.factory import OPTIMIZERS
+from ..optim.in_backward import host_bytes, staging_bytes
 from ..optim.offload import plan_chunks
 from ..optim.storage import Slot
 from ..quant.blockwise import num_blocks
@@ -71,8 +72,8 @@ def optimizer_bytes(param_numels: list[int], optimizer: str) -> OptimizerBytes:
     (in parameter order), placed as on a CUDA device: paged / offloaded optimizers keep the states of tensors of
     at least min_paged_size elements in unified / pinned host memory, the others in ordinary GPU memory."""
     bits, paged = OPTIMIZERS[optimizer]
-    if paged == "host":  # in_backward.HostAdamW: fp32 master copy + 2 moments per element in pinned host memory
-        return OptimizerBytes(0, 0, 12 * sum(param_numels), 0)
+    if paged == "host":  # in_backward.HostAdamW: fp32 master copy + 2 moments in pinned host memory, 2 GPU slots
+        return OptimizerBytes(0, 0, host_bytes(param_numels, 1), staging_bytes(param_numels, 1))
     min_8bit, block, min_paged = (_adamw_default(k) for k in ("min_8bit_size", "block_size", "min_paged_size"))
     slots: dict[str, list[Slot]] = {"device": [], "managed": [], "pinned": []}
     for n in param_numels:

@@ -51,10 +51,14 @@ class CudaMover:
 
     def start_reload(self, key: int) -> tuple[torch.Tensor, torch.cuda.Event]:
         buf = self.host[key]
+        # Allocated from the compute stream's pool (a side-stream pool would hold its own reserve beside it); the
+        # side stream first waits for the compute stream, so no earlier user of the block is still running.
+        t = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(self.stored[key])
-            t = torch.empty(buf.shape, dtype=buf.dtype, device=self.device)
             t.copy_(buf, non_blocking=True)
+            t.record_stream(self.stream)
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return t, ready

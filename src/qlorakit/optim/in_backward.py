@@ -8,21 +8,27 @@ Here the GPU keeps only the adapters in the compute dtype (what autocast would h
 before every matmul, so the forward and the gradients are the same numbers), and, per trainable tensor, pinned
 host memory keeps the fp32 master copy, both moments and (with gradient accumulation) an fp32 gradient sum.
 
-The step: a hook on each parameter (Tensor.register_post_accumulate_grad_hook) fires in backward as soon as the
-parameter's gradient is complete. On a side CUDA stream, ordered after the gradient, it copies the master copy and
-moments to the GPU, applies the update (reference.adamw_update_32bit: torch.optim.AdamW's math in fp32, the same
-as qlorakit's AdamW), rounds the master copy into the GPU parameter and copies master and moments back; the
-gradient is then dropped. So at most the gradients of the layers whose step is in flight exist at once, and the
-copies overlap the backward of the layers below. `step()` (called where the training loop calls every optimizer's
-step) waits for the side stream; the next forward reads the updated parameters.
+The step: the tensors are grouped into buckets of about `bucket_numel` elements, in the order backward finishes
+them (last layers first; plan_buckets), each bucket one contiguous range of flat pinned buffers. A hook on each
+parameter (Tensor.register_post_accumulate_grad_hook) takes its gradient as soon as it is complete; when a
+bucket's gradients are all there, on CUDA:
+  - host-to-device stream: the bucket's master copy and moments into one of two GPU staging slots (three copies;
+    usually already done: each bucket's states are fetched while the bucket before it is updated, and the first
+    bucket's while the next forward runs);
+  - update stream, after the gradients and the copies: qlorakit's fused AdamW kernel (the one AdamW uses, so the
+    same fp32 arithmetic; the PyTorch reference where Triton is not used), then each parameter <- its master copy
+    rounded to the compute dtype; the gradients are released to the allocator once this stream is past them;
+  - device-to-host stream: master copy and moments back to the host.
+So only the gradients of the buckets in flight exist at once, the copies run beside the backward of the layers
+below, and the streams' order makes `step()` (where the training loop calls every optimizer's step) only order
+the next forward after the updates, without waiting on the host. On a machine without CUDA the same buckets are
+updated in place in host memory, synchronously, so the CPU tests check the bookkeeping and the arithmetic.
 
-Micro-batches: with `accumulation` > 1 the hook adds each micro-batch's gradient into the fp32 host sum (through
-the GPU, on the side stream) and steps on the last one; `begin_micro_batch(i)` says which one is next.
+Micro-batches: with `accumulation` > 1 the buckets add each micro-batch's gradient into an fp32 sum (host, through
+the slots) and step on the last one; `begin_micro_batch(i)` says which one is next.
 
 Not possible here, and refused by the training config: gradient clipping by the global norm (each tensor steps
-before the norm of all gradients exists), data parallelism (gradients would have to be reduced first). On a
-machine without CUDA the same hooks run the same update synchronously (the states still live in host memory),
-so the CPU tests check the bookkeeping and the arithmetic.
+before the norm of all gradients exists), data parallelism (gradients would have to be reduced first).
 
 state_dict(): the torch layout; per parameter "step" (int) and "master", "exp_avg", "exp_avg_sq" (fp32 CPU
 tensors, copies). `master(p)`: parameter p's fp32 master copy, for saving the adapter at
@@ -33,16 +39,77 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .adamw import _backend
 from .errors import OptimizerError
-from .reference import StepConstants, adamw_update_32bit
+from .reference import StepConstants, UpdateItem, adamw_update_32bit
 
 log = logging.getLogger("qlorakit.optim")
 
 _STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
+
+
+ALIGN = 64  # elements: each tensor's slice of the flat buffers starts 256-byte aligned
+BUCKET_NUMEL = 4 * 2**20  # elements per bucket (a Llama-2-70B layer's r=64 adapters are 10.4 M in 14 tensors)
+_BLOCK = 256  # the fused kernel's block for fp32 moments
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def plan_buckets(numels: list[int], bucket_numel: int = BUCKET_NUMEL) -> list[list[int]]:
+    """Indices of the trainable tensors (in parameter order) grouped into buckets, in the order backward is
+    expected to finish them: from the last tensor to the first, a bucket closing before it would pass
+    `bucket_numel` aligned elements (a larger tensor gets a bucket of its own)."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for i in reversed(range(len(numels))):
+        n = _align(numels[i])
+        if current and size + n > bucket_numel:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(i)
+        size += n
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def host_bytes(numels: list[int], accumulation: int) -> int:
+    """Pinned host bytes of HostAdamW's flat buffers: master, two moments (and the gradient sum), aligned."""
+    return (4 if accumulation > 1 else 3) * 4 * sum(_align(n) for n in numels)
+
+
+def staging_bytes(numels: list[int], accumulation: int, bucket_numel: int = BUCKET_NUMEL) -> int:
+    """GPU bytes of the two staging slots HostAdamW allocates on CUDA for tensors of `numels` elements."""
+    span = max((sum(_align(numels[i]) for i in b) for b in plan_buckets(numels, bucket_numel)), default=0)
+    return 2 * (4 if accumulation > 1 else 3) * span * 4
+
+
+@dataclass
+class _Bucket:
+    index: int
+    params: list[torch.Tensor]
+    offsets: list[int]  # each tensor's start, relative to the bucket's start in the flat buffers
+    start: int
+    span: int
+    ready: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> its gradient, until the update
+
+
+@dataclass
+class _Slot:
+    """A GPU staging buffer: rows master, exp_avg, exp_avg_sq (and the gradient sum) of one bucket."""
+
+    buf: torch.Tensor
+    owner: tuple[int, bool] | None = None  # (bucket index, states loaded) now in the slot
+    loaded: Any = None  # CUDA event: the slot's host-to-device copies are done
+    free: Any = None  # CUDA event: the last device-to-host copies out of the slot are done
 
 
 class HostAdamW(torch.optim.Optimizer):
@@ -50,7 +117,8 @@ class HostAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
-                 compute_dtype: torch.dtype = torch.bfloat16, accumulation: int = 1):
+                 compute_dtype: torch.dtype = torch.bfloat16, accumulation: int = 1,
+                 bucket_numel: int = BUCKET_NUMEL):
         if not lr >= 0.0:
             raise OptimizerError(f"lr {lr!r} must be >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -60,43 +128,54 @@ class HostAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.accumulation = accumulation
         self._micro = 0
-        self._stepped = 0  # parameters stepped since the last step(): a step is half applied while > 0
-        self._hooks = []
-        self._stream = None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not p.dtype.is_floating_point:
-                    raise OptimizerError(f"HostAdamW updates floating-point tensors, not {p.dtype}")
-                self._adopt(p, compute_dtype)
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
-        device = next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
-        if device.type == "cuda":
-            self._stream = torch.cuda.Stream(device)
+        self._stepped = 0  # tensors stepped since the last step(): a step is half applied while > 0
+        self._kernel_cache: dict = {}
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not params:
+            raise OptimizerError("HostAdamW got no parameters")
+        for p in params:
+            if not p.dtype.is_floating_point:
+                raise OptimizerError(f"HostAdamW updates floating-point tensors, not {p.dtype}")
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        self.device = params[0].device
+        self._cuda = self.device.type == "cuda"
+        self._keys = _STATE_KEYS + (("grad_sum",) if accumulation > 1 else ())
+        plan = plan_buckets([p.numel() for p in params], bucket_numel)
+        total = sum(_align(params[i].numel()) for b in plan for i in b)
+        self._host = {k: torch.zeros(total, dtype=torch.float32, pin_memory=self._cuda) for k in self._keys}
+        self._buckets: list[_Bucket] = []
+        self._bucket_of: dict[int, _Bucket] = {}
+        start = 0
+        for index, members in enumerate(plan):
+            chosen = [params[i] for i in members]
+            offsets, at = [], 0
+            for p in chosen:
+                offsets.append(at)
+                at += _align(p.numel())
+            bucket = _Bucket(index, chosen, offsets, start, at)
+            self._buckets.append(bucket)
+            for p, off in zip(chosen, offsets):
+                self._bucket_of[id(p)] = bucket
+                self._adopt(p, start + off, compute_dtype)
+            start += at
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
+        self._slots: list[_Slot] = []
+        if self._cuda:
+            span = max(b.span for b in self._buckets)
+            self._slots = [_Slot(torch.empty((len(self._keys), span), dtype=torch.float32, device=self.device))
+                           for _ in range(2)]
+            self._h2d, self._comp, self._d2h = (torch.cuda.Stream(self.device) for _ in range(3))
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
-    def _adopt(self, p: torch.Tensor, compute_dtype: torch.dtype) -> None:
-        """Master copy and zeroed moments in host memory (pinned where CUDA is), then p in the compute dtype."""
-        pin = p.device.type == "cuda"
-
-        def host(t: torch.Tensor) -> torch.Tensor:
-            out = torch.empty(t.shape, dtype=torch.float32, pin_memory=pin)
-            out.copy_(t.detach())
-            return out
-
-        master = host(p)
-        self.state[p] = {"step": 0, "master": master, "exp_avg": torch.zeros_like(master),
-                         "exp_avg_sq": torch.zeros_like(master)}
-        if self.accumulation > 1:
-            self.state[p]["grad_sum"] = torch.zeros_like(master)
+    def _adopt(self, p: torch.Tensor, at: int, compute_dtype: torch.dtype) -> None:
+        """State views into the flat host buffers (master = p's values), then p in the compute dtype."""
+        n = p.numel()
+        views = {k: self._host[k][at:at + n].view(p.shape) for k in self._keys}
+        views["master"].copy_(p.detach())
+        self.state[p] = {"step": 0, **views}
         with torch.no_grad():
             p.data = p.data.to(compute_dtype)
-
-    def _make_hook(self, group: dict[str, Any]):
-        def hook(p: torch.Tensor) -> None:
-            self._on_grad(p, group)
-
-        return hook
 
     # -- the step inside backward ----------------------------------------------------------------------------
 
@@ -105,62 +184,131 @@ class HostAdamW(torch.optim.Optimizer):
         if not 0 <= index < self.accumulation:
             raise OptimizerError(f"micro-batch {index} of a step of {self.accumulation}")
         self._micro = index
+        if self._cuda:  # the gradient sum the last micro-batch wrote back is read again
+            self._h2d.wait_stream(self._d2h)
 
-    @torch.no_grad()
-    def _on_grad(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+    def _on_grad(self, p: torch.Tensor) -> None:
         grad = p.grad
         if grad is None:
             return
         if grad.is_sparse:
             raise OptimizerError("HostAdamW does not support sparse gradients")
-        stream = self._stream
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(p.device))
-            with torch.cuda.stream(stream):
-                self._update(p, grad, group)
-            grad.record_stream(stream)
-        else:
-            self._update(p, grad, group)
+        bucket = self._bucket_of[id(p)]
+        bucket.ready[id(p)] = grad
         p.grad = None
+        if len(bucket.ready) == len(bucket.params):
+            self._run(bucket)
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor, group: dict[str, Any]) -> None:
-        st = self.state[p]
-        dev = p.device
-        g32 = grad.to(torch.float32)
+    @torch.no_grad()
+    def _run(self, b: _Bucket) -> None:
+        """Update (or, before the last micro-batch, accumulate) the ready tensors of bucket b."""
         last = self._micro == self.accumulation - 1
-        if self.accumulation > 1:
-            if self._micro > 0:
-                g32 = g32 + st["grad_sum"].to(dev, non_blocking=True)
-            if not last:
-                st["grad_sum"].copy_(g32, non_blocking=True)
-                return
-        st["step"] += 1
-        self._stepped += 1
-        c = StepConstants.for_step(group["lr"], group["betas"], group["eps"], group["weight_decay"], st["step"])
-        master = st["master"].to(dev, non_blocking=True)
-        m = st["exp_avg"].to(dev, non_blocking=True).view(-1)
-        v = st["exp_avg_sq"].to(dev, non_blocking=True).view(-1)
-        adamw_update_32bit(master, g32, m, v, c)
-        p.copy_(master)
-        st["master"].copy_(master, non_blocking=True)
-        st["exp_avg"].view(-1).copy_(m, non_blocking=True)
-        st["exp_avg_sq"].view(-1).copy_(v, non_blocking=True)
+        if not self._cuda:
+            self._compute(b, {k: self._host[k][b.start:b.start + b.span] for k in self._keys}, last)
+            b.ready.clear()
+            return
+        main = torch.cuda.current_stream(self.device)
+        slot = self._stage(b, last)
+        self._comp.wait_stream(main)  # the gradients are complete
+        self._comp.wait_event(slot.loaded)
+        with torch.cuda.stream(self._comp):
+            rows = {k: slot.buf[i, :b.span] for i, k in enumerate(self._keys)}
+            self._compute(b, rows, last)
+            done = torch.cuda.Event()
+            done.record(self._comp)
+        self._d2h.wait_event(done)
+        with torch.cuda.stream(self._d2h):
+            for i, k in enumerate(self._keys):
+                if (k == "grad_sum") != last:  # after the step the sum is spent; before it, only the sum changed
+                    self._host[k][b.start:b.start + b.span].copy_(slot.buf[i, :b.span], non_blocking=True)
+            slot.free = torch.cuda.Event()
+            slot.free.record(self._d2h)
+        for g in b.ready.values():
+            g.record_stream(self._comp)  # the allocator keeps each gradient until the update has read it
+        b.ready.clear()
+        slot.owner = None
+        if last and b.index + 1 < len(self._buckets):  # the next bucket backward finishes: its states now
+            self._stage(self._buckets[b.index + 1], True)
+
+    def _stage(self, b: _Bucket, states: bool) -> _Slot:
+        """The slot of bucket b, holding its states (and sum) when `states`, else its gradient sum, copied in on
+        the host-to-device stream after the slot's last copies out; nothing is copied when already there."""
+        slot = self._slots[b.index % 2]
+        if slot.owner == (b.index, states):
+            return slot
+        if slot.free is not None:
+            self._h2d.wait_event(slot.free)
+        with torch.cuda.stream(self._h2d):
+            for i, k in enumerate(self._keys):
+                wanted = states if k != "grad_sum" else self._micro > 0
+                if wanted:
+                    slot.buf[i, :b.span].copy_(self._host[k][b.start:b.start + b.span], non_blocking=True)
+            slot.loaded = torch.cuda.Event()
+            slot.loaded.record(self._h2d)
+        slot.owner = (b.index, states)
+        return slot
+
+    def _compute(self, b: _Bucket, rows: dict[str, torch.Tensor], last: bool) -> None:
+        items = []
+        constants: dict[tuple[int, int], StepConstants] = {}
+        for p, off in zip(b.params, b.offsets):
+            grad = b.ready.get(id(p))
+            if grad is None:
+                continue
+            n = p.numel()
+            g = grad.reshape(-1)
+            if self.accumulation > 1:
+                total = rows["grad_sum"][off:off + n]
+                total.copy_(g) if self._micro == 0 else total.add_(g)
+                if not last:
+                    continue
+                g = total
+            st = self.state[p]
+            st["step"] += 1
+            self._stepped += 1
+            group = self._group_of[id(p)]
+            key = (id(group), st["step"])
+            if key not in constants:
+                constants[key] = StepConstants.for_step(group["lr"], group["betas"], group["eps"],
+                                                        group["weight_decay"], st["step"])
+            items.append((p, rows["master"][off:off + n], g.contiguous(), rows["exp_avg"][off:off + n],
+                          rows["exp_avg_sq"][off:off + n], constants[key]))
+        if not items:
+            return
+        if self._cuda and _backend(self.device) == "triton":
+            from .triton_update import launch_updates
+
+            launch_updates([UpdateItem(m, g, (ea, eas), c, False, _BLOCK) for _, m, g, ea, eas, c in items],
+                           self._kernel_cache)
+        else:
+            for _, m, g, ea, eas, c in items:
+                adamw_update_32bit(m, g, ea, eas, c)
+        for p, m, *_ in items:
+            p.copy_(m.view(p.shape))
 
     def _synchronize(self) -> None:
-        if self._stream is not None:
-            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
-            self._stream.synchronize()
+        if self._cuda:
+            self._comp.synchronize()
+            self._d2h.synchronize()
 
     @torch.no_grad()
     def step(self, closure=None) -> float | None:
-        """The updates ran in backward: wait for them, so the next forward reads the new parameters. A parameter
-        whose gradient is still here (its hook did not run, e.g. a gradient set by hand) is stepped now."""
+        """The updates ran in backward: order the next forward after them. A tensor whose gradient is still here
+        (its hook did not run, e.g. a gradient set by hand) and buckets some of whose tensors got no gradient are
+        stepped now."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._on_grad(p, group)
-        self._synchronize()
+                    self._on_grad(p)
+        for b in self._buckets:
+            if b.ready:
+                self._run(b)
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._comp)  # the next forward reads the updates
+            self._h2d.wait_stream(self._d2h)  # the next step reads what this one wrote back
+            if self.accumulation == 1:
+                self._stage(self._buckets[0], True)  # overlaps the next forward
         self._micro = 0
         self._stepped = 0
         return loss
@@ -179,17 +327,19 @@ class HostAdamW(torch.optim.Optimizer):
     # -- what the run saves --------------------------------------------------------------------------------------
 
     def state_bytes(self) -> dict[str, int]:
-        n = sum(t.numel() * t.element_size() for st in self.state.values() for k, t in st.items() if k != "step")
-        return {"pinned" if self._stream is not None else "host": n}
-
-    def describe(self) -> str:
-        n = sum(p.numel() for g in self.param_groups for p in g["params"])
-        where = "pinned host memory" if self._stream is not None else "host memory"
-        return (f"AdamW 32-bit in {where} (fp32 master copy + 2 moments, {self.state_bytes_total() / 2**30:.2f} GiB "
-                f"for {n:,} parameters), each adapter stepping inside backward")
+        return {"pinned" if self._cuda else "host": sum(t.numel() * t.element_size() for t in self._host.values())}
 
     def state_bytes_total(self) -> int:
         return sum(self.state_bytes().values())
+
+    def staging_bytes(self) -> int:
+        return sum(s.buf.numel() * s.buf.element_size() for s in self._slots)
+
+    def describe(self) -> str:
+        n = sum(p.numel() for g in self.param_groups for p in g["params"])
+        where = "pinned host memory" if self._cuda else "host memory"
+        return (f"AdamW 32-bit in {where} (fp32 master copy + 2 moments, {self.state_bytes_total() / 2**30:.2f} GiB "
+                f"for {n:,} parameters), {len(self._buckets)} buckets stepping inside backward")
 
     def master(self, p: torch.Tensor) -> torch.Tensor:
         """The fp32 master copy of parameter `p` (a CPU copy), e.g. for saving the adapter at full precision."""
@@ -235,6 +385,8 @@ class HostAdamW(torch.optim.Optimizer):
             p.copy_(st["master"])
         for group, g in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in g.items() if k != "params"})
+        for slot in self._slots:  # what was staged came from the old state
+            slot.owner = None
 
     def remove_hooks(self) -> None:
         for h in self._hooks:
