@@ -67,14 +67,17 @@ from .shapes import DTYPE_BYTES, ModelShape, OptimizerBytes, dtype_bytes, optimi
 GiB = 2**30
 # train/loss.py FUSED_CHUNK_TOKENS (a test holds them equal): the fused loss's rows per chunk of logits.
 LOSS_CHUNK_ROWS = 2048
-# device_peak = torch_peak x (1 + ALLOCATOR_MARGIN) + CUDA_CONTEXT_BYTES + paged states: a line fitted to the eight
-# qlorakit rows of benchmarks/results/train_step-h200-3.json, -4.json and -rope.json (H200, torch 2.11, CUDA 13,
-# Llama-3-8B shape, torch peaks 7.3 to 24.3 GiB), where NVML's peak less torch's peak less the 1.25 GiB of paged
-# states was 1.57 GiB + 6.6% of torch's peak, each row within 0.41 GiB of the line. The constant holds the CUDA
-# context, cuBLAS workspaces, loaded Triton kernels and the driver's own share; the fraction, what torch's caching
-# allocator holds beyond what is allocated. Other GPUs, drivers and torch versions differ by some 0.1 to 0.5 GiB.
-CUDA_CONTEXT_BYTES = 1536 * 2**20
-ALLOCATOR_MARGIN = 0.07
+# device_peak = torch_peak x (1 + ALLOCATOR_MARGIN) + CUDA_CONTEXT_BYTES + paged states, the whole card as NVML
+# shows it, for training's allocator setting (expandable segments, train/runtime.prefer_expandable_segments).
+# Fitted to benchmarks/results/memory_estimate-llama3-8b-h100-expandable.json (H100, torch 2.11, CUDA 13; 21 rows,
+# torch peaks 7 to 33 GiB): NVML less torch's reserved memory less the paged states was 1.29 to 1.32 GiB on every
+# row (0.47 GiB the card showed before the process, 0.67 GiB CUDA context, cuBLAS and Triton modules), and reserved
+# exceeded allocated by 0.5% to 7% (17% at 4 x 8192 tokens with offloaded inputs); 4% puts every row within 10%.
+# The 70B row (train_step-h100-70b-host-v1.json: 36.46 GiB torch, 38.34 NVML) comes out 2% high. The older
+# default allocator reserved more (7% margin, fitted to H200 runs in train_step-h200-3/-4.json); other GPUs,
+# drivers and torch versions differ by some 0.1 to 0.5 GiB.
+CUDA_CONTEXT_BYTES = 1331 * 2**20
+ALLOCATOR_MARGIN = 0.04
 
 
 @dataclass(frozen=True)
