@@ -72,10 +72,10 @@ def ours(args, peak_tflops: float) -> dict:
         print(fused.line(), flush=True)
     enable_activation_checkpointing(model)
     if args.embeddings_on_host:  # training.embeddings_on_host
-        from qlorakit.model.host_embedding import move_embeddings_to_host
+        from qlorakit.model.host_embedding import move_embeddings_to_host, move_head_to_host
 
-        reason = move_embeddings_to_host(model)
-        print(f"qlorakit: embeddings on host: {reason or 'moved'}", flush=True)
+        reason, head = move_embeddings_to_host(model), move_head_to_host(model)
+        print(f"qlorakit: embeddings on host: {reason or 'moved'}; LM head: {head or 'moved'}", flush=True)
     if args.unstacked_dequant:  # training.stacked_dequant false: grouped weights dequantized one at a time
         from qlorakit.kernels.triton_matmul import set_workspace_limit
 

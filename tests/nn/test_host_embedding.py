@@ -193,3 +193,40 @@ def test_hooks_move_with_the_embedding():
     model.enable_input_require_grads()
     restore_embeddings(model)
     assert model.get_input_embeddings()(_ids()).requires_grad
+
+
+def test_head_on_host_gives_the_same_loss_and_gradients_and_restores():
+    """The LM head kept in host memory: the training loss (decoder_loss_sum copies it in) and every trainable
+    gradient are bit-identical; tied heads are refused; restore_head gives back the nn.Linear."""
+    from qlorakit.model.host_embedding import HostHead, move_head_to_host, restore_head
+    from qlorakit.train.loss import decoder_loss_sum
+
+    ids = _ids()
+
+    def loss_and_grads(model):
+        model.get_output_embeddings().weight.requires_grad_(False)
+        loss = decoder_loss_sum(model, {"input_ids": ids}, ids)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+
+    ref, moved = _model(torch.bfloat16), _model(torch.bfloat16)
+    ref.get_output_embeddings().weight.requires_grad_(False)
+    moved.get_output_embeddings().weight.requires_grad_(False)
+    want_loss, want_grads = loss_and_grads(ref)
+    head_bytes = moved.get_output_embeddings().weight.numel() * 2
+    assert move_head_to_host(moved) is not None  # on the CPU without allow_cpu: nothing to gain, refused
+    assert move_head_to_host(moved, allow_cpu=True) is None
+    assert isinstance(moved.get_output_embeddings(), HostHead)
+    assert host_embedding_bytes(moved) == head_bytes
+    assert "lm_head.weight" not in dict(moved.named_parameters())
+    loss, grads = loss_and_grads(moved)
+    assert torch.equal(loss, want_loss) and grads.keys() == want_grads.keys()
+    assert all(torch.equal(grads[k], want_grads[k]) for k in grads)
+    restore_head(moved)
+    assert type(moved.get_output_embeddings()) is nn.Linear and host_embedding_bytes(moved) == 0
+    assert torch.equal(_logits(moved, ids), _logits(ref, ids))
+    tied = _model(tie=True)
+    reason = move_head_to_host(tied, allow_cpu=True)
+    assert reason is not None and "tie" in reason and type(tied.get_output_embeddings()) is nn.Linear

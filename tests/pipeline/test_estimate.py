@@ -96,8 +96,9 @@ def test_optimizer_states_equal_the_arenas_after_one_step(tiny_model_dir, optimi
 
 def test_host_optimizer_and_host_embeddings_equal_what_the_model_then_holds(tiny_model_dir):
     """host_adamw_32bit turns the adapters into the compute dtype and keeps 12 B per element in host memory;
-    embeddings_on_host takes the input table off the device: the estimate's components equal those bytes."""
-    from qlorakit.model.host_embedding import host_embedding_bytes, move_embeddings_to_host
+    embeddings_on_host takes the input table and the LM head off the device (the head comes back for each loss):
+    the estimate's components equal those bytes."""
+    from qlorakit.model.host_embedding import host_embedding_bytes, move_embeddings_to_host, move_head_to_host
 
     plain_cfg = _cfg(tiny_model_dir)
     cfg = _cfg(tiny_model_dir, training={"optimizer": "host_adamw_32bit", "max_grad_norm": None,
@@ -107,6 +108,7 @@ def test_host_optimizer_and_host_embeddings_equal_what_the_model_then_holds(tiny
     opt = build_optimizer("host_adamw_32bit", params, lr=1e-3, weight_decay=0.0, compute_dtype=torch.bfloat16,
                           accumulation=2)
     assert move_embeddings_to_host(model, allow_cpu=True) is None
+    assert move_head_to_host(model, allow_cpu=True) is None
     est, plain = estimate(cfg, tiny_model_dir), estimate(plain_cfg, tiny_model_dir)
     held = _allocated(model)
     assert est.component("lora_adapters") == held["lora_adapters"] == plain.component("lora_adapters") // 2
@@ -114,7 +116,7 @@ def test_host_optimizer_and_host_embeddings_equal_what_the_model_then_holds(tiny
     moved = host_embedding_bytes(model)
     assert moved > 0 and plain.component("embeddings_head_norms") - est.component("embeddings_head_norms") == moved
     host = {c.key: c.nbytes for c in est.host}
-    assert host["input_embeddings"] == moved
+    assert host["input_embeddings"] + host["lm_head"] == moved
     assert host["optimizer_states_pinned"] == opt.state_bytes_total()  # master + 2 moments + accumulation sum
     assert est.component("optimizer_states_paged") == est.component("optimizer_states") == 0
     # in flight: two layers' gradients in the compute dtype, of 2 layers here

@@ -232,8 +232,10 @@ def activations(shape: ModelShape, cfg: QloraConfig, adapted: list[str]) -> Acti
     return Activations(saved, saved_first, mask, working, loss, f"{what}; {kind} layers", host)
 
 
-def _peaks(static: int, grads: int, act: Activations, accumulation: int, layers: int) -> tuple[int, str]:
-    """(torch peak bytes, which moment) from the static bytes, the gradients and the activations."""
+def _peaks(static: int, grads: int, act: Activations, accumulation: int, layers: int,
+           loss_only: int = 0) -> tuple[int, str]:
+    """(torch peak bytes, which moment) from the static bytes, the gradients and the activations; `loss_only`:
+    bytes on the GPU around the loss only (an LM head kept in host memory)."""
     in_forward = grads if accumulation > 1 else 0
     if accumulation > 1:
         backward = grads + act.saved
@@ -241,7 +243,7 @@ def _peaks(static: int, grads: int, act: Activations, accumulation: int, layers:
         backward = max(act.saved + grads // max(1, layers), act.saved_first + grads)
     moments = {
         "backward": static + act.mask + act.working_set + backward,
-        "loss": static + in_forward + act.saved + act.mask + act.loss,
+        "loss": static + in_forward + act.saved + act.mask + act.loss + loss_only,
         "optimizer step": static + grads,
     }
     moment = max(moments, key=moments.__getitem__)
@@ -279,7 +281,8 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     w4, consts, workspace = four_bit if q.load_in_4bit else (0, 0, 0)
     w16_linears = 0 if q.load_in_4bit else sum(shape.target_weight_numels()) * d
     embed_host = shape.movable_embedding_bytes(d) if t.embeddings_on_host else 0
-    others = shape.other_weight_bytes(d) - embed_host
+    head_host = shape.movable_head_bytes(d) if t.embeddings_on_host else 0  # on the GPU for the loss only
+    others = shape.other_weight_bytes(d) - embed_host - head_host
     act = activations(shape, cfg, adapted)
     n, optimizer = len(shape.targets), _optimizer_label(t.optimizer)
     components = [
@@ -302,7 +305,8 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     ]
     grads_states = grads + opt.device + opt.staging
     weights = w4 + consts + workspace + w16_linears + others + lora
-    torch_peak, moment = _peaks(weights + grads_states - grads, grads, act, accumulation, shape.num_layers)
+    torch_peak, moment = _peaks(weights + grads_states - grads, grads, act, accumulation, shape.num_layers,
+                                head_host)
     peak = device_peak(torch_peak, opt.managed)
     components.append(Component("cuda_context", "CUDA context, cuBLAS, kernels", CUDA_CONTEXT_BYTES,
                                 "GPU, outside torch"))
@@ -322,7 +326,7 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     summary = (f"{shape.architecture}, {shape.num_layers} layers, {shape.all_parameters / 1e9:.2f}B parameters "
                f"({shape.model_dir}); {tokens:,} tokens per micro-batch ({t.batch_size} x {t.max_seq_length})")
     return Estimate(str(shape.model_dir), shape.architecture, summary, components, torch_peak, moment, peak,
-                    _host(shape, opt, act, embed_host), comparisons, _notes(cfg, shape, act, opt))
+                    _host(shape, opt, act, embed_host, head_host), comparisons, _notes(cfg, shape, act, opt))
 
 
 _ALWAYS = {"lora_adapters", "lora_gradients", "saved_activations", "layer_working_set", "loss_chunk"}
@@ -349,10 +353,13 @@ def _full_finetuning(shape: ModelShape, act: Activations, accumulation: int, d: 
                   {"fp32_master_copy": sum(numels) * 4})
 
 
-def _host(shape: ModelShape, opt: OptimizerBytes, act: Activations, embed_host: int) -> list[Component]:
+def _host(shape: ModelShape, opt: OptimizerBytes, act: Activations, embed_host: int,
+          head_host: int) -> list[Component]:
     out = []
     if embed_host:
         out.append(Component("input_embeddings", "input embeddings, pinned", embed_host, "host"))
+    if head_host:
+        out.append(Component("lm_head", "LM head, pinned (on the GPU for the loss)", head_host, "host"))
     if act.host:
         out.append(Component("offloaded_activations", "offloaded layer inputs, pinned", act.host, "host"))
     if opt.pinned:

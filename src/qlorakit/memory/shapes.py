@@ -154,6 +154,16 @@ class ModelShape:
         embed = self.model.get_input_embeddings()
         return embed.weight.numel() * compute_bytes if isinstance(embed, nn.Embedding) else 0
 
+    def movable_head_bytes(self, compute_bytes: int) -> int:
+        """Bytes of the LM head that training.embeddings_on_host keeps in host memory between losses: 0 when tied
+        or not a bias-free nn.Linear (model/host_embedding.move_head_to_host refuses those)."""
+        if getattr(self.config, "tie_word_embeddings", False):
+            return 0
+        head = self.model.get_output_embeddings()
+        if type(head) is not nn.Linear or head.bias is not None:
+            return 0
+        return head.weight.numel() * compute_bytes
+
     @cached_property
     def all_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

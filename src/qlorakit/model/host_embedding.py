@@ -1,4 +1,5 @@
-"""The frozen input embedding table kept in host memory, looked up on the CPU (for 70B models on 48 GB GPUs).
+"""The frozen input embedding table kept in host memory, looked up on the CPU, and the frozen LM head kept there
+between losses (for 70B models on 48 GB GPUs).
 
 QLoRA trains LoRA adapters on the linears; the input embedding (vocab x hidden in the compute dtype, 0.49 GiB
 for Llama-2-70B in bf16) is frozen, yet it sits on the GPU for a lookup that touches batch x seq rows of it.
@@ -168,7 +169,76 @@ def restore_embeddings(model: nn.Module) -> None:
     model.set_input_embeddings(embed)
 
 
+class HostHead(nn.Module):
+    """A frozen, bias-free output projection (the LM head) whose weight is in host memory. The training loss
+    (train/loss.decoder_loss_sum) copies the weight to the hidden states' device for the loss's forward and
+    backward only: the copy is freed once the loss's backward has run, so the backward through the decoder layers,
+    where a step's memory peaks, runs without it. `forward(x)` (for callers that want logits) does the same."""
+
+    weight: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, device: torch.device | str):
+        super().__init__()
+        self.weight = _host_copy(weight.detach(), weight.dtype)  # a plain attribute, as HostEmbedding's table
+        self.device = torch.device(device)
+        self.out_features, self.in_features = self.weight.shape
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight.to(x.device, non_blocking=True))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HostHead:
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.weight.dtype, device=self.device))
+        if probe.dtype != self.weight.dtype:
+            self.weight = _host_copy(self.weight, probe.dtype)
+        self.device = probe.device
+        return self
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, to={self.device}"
+
+
+def move_head_to_host(model: nn.Module, *, allow_cpu: bool = False) -> str | None:
+    """Replace the model's output projection by a HostHead (weight in pinned host memory, copied in for the loss).
+    Returns None when moved, else why not (and changes nothing): tied to the input embedding, trained, with a
+    bias, not a plain nn.Linear, or already on the CPU (unless `allow_cpu`, for tests)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, HostHead):
+        return "the output projection is already in host memory"
+    if type(head) is not nn.Linear:
+        return f"the output projection is a {type(head).__name__}, not a plain nn.Linear"
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return "the config ties the input and output embeddings (tie_word_embeddings)"
+    if head.weight.requires_grad:
+        return "the output projection is trained (requires_grad)"
+    if head.bias is not None:
+        return "the output projection has a bias"
+    if head.weight.device.type == "meta":
+        return "the output projection is on the meta device (not loaded)"
+    if head.weight.device.type == "cpu" and not allow_cpu:
+        return "the output projection is already on the CPU (nothing to gain)"
+    host = HostHead(head.weight, head.weight.device)
+    _adopt_hooks(host, head)
+    model.set_output_embeddings(host)
+    return None
+
+
+def restore_head(model: nn.Module) -> None:
+    """Put an nn.Linear with the host weight's values back on the recorded device (no-op without a HostHead)."""
+    host = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(host, HostHead):
+        return
+    head = nn.Linear(host.in_features, host.out_features, bias=False, device="meta", dtype=host.weight.dtype)
+    head.weight = nn.Parameter(host.weight.to(host.device), requires_grad=False)
+    _adopt_hooks(head, host)
+    model.set_output_embeddings(head)
+
+
 def host_embedding_bytes(model: nn.Module) -> int:
-    """Bytes of embedding tables held in host memory by the model's HostEmbeddings (0 if none)."""
-    tables = {id(m.weight): m.weight for m in model.modules() if isinstance(m, HostEmbedding)}
+    """Bytes of tables held in host memory by the model's HostEmbeddings and HostHeads (0 if none)."""
+    tables = {id(m.weight): m.weight for m in model.modules() if isinstance(m, (HostEmbedding, HostHead))}
     return sum(t.numel() * t.element_size() for t in tables.values())

@@ -96,4 +96,7 @@ def count_targets(labels: torch.Tensor) -> int:
 def decoder_loss_sum(lm: torch.nn.Module, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
     """causal_lm_loss_sum of a causal LM's decoder hidden states and its head's weight (no logits tensor)."""
     hidden = lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    return causal_lm_loss_sum(hidden, lm.get_output_embeddings().weight, labels)
+    weight = lm.get_output_embeddings().weight
+    if weight.device != hidden.device:  # a head kept in host memory (model/host_embedding.HostHead): in for the loss
+        weight = weight.to(hidden.device, non_blocking=True)
+    return causal_lm_loss_sum(hidden, weight, labels)

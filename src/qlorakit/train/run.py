@@ -238,7 +238,7 @@ def _offload_activations(model: nn.Module, runtime: Runtime, dist: DistContext) 
 
 def _embeddings_to_host(model: nn.Module, runtime: Runtime) -> None:
     """training.embeddings_on_host: the frozen input embedding table to pinned host memory (model/host_embedding)."""
-    from ..model.host_embedding import host_embedding_bytes, move_embeddings_to_host
+    from ..model.host_embedding import host_embedding_bytes, move_embeddings_to_host, move_head_to_host
 
     if runtime.device.type != "cuda":
         log.warning("qlorakit: training.embeddings_on_host needs a CUDA device; on %s the table stays where it is",
@@ -247,9 +247,13 @@ def _embeddings_to_host(model: nn.Module, runtime: Runtime) -> None:
     reason = move_embeddings_to_host(model)
     if reason is not None:
         log.warning("qlorakit: training.embeddings_on_host: the input embeddings stay on the GPU: %s", reason)
-        return
-    log.info("qlorakit: input embeddings in pinned host memory (%.2f GiB less on the GPU); the batch's tokens are "
-             "looked up on the CPU", host_embedding_bytes(model) / 2**30)
+    reason = move_head_to_host(model)
+    if reason is not None:
+        log.warning("qlorakit: training.embeddings_on_host: the LM head stays on the GPU: %s", reason)
+    if host_embedding_bytes(model):
+        log.info("qlorakit: embeddings in pinned host memory (%.2f GiB): the batch's tokens are looked up on the "
+                 "CPU; the LM head (if moved) is copied in for each loss and freed after its backward",
+                 host_embedding_bytes(model) / 2**30)
 
 
 def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime):
@@ -371,9 +375,10 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         progress=progress, dist=dist, resume_from=resume.checkpoint,
     )
     if cfg.training.embeddings_on_host:  # generation after training (CUDA graphs) wants the table on the GPU
-        from ..model.host_embedding import restore_embeddings
+        from ..model.host_embedding import restore_embeddings, restore_head
 
         restore_embeddings(model)
+        restore_head(model)
     adapter_dir = None
     if not result.interrupted:
         adapter_dir = out / "adapter"
