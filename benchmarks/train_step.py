@@ -72,10 +72,13 @@ def ours(args, peak_tflops: float) -> dict:
         print(fused.line(), flush=True)
     enable_activation_checkpointing(model)
     if args.embeddings_on_host:  # training.embeddings_on_host
-        from qlorakit.model.host_embedding import move_embeddings_to_host, move_head_to_host
+        from qlorakit.model.host_embedding import move_embeddings_to_host
 
-        reason, head = move_embeddings_to_host(model), move_head_to_host(model)
-        print(f"qlorakit: embeddings on host: {reason or 'moved'}; LM head: {head or 'moved'}", flush=True)
+        print(f"qlorakit: embeddings on host: {move_embeddings_to_host(model) or 'moved'}", flush=True)
+    if args.head_on_host:  # training.head_on_host
+        from qlorakit.model.host_embedding import move_head_to_host
+
+        print(f"qlorakit: LM head on host: {move_head_to_host(model) or 'moved'}", flush=True)
     if args.unstacked_dequant:  # training.stacked_dequant false: grouped weights dequantized one at a time
         from qlorakit.kernels.triton_matmul import set_workspace_limit
 
@@ -100,7 +103,8 @@ def ours(args, peak_tflops: float) -> dict:
                 if type(m).__name__ == "Linear4bit")
     model.train()
     res = {"weights_GiB": round(weights_gib, 2), "build_s": round(build_s, 1), "optimizer": opt_name,
-           "clip": clip, "embeddings_on_host": args.embeddings_on_host, "unstacked_dequant": args.unstacked_dequant,
+           "clip": clip, "embeddings_on_host": args.embeddings_on_host, "head_on_host": args.head_on_host,
+           "unstacked_dequant": args.unstacked_dequant,
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
            "trainable": sum(p.numel() for p in params), "fused": None if fused is None else fused.line()}
     keep = {}
@@ -172,6 +176,7 @@ def main() -> int:
                     help="measure every run also (both) or only with the recomputed layers' inputs offloaded to "
                     "pinned host memory (training.offload_activations)")
     ap.add_argument("--embeddings-on-host", action="store_true", help="training.embeddings_on_host")
+    ap.add_argument("--head-on-host", action="store_true", help="training.head_on_host")
     ap.add_argument("--unstacked-dequant", action="store_true", help="training.stacked_dequant false: Q/K/V and "
                     "gate/up weights dequantized and multiplied one at a time (the workspace holds one weight)")
     ap.add_argument("--peers", default="", help="comma-separated peers.py peers to run after ours")

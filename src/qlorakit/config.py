@@ -104,10 +104,14 @@ class TrainingSection(_Section):
         "backward in pinned host memory instead of on the GPU (copied on a side stream, reloaded one layer ahead): "
         "batch x max_seq_length x hidden_size x 2 bytes less per layer, the same gradients; CUDA only")
     embeddings_on_host: bool = Field(
-        False, description="keep the frozen embedding tables in pinned host memory: the batch's tokens are looked "
-        "up on the CPU, and the LM head is copied to the GPU for each loss and freed after its backward, so the "
-        "backward through the layers runs without either (2 x vocab x hidden x 2 bytes less at the peak: 0.98 GiB "
-        "for Llama-2-70B; the head's copy costs ~20 ms a step there); not with tied embeddings; CUDA only")
+        False, description="keep the frozen input embedding table in pinned host memory and look the batch's "
+        "tokens up on the CPU (vocab x hidden x 2 bytes less on the GPU: 0.49 GiB for Llama-2-70B, 0.98 GiB for "
+        "Llama-3-8B; no measurable cost); not with tied embeddings; CUDA only")
+    head_on_host: bool = Field(
+        False, description="keep the frozen LM head in pinned host memory: it is copied to the GPU for each "
+        "loss and freed after the loss's backward, so the backward through the layers, where a step peaks, runs "
+        "without it (vocab x hidden x 2 bytes less at the peak); the copy costs about that many bytes over PCIe "
+        "per micro-batch (~20 ms for Llama-2-70B, ~40 ms for Llama-3-8B); not with tied embeddings; CUDA only")
     stacked_dequant: bool = Field(
         True, description="fused groups (Q/K/V, gate/up) dequantize their weights into one workspace and run one "
         "matmul; false dequantizes and multiplies one weight at a time, so the workspace holds the largest single "

@@ -102,7 +102,8 @@ def test_host_optimizer_and_host_embeddings_equal_what_the_model_then_holds(tiny
 
     plain_cfg = _cfg(tiny_model_dir)
     cfg = _cfg(tiny_model_dir, training={"optimizer": "host_adamw_32bit", "max_grad_norm": None,
-                                         "embeddings_on_host": True, "gradient_accumulation": 2})
+                                         "embeddings_on_host": True, "head_on_host": True,
+                                         "gradient_accumulation": 2})
     model = _load(tiny_model_dir, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer("host_adamw_32bit", params, lr=1e-3, weight_decay=0.0, compute_dtype=torch.bfloat16,

@@ -98,7 +98,8 @@ def test_lean_settings_on_a_cpu_run_say_what_they_do_and_leave_nothing_behind(ti
     from qlorakit.kernels.triton_matmul import workspace_limit
 
     tree = run_tree(tiny_model_dir, pattern_data, tmp_path / "run",
-                    training={"max_steps": 1, "embeddings_on_host": True, "stacked_dequant": False})
+                    training={"max_steps": 1, "embeddings_on_host": True, "head_on_host": True,
+                              "stacked_dequant": False})
     seen = {}
     forward = loop_module.forward_loss_sum
 
@@ -110,5 +111,5 @@ def test_lean_settings_on_a_cpu_run_say_what_they_do_and_leave_nothing_behind(ti
     monkeypatch.setattr(loop_module, "forward_loss_sum", spy)
     run_training(config_from_dict(tree), progress=False)
     assert seen["cap"] == 0 and workspace_limit() is None
-    assert "embeddings_on_host needs a CUDA device" in caplog.text
+    assert "embeddings_on_host / head_on_host need a CUDA device" in caplog.text
     assert "stacked_dequant false" in caplog.text

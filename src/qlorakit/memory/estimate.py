@@ -281,7 +281,7 @@ def estimate_shape(cfg: QloraConfig, shape: ModelShape) -> Estimate:
     w4, consts, workspace = four_bit if q.load_in_4bit else (0, 0, 0)
     w16_linears = 0 if q.load_in_4bit else sum(shape.target_weight_numels()) * d
     embed_host = shape.movable_embedding_bytes(d) if t.embeddings_on_host else 0
-    head_host = shape.movable_head_bytes(d) if t.embeddings_on_host else 0  # on the GPU for the loss only
+    head_host = shape.movable_head_bytes(d) if t.head_on_host else 0  # on the GPU for the loss only
     others = shape.other_weight_bytes(d) - embed_host - head_host
     act = activations(shape, cfg, adapted)
     n, optimizer = len(shape.targets), _optimizer_label(t.optimizer)

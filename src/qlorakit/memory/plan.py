@@ -3,8 +3,9 @@ before the model loads.
 
 Only choices that leave the result alone are made: gradient checkpointing on, the inputs of recomputed layers
 offloaded to pinned host memory (on a CUDA device), when that is not enough the input embedding table in pinned
-host memory and grouped weights dequantized one at a time (training.embeddings_on_host, stacked_dequant), and as
-many layers as fit keeping their activations for backward (training.keep_activations_gib: no recompute for them, the fastest way to spend memory). When even
+host memory and grouped weights dequantized one at a time (training.embeddings_on_host, stacked_dequant), then
+the LM head in host memory between losses (head_on_host: a copy per micro-batch), and as many layers as fit
+keeping their activations for backward (training.keep_activations_gib: no recompute for them, the fastest way to spend memory). When even
 the leanest of these does not fit, the run is refused before anything loads, with what would fit (suggest.py:
 smaller micro-batches, 8-bit or offloaded optimizer states, shorter sequences, a lower rank, fewer modules).
 """
@@ -52,6 +53,8 @@ def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bo
         lean["training.stacked_dequant"] = False
         if shape.movable_embedding_bytes(2):
             lean["training.embeddings_on_host"] = True
+    if peak(0.0) > budget and cuda and shape.movable_head_bytes(2):  # costs a copy of the head per micro-batch
+        lean["training.head_on_host"] = True
     if peak(0.0) > budget:
         fit = suggest_shape(_apply(cfg, lean), shape, budget_gib)
         ways = [f"{o.set_args()} ({o.device_peak / GiB:.2f} GiB; {o.effect})" for o in fit.options]

@@ -155,7 +155,7 @@ class ModelShape:
         return embed.weight.numel() * compute_bytes if isinstance(embed, nn.Embedding) else 0
 
     def movable_head_bytes(self, compute_bytes: int) -> int:
-        """Bytes of the LM head that training.embeddings_on_host keeps in host memory between losses: 0 when tied
+        """Bytes of the LM head that training.head_on_host keeps in host memory between losses: 0 when tied
         or not a bias-free nn.Linear (model/host_embedding.move_head_to_host refuses those)."""
         if getattr(self.config, "tie_word_embeddings", False):
             return 0

@@ -7,7 +7,8 @@ ones that leave the training result alone to the ones that change it, each tried
   training.gradient_checkpointing -> true         same result, slower
   training.offload_activations -> true            same result: layer inputs wait in pinned host memory
   training.embeddings_on_host -> true, stacked_dequant -> false   same result: the input embedding table in
-                                                  pinned host memory, grouped weights dequantized one at a time
+                                                  pinned host memory, grouped weights dequantized one at a time;
+                                                  then also head_on_host (the LM head copied in for each loss)
   training.batch_size halved, gradient_accumulation raised to keep the effective batch: same result
   training.optimizer -> 8-bit states, then offloaded to pinned host memory (32-bit, then 8-bit), then
                         host_adamw_32bit with max_grad_norm null (adapters in the compute dtype on the GPU, master
@@ -129,6 +130,9 @@ def _lean_tables(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes,
     if changes:
         yield changes, ("same result: the input embedding table in pinned host memory (CUDA), Q/K/V and gate/up "
                         "weights dequantized one at a time")
+    if not t.head_on_host and shape.movable_head_bytes(2):
+        yield ({**changes, "training.head_on_host": True},
+               "same result: also the LM head in pinned host memory between losses (a copy per micro-batch)")
 
 
 def _batch(cfg: QloraConfig, shape: ModelShape) -> Iterator[tuple[Changes, str]]:

@@ -236,20 +236,21 @@ def _offload_activations(model: nn.Module, runtime: Runtime, dist: DistContext) 
              "memory (the highest one stays on the GPU)", len(chosen), len(layers))
 
 
-def _embeddings_to_host(model: nn.Module, runtime: Runtime) -> None:
-    """training.embeddings_on_host: the frozen input embedding table to pinned host memory (model/host_embedding)."""
+def _embeddings_to_host(cfg: QloraConfig, model: nn.Module, runtime: Runtime) -> None:
+    """training.embeddings_on_host / head_on_host: the frozen input embedding table / LM head to pinned host memory
+    (model/host_embedding)."""
     from ..model.host_embedding import host_embedding_bytes, move_embeddings_to_host, move_head_to_host
 
     if runtime.device.type != "cuda":
-        log.warning("qlorakit: training.embeddings_on_host needs a CUDA device; on %s the table stays where it is",
-                    runtime.device)
+        log.warning("qlorakit: training.embeddings_on_host / head_on_host need a CUDA device; on %s the tables "
+                    "stay where they are", runtime.device)
         return
-    reason = move_embeddings_to_host(model)
+    reason = move_embeddings_to_host(model) if cfg.training.embeddings_on_host else None
     if reason is not None:
         log.warning("qlorakit: training.embeddings_on_host: the input embeddings stay on the GPU: %s", reason)
-    reason = move_head_to_host(model)
+    reason = move_head_to_host(model) if cfg.training.head_on_host else None
     if reason is not None:
-        log.warning("qlorakit: training.embeddings_on_host: the LM head stays on the GPU: %s", reason)
+        log.warning("qlorakit: training.head_on_host: the LM head stays on the GPU: %s", reason)
     if host_embedding_bytes(model):
         log.info("qlorakit: embeddings in pinned host memory (%.2f GiB): the batch's tokens are looked up on the "
                  "CPU; the LM head (if moved) is copied in for each loss and freed after its backward",
@@ -347,8 +348,8 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
             _offload_activations(model, runtime, dist)
     if before_training is not None:
         before_training(model, tokenizer)
-    if cfg.training.embeddings_on_host:
-        _embeddings_to_host(model, runtime)
+    if cfg.training.embeddings_on_host or cfg.training.head_on_host:
+        _embeddings_to_host(cfg, model, runtime)
     if not cfg.training.stacked_dequant:
         from ..kernels.triton_matmul import set_workspace_limit
 
@@ -374,7 +375,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         runtime, optimizer, adapter_record=record, base_model_name=peft_base_name(str(cfg.model.name)),
         progress=progress, dist=dist, resume_from=resume.checkpoint,
     )
-    if cfg.training.embeddings_on_host:  # generation after training (CUDA graphs) wants the table on the GPU
+    if cfg.training.embeddings_on_host or cfg.training.head_on_host:  # generation (CUDA graphs) wants them back
         from ..model.host_embedding import restore_embeddings, restore_head
 
         restore_embeddings(model)
