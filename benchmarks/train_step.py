@@ -159,6 +159,61 @@ def ours(args, peak_tflops: float) -> dict:
     return res
 
 
+def run_peers(args, peers: list[str], out: Path) -> dict:
+    peer_out = out / "peers-raw"
+    cmd = [sys.executable, args.peers_script, *peers, "--shape", args.shape, "--batches", args.batches,
+           "--steps", str(args.steps), "--out", str(peer_out)]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
+    subprocess.run(cmd, check=False)
+    path = peer_out / "peers.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def plan_from_peer(args, peers: dict) -> dict:
+    """training.memory_budget_gib's plan (memory/plan.py) for this shape and batch at the peer's torch peak; sets
+    the matching command-line choices on `args` and returns the budget and the changes."""
+    import tempfile
+
+    from transformers import LlamaConfig
+
+    from qlorakit.config import config_from_dict
+    from qlorakit.memory import ModelShape
+    from qlorakit.memory.plan import plan_memory
+    from qlorakit.model.synthetic import SHAPES
+
+    if "," in args.batches:
+        raise SystemExit("--budget-from-peer plans one batch: give --batches a single BxT")
+    b, t = (int(v) for v in args.batches.split("x"))
+    peer = next((v for k, v in peers.items() if args.budget_from_peer in k and isinstance(v, dict)), None)
+    result = (peer or {}).get(f"B{b}xT{t}")
+    if not result or "torch_peak_GiB" not in result:
+        raise SystemExit(f"--budget-from-peer: no {args.budget_from_peer} result for B{b}xT{t} in {list(peers)}")
+    budget = float(result["torch_peak_GiB"])
+    fields = dict(SHAPES[args.shape])
+    if args.layers:
+        fields["num_hidden_layers"] = args.layers
+    with tempfile.TemporaryDirectory() as tmp:
+        LlamaConfig(**fields).save_pretrained(tmp)
+        cfg = config_from_dict({
+            "model": {"name": tmp}, "lora": {"rank": args.rank, "alpha": 16, "dropout": args.dropout,
+                                              "target_modules": "all-linear"},
+            "training": {"batch_size": b, "max_seq_length": t, "gradient_accumulation": 1,
+                         "optimizer": args.optimizer,
+                         "max_grad_norm": None if args.optimizer == "host_adamw_32bit" else 0.3},
+            "data": {"packing": False}})
+        plan = plan_memory(cfg, ModelShape(tmp), budget, cuda=True)
+    chosen = plan.config.training
+    args.keep = f"{args.batches}={chosen.keep_activations_gib}"
+    args.offload = "only" if chosen.offload_activations else ""
+    args.embeddings_on_host = chosen.embeddings_on_host
+    args.head_on_host = chosen.head_on_host
+    args.unstacked_dequant = not chosen.stacked_dequant
+    return {"budget_gib": budget, "changes": plan.changes, "line": plan.line(),
+            "estimate_torch_GiB": round(plan.estimate.torch_peak_gib, 3),
+            "estimate_device_GiB": round(plan.estimate.device_peak_gib, 3)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -180,6 +235,10 @@ def main() -> int:
     ap.add_argument("--unstacked-dequant", action="store_true", help="training.stacked_dequant false: Q/K/V and "
                     "gate/up weights dequantized and multiplied one at a time (the workspace holds one weight)")
     ap.add_argument("--peers", default="", help="comma-separated peers.py peers to run after ours")
+    ap.add_argument("--budget-from-peer", default="", metavar="PEER",
+                    help="run the peers first and plan ours as training.memory_budget_gib does, with the budget set "
+                    "to PEER's torch peak at the (single) batch of --batches: the planner's keep / offload / "
+                    "embeddings / head / stacked-dequant choices replace --keep, --offload and those flags")
     ap.add_argument("--peers-script", default=".peers/peers.py")
     args = ap.parse_args()
     out = Path(args.out)
@@ -196,17 +255,14 @@ def main() -> int:
         record["triton"] = triton.__version__
     except ImportError:
         pass
-    record["qlorakit"] = ours(args, peak)
     peers = [p for p in args.peers.split(",") if p]
-    if peers:
-        peer_out = out / "peers-raw"
-        cmd = [sys.executable, args.peers_script, *peers, "--shape", args.shape, "--batches", args.batches,
-               "--steps", str(args.steps), "--out", str(peer_out)]
-        if args.layers:
-            cmd += ["--layers", str(args.layers)]
-        subprocess.run(cmd, check=False)
-        path = peer_out / "peers.json"
-        record["peers"] = json.loads(path.read_text()) if path.exists() else {}
+    if args.budget_from_peer:  # peers first: their peak is our budget
+        record["peers"] = run_peers(args, sorted(set(peers) | {args.budget_from_peer}), out)
+        record["plan"] = plan_from_peer(args, record["peers"])
+        print(f"qlorakit: memory plan for {record['plan']['budget_gib']} GiB: {record['plan']['changes']}", flush=True)
+    record["qlorakit"] = ours(args, peak)
+    if peers and not args.budget_from_peer:
+        record["peers"] = run_peers(args, peers, out)
     (out / "train_step.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nshape {args.shape}{f' ({args.layers} layers)' if args.layers else ''}, r={args.rank}, bf16 matmul "
           f"{peak:.0f} TFLOP/s")
