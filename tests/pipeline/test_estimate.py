@@ -282,9 +282,11 @@ def test_a_budget_nothing_fits_is_refused_before_loading_with_what_would(tmp_pat
 
     model_dir = _write_config(tmp_path / "m", **{**LLAMA3_8B, "num_hidden_layers": 8})
     cfg = _cfg(model_dir, training={"max_seq_length": 8192, "batch_size": 8, "optimizer": "adamw_32bit"})
-    with pytest.raises(QloraConfigError, match="even with every layer recomputed and its input offloaded .*"
-                                              "what would fit: .*--set") as err:
-        plan(cfg, model_dir, 9.0)
+    # 5.06 GiB with everything the planner may change (offloaded inputs and states, host tables, batch 1 x 8)
+    with pytest.raises(QloraConfigError, match="even with every layer recomputed and its input offloaded, .*"
+                                              "optimizer offload_adamw_32bit, micro-batches of 1 x 8 accumulated, "
+                                              "the estimated device peak is 5.06 GiB; what would fit: .*--set") as err:
+        plan(cfg, model_dir, 4.8)
     assert "\n" not in str(err.value)
     with pytest.raises(QloraConfigError, match="nothing qlorakit can change fits \\(the least any change reaches "
                                               "is .* GiB\\): a larger GPU is needed"):
@@ -409,3 +411,28 @@ def test_bad_input_is_one_line(tmp_path, tiny_yaml, capsys):
     for bad in ("-1", "0", "nan", "inf"):
         assert cli.main(["estimate", str(tiny_yaml), "--memory-budget", bad]) == 2
         assert f"--memory-budget {bad}: allowed a finite number of GiB > 0" in one_error_line(capsys)
+
+
+def test_the_planner_moves_states_and_splits_micro_batches_before_refusing(tmp_path):
+    """Result-preserving steps come before a refusal: optimizer states to pinned host memory (the same AdamW),
+    then smaller micro-batches with more accumulation (the same effective batch)."""
+    from qlorakit.memory import plan
+
+    model_dir = _write_config(tmp_path / "m", **{**LLAMA3_8B, "num_hidden_layers": 8})
+    cfg = _cfg(model_dir, training={"max_seq_length": 4096, "batch_size": 4, "gradient_accumulation": 2})
+    lean = _cfg(model_dir, training={"max_seq_length": 4096, "batch_size": 1, "gradient_accumulation": 8,
+                                     "optimizer": "offload_adamw_32bit", "offload_activations": True,
+                                     "embeddings_on_host": True, "head_on_host": True, "stacked_dequant": False})
+    budget = estimate(lean, model_dir).device_peak / 2**30 + 0.01
+    chosen = plan(cfg, model_dir, budget)
+    t = chosen.config.training
+    assert t.optimizer == "offload_adamw_32bit" and t.max_grad_norm == cfg.training.max_grad_norm
+    assert (t.batch_size, t.gradient_accumulation) == (1, 8)  # 4 x 2 kept as 1 x 8
+    assert t.embeddings_on_host and t.head_on_host and not t.stacked_dequant
+    assert chosen.estimate.device_peak <= budget * 2**30
+    # with room for batch 2 the planner stops halving there
+    two = _cfg(model_dir, training={"max_seq_length": 4096, "batch_size": 2, "gradient_accumulation": 4,
+                                    "optimizer": "offload_adamw_32bit", "offload_activations": True,
+                                    "embeddings_on_host": True, "head_on_host": True, "stacked_dequant": False})
+    chosen = plan(cfg, model_dir, estimate(two, model_dir).device_peak / 2**30 + 0.01)
+    assert (chosen.config.training.batch_size, chosen.config.training.gradient_accumulation) == (2, 4)

@@ -4,10 +4,12 @@ before the model loads.
 Only choices that leave the result alone are made: gradient checkpointing on, the inputs of recomputed layers
 offloaded to pinned host memory (on a CUDA device), when that is not enough the input embedding table in pinned
 host memory and grouped weights dequantized one at a time (training.embeddings_on_host, stacked_dequant), then
-the LM head in host memory between losses (head_on_host: a copy per micro-batch), and as many layers as fit
-keeping their activations for backward (training.keep_activations_gib: no recompute for them, the fastest way to spend memory). When even
-the leanest of these does not fit, the run is refused before anything loads, with what would fit (suggest.py:
-smaller micro-batches, 8-bit or offloaded optimizer states, shorter sequences, a lower rank, fewer modules).
+the LM head in host memory between losses (head_on_host: a copy per micro-batch), the optimizer states in
+pinned host memory (offload_adamw_*: the same AdamW), smaller micro-batches with more accumulation (the same
+effective batch), and as many layers as fit keeping their activations for backward
+(training.keep_activations_gib: no recompute for them, the fastest way to spend memory). When even the leanest of
+these does not fit, the run is refused before anything loads, with what would fit (suggest.py: 8-bit states,
+host_adamw_32bit without clipping, shorter sequences, a lower rank, fewer modules).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from ..errors import QloraConfigError
 from .estimate import GiB, Estimate, estimate_shape
 from .shapes import ModelShape
 from .suggest import _apply, suggest_shape
+
+# The same AdamW with its states in pinned host memory, streamed through the GPU for the update: the planner's
+# last result-preserving placement (host_adamw_32bit is not: it cannot clip; suggest.py offers it).
+_PINNED = {"paged_adamw_32bit": "offload_adamw_32bit", "adamw_32bit": "offload_adamw_32bit",
+           "paged_adamw_8bit": "offload_adamw_8bit", "adamw_8bit": "offload_adamw_8bit"}
 
 
 @dataclass
@@ -55,6 +62,14 @@ def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bo
             lean["training.embeddings_on_host"] = True
     if peak(0.0) > budget and cuda and shape.movable_head_bytes(2):  # costs a copy of the head per micro-batch
         lean["training.head_on_host"] = True
+    name = cfg.training.optimizer
+    if peak(0.0) > budget and cuda and name in _PINNED:  # the same AdamW, its states in pinned host memory
+        lean["training.optimizer"] = _PINNED[name]
+    b, acc = cfg.training.batch_size, cfg.training.gradient_accumulation
+    while peak(0.0) > budget and b > 1:  # smaller micro-batches, more of them: the same effective batch
+        b = max(d for d in range(1, b) if cfg.training.batch_size % d == 0)
+        lean["training.batch_size"] = b
+        lean["training.gradient_accumulation"] = acc * (cfg.training.batch_size // b)
     if peak(0.0) > budget:
         fit = suggest_shape(_apply(cfg, lean), shape, budget_gib)
         ways = [f"{o.set_args()} ({o.device_peak / GiB:.2f} GiB; {o.effect})" for o in fit.options]
@@ -62,10 +77,17 @@ def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bo
             ways.append(f"{fit.combined.set_args()} ({fit.combined.device_peak / GiB:.2f} GiB)")
         floor = f" (the least any change reaches is {fit.floor / GiB:.2f} GiB)" if fit.floor else ""
         hint = "; or ".join(ways) if ways else f"nothing qlorakit can change fits{floor}: a larger GPU is needed"
+        also = [words for key, words in (
+            ("training.embeddings_on_host", "the input embeddings in host memory"),
+            ("training.head_on_host", "the LM head in host memory"),
+            ("training.stacked_dequant", "weights dequantized one at a time"),
+            ("training.optimizer", f"optimizer {lean.get('training.optimizer')}"),
+            ("training.batch_size", f"micro-batches of {lean.get('training.batch_size')} x "
+                                    f"{lean.get('training.gradient_accumulation')} accumulated")) if key in lean]
         raise QloraConfigError(
             f"training.memory_budget_gib={budget_gib:g}: even with every layer recomputed"
-            f"{' and its input offloaded' if cuda else ''} the estimated device peak is "
-            f"{fit.estimate.device_peak / GiB:.2f} GiB; what would fit: {hint}")
+            f"{' and its input offloaded' if cuda else ''}{''.join(', ' + w for w in also)}, the estimated device "
+            f"peak is {fit.estimate.device_peak / GiB:.2f} GiB; what would fit: {hint}")
     # Kept activations grow with keep_activations_gib in steps of one layer; bisect to within 1/64 GiB.
     lo, hi = 0.0, 1.0
     while peak(hi) <= budget and hi < 4096:
