@@ -54,15 +54,25 @@ VARIANTS: dict[str, dict] = {
 }
 
 
+# The 70B-on-48-GB settings (README): the optimizer steps inside backward and turns the adapters into bf16, so
+# these cases run last (measure() keeps one model for all cases).
+LEAN = {"optimizer": "host_adamw_32bit", "max_grad_norm": None, "gradient_checkpointing": True,
+        "offload_activations": True, "embeddings_on_host": True, "head_on_host": True, "stacked_dequant": False}
+
+
 def cases(shape: str) -> dict[str, dict]:
     grid = {f"{b}x{t}-{name}": {"training": {"batch_size": b, "max_seq_length": t, **policy}}
             for t in (512, 2048, 8192) for b in (1, 4) for name, policy in POLICIES.items()}
-    return {**grid, **VARIANTS} if shape == "llama3-8b" else grid
+    lean = {f"{b}x{t}-host-lean": {"training": {"batch_size": b, "max_seq_length": t, **LEAN}}
+            for t, b in ((2048, 1), (8192, 1), (2048, 4))}
+    return {**grid, **VARIANTS, **lean} if shape == "llama3-8b" else {**grid, **lean}
 
 
 DEFAULTS = {"lora": {"rank": 64, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
             "training": {"optimizer": "paged_adamw_32bit", "gradient_checkpointing": True, "fused_blocks": True,
-                         "keep_activations_gib": 0.0, "offload_activations": False, "gradient_accumulation": 1},
+                         "keep_activations_gib": 0.0, "offload_activations": False, "gradient_accumulation": 1,
+                         "embeddings_on_host": False, "head_on_host": False, "stacked_dequant": True,
+                         "max_grad_norm": 0.3},
             "data": {"packing": False}}
 
 
@@ -96,6 +106,9 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
     baseline = pynvml.nvmlDeviceGetMemoryInfo(handle).used
     from qlorakit.model.fused_blocks import disable_fused_blocks, enable_fused_blocks, keep_activations
     from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora
+    from qlorakit.kernels.triton_matmul import set_workspace_limit
+    from qlorakit.model.host_embedding import (move_embeddings_to_host, move_head_to_host, restore_embeddings,
+                                               restore_head)
     from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading
     from qlorakit.model.synthetic import synthetic_llama
     from qlorakit.optim import build_optimizer
@@ -136,6 +149,11 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
                 offload_layer_inputs(model, [i for i, x in enumerate(layers) if x.gradient_checkpointing])
         else:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+        if t["embeddings_on_host"]:
+            move_embeddings_to_host(model)
+        if t["head_on_host"]:
+            move_head_to_host(model)
+        set_workspace_limit(None if t["stacked_dequant"] else 0)
         opt = build_optimizer(t["optimizer"], params, lr=1e-5, weight_decay=0.0)
         gc.collect()
         torch.cuda.empty_cache()
@@ -146,8 +164,10 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
                 for _ in range(steps):
                     micro = [_batch(t["batch_size"], t["max_seq_length"], vocab, packed)
                              for _ in range(t["gradient_accumulation"])]
-                    accumulate_gradients(model, micro, runtime, packed, "sdpa")
-                    torch.nn.utils.clip_grad_norm_(params, 0.3)
+                    accumulate_gradients(model, micro, runtime, packed, "sdpa",
+                                         before_backward=getattr(opt, "begin_micro_batch", None))
+                    if t["max_grad_norm"]:
+                        torch.nn.utils.clip_grad_norm_(params, t["max_grad_norm"])
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 torch.cuda.synchronize()
@@ -160,8 +180,12 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
         out.mkdir(parents=True, exist_ok=True)  # after every case, so a run stopped at its time limit keeps them
         (out / f"memory_estimate-{shape}.json").write_text(json.dumps(record, indent=1) + "\n")
         print(name, {k: (round(v / 2**30, 3) if isinstance(v, int) else v) for k, v in rec.items()}, flush=True)
+        if hasattr(opt, "remove_hooks"):  # host_adamw_32bit: its gradient hooks must not outlive it
+            opt.remove_hooks()
         del opt
         stop_offloading(model)
+        restore_embeddings(model)
+        restore_head(model)
         for p in params:
             p.grad = None
         gc.collect()
