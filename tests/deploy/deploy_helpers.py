@@ -13,9 +13,10 @@ INPUT_IDS = torch.tensor([[5, 17, 42, 99, 123, 7, 250, 3, 64, 11], [300, 2, 2, 1
 
 
 def make_adapter(base_dir: Path, out_dir: Path, seed: int, targets: list[str] | None = None, r: int = 8,
-                 alpha: float = 16.0) -> Path:
+                 alpha: float = 16.0, quantization: dict | None = None) -> Path:
     """A PEFT LoRA adapter of `base_dir` with random A and B (B scaled so the update is visible but moderate),
-    fp32 tensors, and qlorakit's sidecar with the base fingerprint."""
+    fp32 tensors, and qlorakit's sidecar with the base fingerprint (and `quantization`, the base's quantization
+    as a training run records it, when given)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -33,6 +34,8 @@ def make_adapter(base_dir: Path, out_dir: Path, seed: int, targets: list[str] | 
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     model.save_pretrained(out_dir)
     record = {"base_fingerprint": base_fingerprint(base_dir), "base_model": str(base_dir)}
+    if quantization is not None:
+        record["quantization"] = quantization
     (out_dir / "qlorakit_adapter.json").write_text(json.dumps(record))
     return out_dir
 

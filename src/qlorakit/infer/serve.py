@@ -46,6 +46,7 @@ class AdapterWeights:
     scaling: float
     tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     config: dict[str, Any]  # its adapter_config.json
+    record: dict[str, Any]  # its qlorakit record ({} when saved without one)
 
 
 def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
@@ -73,7 +74,7 @@ def _read_adapter_weights(name: str, folder: Path, dtype: torch.dtype, fingerpri
                                    f"{saved[:12]}, this base is {fingerprint[:12]}); use --force to serve it anyway")
     scaling = lora_scaling(config["r"], float(config["lora_alpha"]), bool(config.get("use_rslora")))
     modules = {module: (a.to(dtype), b.to(dtype)) for module, (a, b) in adapter_modules(tensors).items()}
-    return AdapterWeights(name, folder, scaling, modules, config)
+    return AdapterWeights(name, folder, scaling, modules, config, record)
 
 
 class AdapterServer:
@@ -87,6 +88,7 @@ class AdapterServer:
             raise QlorakitError(f"--batch-window-ms {batch_window_ms}: must be >= 0")
         from ..adapters.fingerprint import base_fingerprint
         from ..adapters.peft_format import check_adapter_fits
+        from ..model.build import inference_dtype, trained_quantization
         from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
         from ..model.loader import load_model
         from ..train.run import load_tokenizer, resolve_model_dir
@@ -94,7 +96,7 @@ class AdapterServer:
 
         model_dir = resolve_model_dir(model)
         dev = resolve_device(device)
-        self.dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        self.dtype = inference_dtype(dev)
         self.base_name = model
         fingerprint = base_fingerprint(model_dir)
         self.adapters = {name: _read_adapter_weights(name, folder, self.dtype, fingerprint, force)
@@ -102,8 +104,9 @@ class AdapterServer:
         if model in self.adapters:
             raise QlorakitError(f"--adapter {model}=...: an adapter may not be named like the base model")
         self.tokenizer = load_tokenizer(model_dir)
-        self.net, report = load_model(model_dir, load_in_4bit=True, quant_type="nf4", blocksize=64,
-                                      double_quant=True, compute_dtype=self.dtype, device=dev, progress=progress)
+        # The base as the adapters were trained on it (their records); adapters of different quantizations refused.
+        quant = trained_quantization({name: a.record for name, a in self.adapters.items()})
+        self.net, report = load_model(model_dir, **quant, compute_dtype=self.dtype, device=dev, progress=progress)
         log.info("qlorakit: %s", report.line())
         for a in self.adapters.values():
             check_adapter_fits(a.path, a.config, a.tensors, self.net)

@@ -40,6 +40,7 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
     folder already in bitsandbytes' 4-bit format always loads its stored 4-bit weights (see loader.py)."""
     from ..adapters.fingerprint import base_fingerprint
     from ..adapters.peft_format import adapter_modules, check_adapter_fits, load_adapter, read_adapter
+    from ..model.build import inference_dtype, trained_quantization
     from ..model.loader import load_model
     from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
     from ..train.run import load_tokenizer, resolve_model_dir
@@ -47,14 +48,14 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
 
     model_dir = resolve_model_dir(model)
     dev = resolve_device(device)
-    dtype = compute_dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dtype = compute_dtype or inference_dtype(dev)
     tokenizer = load_tokenizer(model_dir)
-    quant = {"load_in_4bit": True, "quant_type": quant_type, "blocksize": 64, "double_quant": True}
+    records = {}
     if adapter:
         config, tensors, record = read_adapter(adapter)  # checked here, before the base is loaded
-        # Rebuild the base the way the adapter was trained on it: its LoRA weights compensate that quantization.
-        trained = record.get("quantization") or {}
-        quant.update({k: trained[k] for k in quant if k in trained})
+        records[str(adapter)] = record
+    # Rebuild the base the way the adapter was trained on it: its LoRA weights compensate that quantization.
+    quant = trained_quantization(records, quant_type)
     if not quantize:
         quant["load_in_4bit"] = False
     net, report = load_model(model_dir, **quant, compute_dtype=dtype, device=dev, progress=progress)
