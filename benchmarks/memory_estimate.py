@@ -106,7 +106,7 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
     baseline = pynvml.nvmlDeviceGetMemoryInfo(handle).used
     from qlorakit.model.fused_blocks import disable_fused_blocks, enable_fused_blocks, keep_activations
     from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora
-    from qlorakit.kernels.triton_matmul import set_workspace_limit
+    from qlorakit.kernels import set_workspace_limit
     from qlorakit.model.host_embedding import (move_embeddings_to_host, move_head_to_host, restore_embeddings,
                                                restore_head)
     from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading

@@ -80,7 +80,7 @@ def ours(args, peak_tflops: float) -> dict:
 
         print(f"qlorakit: LM head on host: {move_head_to_host(model) or 'moved'}", flush=True)
     if args.unstacked_dequant:  # training.stacked_dequant false: grouped weights dequantized one at a time
-        from qlorakit.kernels.triton_matmul import set_workspace_limit
+        from qlorakit.kernels import set_workspace_limit
 
         set_workspace_limit(0)
     params = [p for p in model.parameters() if p.requires_grad]

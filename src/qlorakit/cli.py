@@ -75,7 +75,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
     from .config import load_config
     from .memory import estimate, suggest
-    from .train.run import resolve_model_dir
+    from .model.build import resolve_model_dir
 
     budget = args.memory_budget
     if budget is not None and not (math.isfinite(budget) and budget > 0):

@@ -95,7 +95,7 @@ def test_lean_settings_on_a_cpu_run_say_what_they_do_and_leave_nothing_behind(ti
     """embeddings_on_host needs CUDA (said, not silently ignored); stacked_dequant false caps the process-wide
     dequantize workspace during the run only."""
     import qlorakit.train.loop as loop_module
-    from qlorakit.kernels.triton_matmul import workspace_limit
+    from qlorakit.kernels import workspace_limit
 
     tree = run_tree(tiny_model_dir, pattern_data, tmp_path / "run",
                     training={"max_steps": 1, "embeddings_on_host": True, "head_on_host": True,

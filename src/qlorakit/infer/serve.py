@@ -88,11 +88,10 @@ class AdapterServer:
             raise QlorakitError(f"--batch-window-ms {batch_window_ms}: must be >= 0")
         from ..adapters.fingerprint import base_fingerprint
         from ..adapters.peft_format import check_adapter_fits
-        from ..model.build import inference_dtype, trained_quantization
+        from ..model.build import (inference_dtype, load_tokenizer, resolve_device, resolve_model_dir,
+                                   trained_quantization)
         from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
         from ..model.loader import load_model
-        from ..train.run import load_tokenizer, resolve_model_dir
-        from ..train.runtime import resolve_device
 
         model_dir = resolve_model_dir(model)
         dev = resolve_device(device)

@@ -40,11 +40,10 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
     folder already in bitsandbytes' 4-bit format always loads its stored 4-bit weights (see loader.py)."""
     from ..adapters.fingerprint import base_fingerprint
     from ..adapters.peft_format import adapter_modules, check_adapter_fits, load_adapter, read_adapter
-    from ..model.build import inference_dtype, trained_quantization
+    from ..model.build import (inference_dtype, load_tokenizer, resolve_device, resolve_model_dir,
+                                   trained_quantization)
     from ..model.loader import load_model
     from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
-    from ..train.run import load_tokenizer, resolve_model_dir
-    from ..train.runtime import resolve_device
 
     model_dir = resolve_model_dir(model)
     dev = resolve_device(device)

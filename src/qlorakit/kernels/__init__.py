@@ -8,7 +8,7 @@ clear error from the dispatch point instead of falling back silently.
 import logging
 
 from . import reference as _reference  # noqa: F401  (registers the reference implementations)
-from .dispatch import BACKEND_CHOICES, OPERATIONS, call, implementation, register, requested_backend
+from .dispatch import BACKEND_CHOICES, OPERATIONS, SMALL_M_MAX, call, implementation, register, requested_backend
 
 try:
     from . import triton_block, triton_dequant, triton_loss, triton_matmul, triton_quant, triton_rope  # noqa: F401  (register the Triton implementations)
@@ -20,5 +20,17 @@ except ImportError as err:  # no Triton on this platform
 else:
     TRITON_IMPORT_ERROR = None
 
-__all__ = ["BACKEND_CHOICES", "OPERATIONS", "TRITON_IMPORT_ERROR", "call", "implementation", "register",
-           "requested_backend"]
+
+def set_workspace_limit(nbytes: int | None) -> None:
+    """Cap the dequantize workspace of the grouped 4-bit matmuls (kernels/triton_matmul.set_workspace_limit;
+    None: no cap). Without Triton there is no workspace and this does nothing."""
+    if TRITON_IMPORT_ERROR is None:
+        triton_matmul.set_workspace_limit(nbytes)
+
+
+def workspace_limit() -> int | None:
+    return None if TRITON_IMPORT_ERROR is not None else triton_matmul.workspace_limit()
+
+
+__all__ = ["BACKEND_CHOICES", "OPERATIONS", "SMALL_M_MAX", "TRITON_IMPORT_ERROR", "call", "implementation",
+           "register", "requested_backend", "set_workspace_limit", "workspace_limit"]

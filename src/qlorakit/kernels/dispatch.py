@@ -25,6 +25,9 @@ from ..errors import QlorakitError
 log = logging.getLogger("qlorakit.kernels")
 
 BACKEND_CHOICES = ("auto", "reference", "triton")
+# Rows of X up to which linear_4bit's fused kernel beats dequantize + cuBLAS (H200, Llama shapes; docs/kernels.md);
+# the fused Llama blocks (model/fused_blocks.py) leave such small inputs to transformers' modules.
+SMALL_M_MAX = 16
 OPERATIONS = ("dequantize_4bit", "linear_4bit", "linear_4bit_grad_input", "linear_4bit_cat",
               "linear_4bit_cat_grad_input", "quantize_4bit", "rms_norm", "rms_norm_backward", "swiglu",
               "swiglu_backward", "cross_entropy_grad", "qkv_rope", "qkv_rope_backward")

@@ -34,12 +34,10 @@ from __future__ import annotations
 import torch
 
 from ..quant.state import QuantState
-from .dispatch import register
+from .dispatch import SMALL_M_MAX, register
 from .triton_dequant import dequantize_into
 from .triton_gemv import INPUT_DTYPES, gemv_4bit, matmul_4bit_small, rows_of
 
-# Rows of X up to which the fused kernel beats dequantize + cuBLAS (H200, Llama shapes; docs/kernels.md).
-SMALL_M_MAX = 16
 
 _workspaces: dict[tuple[torch.device, torch.dtype, int], torch.Tensor] = {}
 _workspace_limit: int | None = None

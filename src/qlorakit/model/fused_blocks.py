@@ -27,10 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-try:
-    from ..kernels.triton_matmul import SMALL_M_MAX
-except ImportError:  # no Triton: the same threshold (inputs of at most this many rows take the modules' own forward)
-    SMALL_M_MAX = 16
+from ..kernels import SMALL_M_MAX
 from ..logs import say_once
 from ..nn.linear4bit import Linear4bit
 from ..nn.lora import LoraLinear, compute_input

@@ -20,34 +20,10 @@ from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, planned_steps, seed_everything, train_loop
 from .run_state import OutputLock, examples_fingerprint, plan_resume
+from ..model.build import load_tokenizer, resolve_model_dir  # noqa: F401 - resolve_model_dir re-exported
 from .runtime import DTYPES, Runtime, pick_runtime
 
 log = logging.getLogger("qlorakit.train")
-
-
-def resolve_model_dir(name: str, revision: str | None = None) -> Path:
-    """A local folder; 'default' (the bundled SmolLM2-135M-Instruct); or a hub id already in the local cache."""
-    if name == "default":
-        from ..assets import default_model_dir
-
-        return default_model_dir()
-    path = Path(name).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise QlorakitError(f"model.name {name!r}: not a Hugging Face model folder (no config.json); a model "
-                                "folder holds config.json, the *.safetensors weights and the tokenizer files")
-        return path
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(name, revision=revision, local_files_only=True))
-        except Exception:
-            raise QlorakitError(
-                f"model.name {name!r}: not a local folder, and not in the local Hugging Face cache "
-                "(qlorakit never downloads at run time; download it once with `huggingface-cli download`)"
-            ) from None
-    raise QlorakitError(f"model.name {name!r}: folder not found")
 
 
 def resolve_data_path(path: str) -> Path:
@@ -56,22 +32,6 @@ def resolve_data_path(path: str) -> Path:
 
         return default_data(path.split(":", 1)[1])
     return Path(path).expanduser()
-
-
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        # transformers explains a folder without a usable tokenizer in several paragraphs; one line is enough.
-        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise QlorakitError(f"{model_dir}: cannot load its tokenizer ({first.rstrip(':')}); the folder needs the "
-                            "tokenizer files next to config.json (tokenizer.json, or tokenizer.model with "
-                            "sentencepiece installed)") from None
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token  # padding positions are masked by position, never by token id
-    return tok
 
 
 def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: bool = True) -> nn.Module:
@@ -178,7 +138,7 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
                              device=device, before_training=before_training)
     finally:
         if not cfg.training.stacked_dequant:  # the workspace cap is process-wide: give it back
-            from ..kernels.triton_matmul import set_workspace_limit
+            from ..kernels import set_workspace_limit
 
             set_workspace_limit(None)
         shutdown(dist)
@@ -351,7 +311,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     if cfg.training.embeddings_on_host or cfg.training.head_on_host:
         _embeddings_to_host(cfg, model, runtime)
     if not cfg.training.stacked_dequant:
-        from ..kernels.triton_matmul import set_workspace_limit
+        from ..kernels import set_workspace_limit
 
         set_workspace_limit(0)  # grouped weights one at a time: the workspace holds the largest single weight
         log.info("qlorakit: training.stacked_dequant false: Q/K/V and gate/up weights are dequantized one at a time")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import DeviceError
+from ..model.build import available_devices, resolve_device  # noqa: F401 - re-exported for callers
 
 log = logging.getLogger("qlorakit.train")
 
@@ -47,40 +47,6 @@ def prefer_expandable_segments() -> bool:
         return False
     os.environ[ALLOC_CONF] = "expandable_segments:True"
     return True
-
-
-def available_devices() -> list[str]:
-    """What `--device` may name on this machine: cpu, then each accelerator that torch can use (cuda:0, ...)."""
-    out = ["cpu"]
-    if torch.cuda.is_available():
-        out += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    for kind in ("mps", "xpu"):
-        backend = getattr(torch.backends, kind, None) if kind == "mps" else getattr(torch, kind, None)
-        if backend is not None and backend.is_available():
-            out.append(kind)
-    return out
-
-
-def resolve_device(device: str | None, option: str = "--device") -> torch.device:
-    """`device` as a torch.device (None: CUDA when there is one, else the CPU). A name torch does not know, or a
-    device this machine lacks (CUDA without a GPU, cuda:3 with two), is a DeviceError saying what is available,
-    before anything is loaded."""
-    if not device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    allowed = ", ".join(available_devices())
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise DeviceError(f"{option} {device!r} is not a device name; available here: {allowed}") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (dev.index is not None and dev.index >= count):
-            have = f"{count} CUDA device(s)" if count else "no CUDA device"
-            raise DeviceError(f"{option} {device}: not available, this machine has {have}; available here: "
-                              f"{allowed}")
-    elif dev.type != "cpu" and dev.type not in available_devices():
-        raise DeviceError(f"{option} {device}: not available on this machine; available here: {allowed}")
-    return dev
 
 
 def pick_runtime(compute_dtype: str, adapter_dtype: str, device: str | None = None) -> Runtime:
