@@ -1,16 +1,103 @@
-"""Files written so that a reader sees the old contents or the new, never a part: a hidden temporary name in the
-same folder, then one rename."""
+"""Writing files and folders whole or not at all: a reader sees the old contents or the new, never a part.
+
+The one place qlorakit does this (checkpoints, adapters, merged and quantized models, the bundled assets, the
+tokenisation cache, manifests, summaries):
+  - `write_text(path, text)`: a file, through a temporary name in the same folder and one rename;
+  - `new_folder(target)`: a folder, written into a hidden sibling and swapped in when the block succeeds;
+  - `swap_in(built, target)`: the swap itself, for callers that build the folder their own way. An existing
+    target is set aside, the new folder renamed in, and the old one removed; if the second rename fails the old
+    one is put back. Where several processes may build the same folder (the cache, the bundled model),
+    `theirs_ok` says whether a target that appeared meanwhile is a complete twin to keep.
+Temporary and set-aside names are hidden (`.<name>.tmp-...`, `.<name>.old-...`) unless a caller names them, so
+the cleanup of a killed run can find them by pattern.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write `text` (UTF-8) to `path` through `.<name>.tmp` beside it and a rename."""
+def _tag() -> str:
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename or a new file in `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path: str | Path, text: str, *, tmp: str | Path | None = None, fsync: bool = False) -> Path:
+    """Write `text` (UTF-8) to `path` through `tmp` (default `.<name>.tmp` beside it) and a rename; `fsync`
+    flushes the file to disk before the rename. The temporary file is removed if anything fails."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def swap_in(built: str | Path, target: str | Path, *, aside: str | Path | None = None,
+            theirs_ok: Callable[[Path], bool] | None = None) -> Path:
+    """Make the complete folder `built` appear at `target` (see the module docstring); `aside` names where an
+    existing target waits while the new one is renamed in (default `.<name>.old-<pid>-<random>`). Returns target.
+    """
+    built, target = Path(built), Path(target)
+    if not (target.exists() or target.is_symlink()):
+        try:
+            os.rename(built, target)
+        except OSError:
+            if theirs_ok is None or not theirs_ok(target):
+                raise
+            shutil.rmtree(built, ignore_errors=True)  # another process finished the same folder first
+        fsync_dir(target.parent)
+        return target
+    old = Path(aside) if aside is not None else target.with_name(f".{target.name}.old-{_tag()}")
+    os.replace(target, old)
+    try:
+        os.rename(built, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(target.parent)
+    return target
+
+
+@contextmanager
+def new_folder(target: str | Path, *, tmp: str | Path | None = None,
+               theirs_ok: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """`with new_folder(target) as tmp:` write the folder's files into `tmp` (default `.<name>.tmp-<pid>-<random>`
+    beside target, made with a plain mkdir so the umask applies); when the block succeeds tmp is swapped in for
+    target (swap_in), and on any exception it is removed and target left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tmp) if tmp is not None else target.with_name(f".{target.name}.tmp-{_tag()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        swap_in(tmp, target, theirs_ok=theirs_ok)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

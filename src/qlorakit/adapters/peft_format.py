@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..assets import MODEL_NAME
+from ..atomic import new_folder
 from ..errors import AdapterMismatchError, CheckpointFormatError
 from ..nn.lora import LoraLinear
 from ..sharding import copy_whole_into, full
@@ -110,21 +109,8 @@ def peft_adapter_config(model: nn.Module, base_model_name_or_path: str | None) -
 
 def _atomic_dir_write(out_dir: Path, write: Any) -> Path:
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()  # a plain mkdir honours the umask, as users expect (tempfile.mkdtemp would make it 0o700)
-    try:
+    with new_folder(out_dir) as tmp:  # .<name>.tmp-*, swapped in whole (atomic.py)
         write(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

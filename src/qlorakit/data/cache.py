@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -21,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import swap_in
 from .examples import TokenizedExamples
 from .report import TokenizeStats
 
@@ -84,11 +84,8 @@ def save_cached(cache_dir: str | Path, key: str, examples: TokenizedExamples, st
             np.save(scratch / f"{name}.npy", getattr(examples, name), allow_pickle=False)
         manifest = {"version": CACHE_VERSION, "key": key, "examples": len(examples), "stats": asdict(stats)}
         (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        try:
-            os.rename(scratch, entry)
-        except OSError:
-            if not (entry / "manifest.json").is_file():
-                raise
+        # a concurrent writer of the same key that finished first keeps its (identical) entry
+        swap_in(scratch, entry, theirs_ok=lambda e: (e / "manifest.json").is_file())
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return entry

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..atomic import swap_in
 from ..errors import OutputFolderError
 from .checkpoint_files import PICKLE_SUFFIXES
 
@@ -104,18 +104,7 @@ def commit(partial: Path, out: Path, command: str, overwrite: bool, inputs: Mapp
     record = {"command": command, "qlorakit_version": _version(), "files": files}
     (partial / MARKER_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     check_out_dir(out, command, overwrite, inputs)
-    target = out.resolve()
-    if not (target.exists() or target.is_symlink()):
-        os.rename(partial, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    try:
-        os.rename(partial, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(partial, out.resolve())  # the old output waits as .<name>.old-*, put back if the rename fails
 
 
 def drop_auto_map(config: dict, keep_code: bool, name: str = "config.json") -> list[str]:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..adapters.peft_format import load_adapter, save_adapter
-from ..atomic import write_text
+from ..atomic import swap_in, write_text
 from ..errors import CheckpointFormatError, CheckpointWriteError, QlorakitError
 from .manifest import MANIFEST_NAME, fsync_dir, verify_manifest, write_manifest
 
@@ -145,13 +145,8 @@ def save_checkpoint(
             save_file(tensors, str(tmp / _rank_rng_file(rank)))
         _write_json(tmp / STATE_NAME, state)
         write_manifest(tmp)  # last: a folder with a manifest is complete
-        if final.exists():  # an incomplete or damaged folder of this step, from an earlier attempt
-            old = ckpt_root / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        # an incomplete or damaged folder of this step, from an earlier attempt, is set aside and replaced
+        swap_in(tmp, final, aside=ckpt_root / f".{final.name}.old-{os.getpid()}")
         write_text(ckpt_root / "latest", final.name + "\n")
         fsync_dir(ckpt_root)
     except (OSError, SafetensorError) as err:  # safetensors reports a full disk as its own error type

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic import fsync_dir, write_text
+
 MANIFEST_NAME = "manifest.json"
 _CHUNK = 1 << 22
 
@@ -32,12 +34,8 @@ def write_manifest(folder: Path) -> Path:
         if p.is_file() and p.name != MANIFEST_NAME and not p.name.endswith(".tmp"):
             _fsync_file(p)
             files[p.name] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"files": files}, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST_NAME)
+    write_text(folder / MANIFEST_NAME, json.dumps({"files": files}, indent=1, sort_keys=True) + "\n",
+               tmp=folder / (MANIFEST_NAME + ".tmp"), fsync=True)
     fsync_dir(folder)
     return folder / MANIFEST_NAME
 
@@ -63,20 +61,6 @@ def verify_manifest(folder: Path) -> str | None:
         if file_sha256(p) != entry["sha256"]:
             return f"{name}: contents differ from the manifest (damaged)"
     return None
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
