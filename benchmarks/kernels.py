@@ -46,10 +46,7 @@ from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 from qlorakit.kernels import triton_matmul  # noqa: E402
 from qlorakit.kernels.reference import linear_4bit_ref  # noqa: E402
 from qlorakit.kernels.triton_dequant import dequantize_4bit_triton, dequantize_into  # noqa: E402
-from qlorakit.kernels import triton_gemv  # noqa: E402
-from qlorakit.kernels.triton_gemv import GemmConfig, GemvConfig, gemv_4bit, matmul_4bit_small  # noqa: E402
-from qlorakit.kernels.triton_lut import lookup_values  # noqa: E402
-from qlorakit.quant.codebooks import code_4bit  # noqa: E402
+from qlorakit.kernels.triton_gemv import GemmConfig, matmul_4bit_small  # noqa: E402
 from qlorakit.kernels.triton_matmul import linear_4bit_grad_input_triton, linear_4bit_triton  # noqa: E402
 from qlorakit.kernels.triton_quant import quantize_4bit_triton  # noqa: E402
 from qlorakit.nn.linear4bit import linear_4bit as linear_4bit_autograd  # noqa: E402
@@ -59,9 +56,6 @@ SHAPES = [(14336, 4096), (28672, 8192)]
 BLOCKSIZE = 64
 TOKENS = 4096
 GEMV_BATCHES = (1, 4, 16)
-# Register-lookup GEMV variants timed at one row (lut_rows, lut_k_tile, lut_warps); the default is GemvConfig's.
-LUT_SWEEP = [(r, kt, w, xm) for xm in (0, 1, 2) for r, kt, w in ((4, 2048, 4), (8, 2048, 4), (8, 4096, 8),
-                                                                   (4, 4096, 4), (16, 2048, 8), (2, 2048, 2))]
 CROSSOVER_ROWS = (16, 32, 64, 256)
 GEMV_ONLY = False  # --gemv-only: stop each shape after the GEMV sections (exploration runs)
 L2_BYTES = 60 * 2**20  # H200; read from the device when torch exposes it
@@ -166,18 +160,6 @@ def bit_identity_checks(run: Run, device: torch.device) -> None:
             out, ref = dequantize_4bit_triton(p_ref, s_ref, dtype), dequantize_4bit(p_ref, s_ref, dtype)
             same = torch.equal(bits(out), bits(ref))
             run.check(f"dequantize bit-identical {shape} bs{bs} {qt} dq={dq} -> {dtype}", same)
-
-
-def lookup_checks(run: Run, device: torch.device) -> None:
-    """The bf16 GEMV's register lookup: the PTX against its integer emulation (what CI tests) and the spec."""
-    words = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), device=device, dtype=torch.int64).to(torch.int32)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.stack([(w >> (4 * i)) & 15 for i in range(8)], dim=1)[:, [1, 0, 3, 2, 5, 4, 7, 6]]
-    for qt in ("nf4", "fp4"):
-        asm, emu = lookup_values(words, qt, use_asm=True), lookup_values(words, qt, use_asm=False)
-        want = code_4bit(qt, device).to(torch.bfloat16).float()[codes]
-        run.check(f"lookup8 {qt}: PTX prmt == integer emulation == bf16(code), 2^20 random words",
-                  torch.equal(bits(asm), bits(emu)) and torch.equal(bits(asm), bits(want)))
 
 
 def small_matmul_checks(run: Run, device: torch.device) -> None:
@@ -295,44 +277,6 @@ def shape_bench(run: Run, n_out: int, k: int, device: torch.device, ceil: dict, 
                  else "")
               + (f", bnb {entry['bnb_ms'] * 1e3:.1f} us" if "bnb_ms" in entry else ""), flush=True)
 
-    # The bf16 one-row GEMV: the register-lookup kernel's PTX against its emulation, the exact kernel, variants.
-    x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
-    cfg = GemvConfig(lut=True)  # opt-in; the default one-row GEMV is the exact kernel
-    flat = p0.view(-1).view(torch.uint8)
-    words = flat[: numel // 2].view(torch.int32)
-    absmax = triton_gemv.absmax_args(s0, p0.device)
-    y_asm = gemv_4bit(x, p0, s0, config=cfg)
-    y_emu = triton_gemv._gemv_lut(x, words, absmax, y_asm, False, torch.empty_like(y_asm), s0, cfg, False)
-    run.check(f"{tag} lookup GEMV: PTX == integer emulation, bit for bit", torch.equal(bits(y_asm), bits(y_emu)))
-    y_exact = gemv_4bit(x, p0, s0, config=GemvConfig(lut=False))
-    err_l, err_e = rel_err(y_asm, x.double() @ w64.T), rel_err(y_exact, x.double() @ w64.T)
-    run.check(f"{tag} exact GEMV rel err {err_e:.1e} <= {TOL_BF16:g}", err_e <= TOL_BF16)
-    xs = [torch.randn(1, k, device=device, dtype=torch.bfloat16) for _ in sets]
-    sweep = {"lookup_rel_err": err_l, "exact_rel_err": err_e,
-             "bf16_graph_ms": timed([lambda x=x, w=w: torch.nn.functional.linear(x, w)
-                                     for x, w in zip(xs, itertools.cycle(dense_sets))], graph=True),
-             "exact_graph_ms": timed([lambda x=x, p=p, s=s: gemv_4bit(x, p, s, config=GemvConfig(lut=False))
-                                      for x, (p, s) in zip(xs, sets)], graph=True),
-             "variants": {}}
-    for rows, k_tile, warps, x_mode in LUT_SWEEP:
-        c = GemvConfig(lut_rows=rows, lut_k_tile=k_tile, lut_warps=warps, lut_x_mode=x_mode)
-        name = f"x{x_mode}_rows{rows}_k{k_tile}_w{warps}"
-        try:
-            ok = rel_err(gemv_4bit(xs[0], p0, s0, config=c), xs[0].double() @ w64.T) <= TOL_BF16
-            t = timed([lambda x=x, p=p, s=s, c=c: gemv_4bit(x, p, s, config=c) for x, (p, s) in zip(xs, sets)],
-                      graph=True)
-            got: list = []
-            triton_gemv._gemv_lut(xs[0], words, absmax, y_asm, False, torch.empty_like(y_asm), s0, c, True, got)
-            regs = {"n_regs": getattr(got[0], "n_regs", None), "n_spills": getattr(got[0], "n_spills", None)}
-            sweep["variants"][name] = {"graph_ms": t, "ratio_to_bf16": t / sweep["bf16_graph_ms"], "ok": ok, **regs}
-            run.check(f"{tag} lookup GEMV {name} within tolerance", ok)
-        except Exception as err:  # noqa: BLE001 - a variant that does not compile is recorded, not fatal
-            sweep["variants"][name] = {"error": repr(err)[:300]}
-    res["gemv_lut_sweep"] = sweep
-    print(f"lookup GEMV (graph): bf16 {sweep['bf16_graph_ms'] * 1e3:.1f} us, exact {sweep['exact_graph_ms'] * 1e3:.1f}"
-          " us; " + ", ".join(f"{n} {v['graph_ms'] * 1e3:.1f} us (x{v['ratio_to_bf16']:.2f}, {v['n_regs']} regs, "
-                              f"{v['n_spills']} spills)" if "graph_ms" in v
-                              else f"{n} {v['error'][:80]}" for n, v in sweep["variants"].items()), flush=True)
     del xs, x
     if GEMV_ONLY:
         return res
@@ -481,7 +425,6 @@ def main() -> int:
     try:
         results["ceilings"] = ceilings(device)
         bit_identity_checks(run, device)
-        lookup_checks(run, device)
         small_matmul_checks(run, device)
         for spec in args.shapes.split(","):
             n_out, k = (int(v) for v in spec.lower().split("x"))

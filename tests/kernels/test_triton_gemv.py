@@ -3,9 +3,7 @@
 Specification: Y = X W^T (+ b) for X [M, K] in bf16 / fp16 / fp32, W [N, K] 4-bit, Y in X's dtype, computed from
 the packed bytes with fp32 accumulation. The fused kernel multiplies the very W the dequantizer produces (rounded
 to X's dtype once), so its reference is the fp64 product of `dequantize_4bit_triton(.., X.dtype)`; the GEMV keeps
-W in fp32, so its reference is the fp64 product of the fp32 W. For bf16 X the opt-in register-lookup kernel
-(kernels/triton_lut.py, GemvConfig(lut=True)) rounds the codes to bf16 (relative error <= 2^-9, as the reference's
-own bf16 W does); it is also compared with the fp64 product of bf16(code) * absmax.
+W in fp32, so its reference is the fp64 product of the fp32 W.
 
 Tolerance, |Y - ref| / |ref| (Frobenius): the output's own rounding dominates: bf16 2^-8 relative per value (the
 interpreter truncates, up to 2^-7) -> 1e-2; fp16 2^-11 -> 2e-3; fp32 accumulation of fp32 products over
@@ -14,16 +12,12 @@ K <= 8192 terms -> 1e-5.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
 from qlorakit.errors import QlorakitError
 from qlorakit.kernels.triton_dequant import dequantize_4bit_triton
-from qlorakit.kernels import triton_gemv
-from qlorakit.kernels.triton_gemv import GemmConfig, GemvConfig, gemv_4bit, matmul_4bit_small
-from qlorakit.quant.codebooks import code_4bit
+from qlorakit.kernels.triton_gemv import GemmConfig, gemv_4bit, matmul_4bit_small
 from qlorakit.quant.state import dequantize_4bit, quantize_4bit
 
 TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
@@ -65,58 +59,8 @@ def test_gemv_one_row(n_out, k, blocksize, quant_type, double_quant, dtype):
     assert y.shape == (1, n_out) and y.dtype == dtype
     assert rel_err(y, x.double() @ w.T + b.double()) <= TOL[dtype]
     assert rel_err(gemv_4bit(x, packed, state), x.double() @ w.T) <= TOL[dtype]
-    if dtype == torch.bfloat16:
-        for x_mode in (0, 1, 2):
-            lut = gemv_4bit(x, packed, state, b, config=GemvConfig(lut=True, lut_x_mode=x_mode))
-            assert rel_err(lut, x.double() @ w.T + b.double()) <= TOL[dtype]
-            assert rel_err(lut, x.double() @ lut_weight(packed, state).T + b.double()) <= TOL[dtype]
 
 
-def lut_weight(packed: torch.Tensor, state) -> torch.Tensor:
-    """fp64 W with the codes rounded to bf16 first: what the register-lookup GEMV multiplies."""
-    codes = torch.stack([(packed.view(-1).to(torch.int64) >> 4) & 15, packed.view(-1).to(torch.int64) & 15], 1)
-    q = codes.view(-1)[: state.numel]
-    absmax = state.absmax_fp32().double().repeat_interleave(state.blocksize)[: state.numel]
-    table = code_4bit(state.quant_type).to(torch.bfloat16).double()
-    return (table[q] * absmax).view(state.shape)
-
-
-@pytest.mark.parametrize("n_out, rows_cfg", [(5, GemvConfig(lut=True, lut_rows=2, lut_k_tile=512, lut_warps=1)),
-                                             (37, GemvConfig(lut=True, lut_rows=8, lut_k_tile=1024, lut_warps=2,
-                                                             lut_x_mode=0))],
-                         ids=["2rows", "8rows"])
-def test_lookup_gemv_configs_and_tails(n_out, rows_cfg):
-    # N not a multiple of the rows per program; K = 1280, 2.5 and 1.25 k-steps (a masked k-step).
-    packed, state = quantized(n_out, 1280, 64, "nf4", True, seed=5)
-    x, b = inputs(1, 1280, n_out, torch.bfloat16, seed=6)
-    y = gemv_4bit(x, packed, state, b, config=rows_cfg)
-    assert rel_err(y, x.double() @ lut_weight(packed, state).T + b.double()) <= TOL[torch.bfloat16]
-
-
-def test_gemv_says_once_when_the_lookup_kernel_is_not_taken(caplog):
-    packed, state = quantized(9, 6144, 4096, "nf4", False)  # K is not a multiple of the 4096-value chunk
-    w = dequantize_4bit(packed, state, torch.float32).double()
-    x, _ = inputs(1, 6144, 9, torch.bfloat16)
-    triton_gemv._said.clear()
-    lut = GemvConfig(lut=True, lut_k_tile=4096)
-    with caplog.at_level(logging.INFO, logger="qlorakit.kernels"):
-        assert rel_err(gemv_4bit(x, packed, state), x.double() @ w.T) <= TOL[torch.bfloat16]  # default: exact
-        for _ in range(2):
-            assert rel_err(gemv_4bit(x, packed, state, config=lut), x.double() @ w.T) <= TOL[torch.bfloat16]
-        x16 = x.to(torch.float16)
-        for _ in range(2):
-            assert rel_err(gemv_4bit(x16, packed, state, config=lut), x16.double() @ w.T) <= TOL[torch.float16]
-        p2, s2 = quantized(4, 256)
-        shifted = torch.empty(p2.numel() + 1, dtype=torch.uint8)[1:]  # starts on an odd address
-        shifted.copy_(p2.view(-1))
-        w2 = dequantize_4bit(p2, s2, torch.float32).double()
-        x2, _ = inputs(1, 256, 4, torch.bfloat16)
-        assert rel_err(gemv_4bit(x2, shifted, s2, config=lut), x2.double() @ w2.T) <= TOL[torch.bfloat16]
-    said = [r.getMessage() for r in caplog.records if r.name == "qlorakit.kernels"]
-    assert len(said) == 3, said
-    assert "K=6144 is not a multiple of 4096" in said[0]
-    assert "torch.float16 input takes the exact-codebook GEMV kernel" in said[1]
-    assert "does not start on a 4-byte boundary" in said[2]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

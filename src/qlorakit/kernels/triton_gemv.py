@@ -25,7 +25,6 @@ relative error is the output's rounding (bf16 ~2e-3, fp16 ~3e-4) and ~1e-7 with 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -37,16 +36,7 @@ from ..errors import QlorakitError
 from ..quant.state import QuantState
 from .triton_common import INT32_LIMIT, absmax_args, check_device, code_tables, interpreting, packed_bytes
 from .triton_dequant import load_absmax
-from .triton_lut import gemv_lut_kernel, planes
 
-log = logging.getLogger("qlorakit.kernels")
-_said: set[str] = set()
-
-
-def _say_once(key: str, msg: str) -> None:
-    if key not in _said:
-        _said.add(key)
-        log.info(msg)
 
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -60,14 +50,6 @@ class GemvConfig:
     k_tile: int = 2048
     num_warps: int = 4
     vec: int = 8
-    # bf16 x, opt-in: the register-lookup kernel (triton_lut), ROWS rows x K_TILE values per step. Measured on an
-    # H200 (benchmarks/results/gemv-lut-sweep-h200.json) at 0.85x / 0.76x the bf16 GEMV against the exact kernel's
-    # 0.85x / 0.83x, with one more launch (x's transpose) and bf16-rounded codes: not the default.
-    lut: bool = False
-    lut_rows: int = 4
-    lut_k_tile: int = 2048
-    lut_warps: int = 4
-    lut_x_mode: int = 1
 
 
 @dataclass(frozen=True)
@@ -297,19 +279,6 @@ def gemv_4bit(
     sub = aligned_sub(state, cfg.k_tile)
     if sub is None:
         return _any_k(x2d, flat, code, absmax, bias_arg, bias is not None, y, state)
-    if x2d.dtype == torch.bfloat16 and cfg.lut:
-        if aligned_sub(state, cfg.lut_k_tile) is None:
-            _say_once("lut-k", f"gemv_4bit: K={k} is not a multiple of {min(state.blocksize, cfg.lut_k_tile)}, so "
-                      "the exact (slower) GEMV kernel runs instead of the register-lookup one")
-        elif flat.data_ptr() % 4:
-            _say_once("lut-align", "gemv_4bit: the packed weight does not start on a 4-byte boundary, so the exact "
-                      "(slower) GEMV kernel runs instead of the register-lookup one")
-        else:
-            words = flat.view(-1)[: state.numel // 2].view(torch.int32)
-            return _gemv_lut(x2d, words, absmax, bias_arg, bias is not None, y, state, cfg, not interpreting())
-    elif cfg.lut:
-        _say_once(str(x2d.dtype), f"gemv_4bit: {x2d.dtype} input takes the exact-codebook GEMV kernel (slower); "
-                  "the register-lookup kernel is bf16-only, as it rounds the codebook to bf16")
     _gemv_kernel[(-(-n_out // cfg.rows_per_program),)](
         _pair_words(x2d), flat, code, *absmax.as_args(), bias_arg, y, n_out, k, k // 2,
         BLOCKSIZE=state.blocksize, SUB=sub, CHUNKS=cfg.k_tile // sub, ROWS=cfg.rows_per_program,
@@ -318,26 +287,6 @@ def gemv_4bit(
         X_KIND=_X_KIND[x2d.dtype], INDEX_64=state.numel >= INT32_LIMIT, num_warps=cfg.num_warps,
         num_stages=1,
     )
-    return y
-
-
-def _gemv_lut(x2d, words, absmax, bias_arg, has_bias, y, state, cfg: GemvConfig, use_asm: bool,
-              compiled: list | None = None) -> torch.Tensor:
-    """The register-lookup GEMV (triton_lut); K is a multiple of the chunk length (so of 8). `compiled`, if
-    given, receives the launched kernel (its register and spill counts, for the benchmark)."""
-    n_out, k = int(state.shape[0]), int(state.shape[1])
-    sub = min(state.blocksize, cfg.lut_k_tile)
-    xw = _pair_words(x2d)
-    if cfg.lut_x_mode == 1:
-        xw = xw.view(k // 8, 4).t().contiguous()
-    kernel = gemv_lut_kernel[(-(-n_out // cfg.lut_rows),)](
-        xw, words, *absmax.as_args(), bias_arg, y, n_out, k, k // 8, *planes(state.quant_type), 1,
-        BLOCKSIZE=state.blocksize, SUB=sub, CHUNKS=cfg.lut_k_tile // sub, ROWS=cfg.lut_rows,
-        NESTED=absmax.nested, NESTED_BLOCKSIZE=absmax.nested_blocksize, HAS_BIAS=has_bias, USE_ASM=use_asm,
-        X_MODE=cfg.lut_x_mode,        INDEX_64=state.numel >= INT32_LIMIT, num_warps=cfg.lut_warps, num_stages=1,
-    )
-    if compiled is not None:
-        compiled.append(kernel)
     return y
 
 
