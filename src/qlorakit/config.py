@@ -29,6 +29,15 @@ class ModelSection(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    kernels: Literal["auto", "reference", "triton"] = Field(
+        "auto", description="what computes the 4-bit operations: 'auto' the Triton kernels on CUDA and the PyTorch "
+        "reference elsewhere, 'reference' always the reference (the specification; slow on a GPU), 'triton' always "
+        "Triton (an error where an operation has none). The environment variable QLORAKIT_KERNELS, a debugging "
+        "switch, wins when set")
+    cpu_dense_copies: bool = Field(
+        True, description="on a CPU (no 4-bit kernels) keep one dequantized copy of each 4-bit linear, since "
+        "dequantizing on every call costs as much as the matmul; false keeps only the 4-bit weights (less memory, "
+        "slow)")
 
 
 class QuantizationSection(_Section):

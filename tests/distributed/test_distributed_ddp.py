@@ -132,10 +132,12 @@ def test_fused_blocks_with_kept_activations_in_two_processes_match_one_process(t
     """The fused Llama block paths (taken on the CPU only without dense weight copies) and kept activations,
     under DDP and FSDP2, against the one-process run through transformers' modules."""
     out = tmp_path / "run"
-    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pattern_data, out, gradient_checkpointing=True,
-                                                     keep_activations_gib=1e-4, **MODES[mode]))
+    tree = _tree(tiny_model_dir, pattern_data, out, gradient_checkpointing=True, keep_activations_gib=1e-4,
+                 **MODES[mode])
+    tree["model"]["cpu_dense_copies"] = False
+    config = write_yaml(tmp_path / "run.yaml", tree)
     stderr = _torchrun("-m", "qlorakit.cli", "train", str(config), "--no-progress", cwd=tmp_path,
-                       sharded=mode == "fsdp", QLORAKIT_CPU_DENSE_COPIES="0")
+                       sharded=mode == "fsdp")
     assert "fused block paths:" in stderr and "attention (Q/K/V fused)" in stderr.split("not fused")[0]
     assert "layers keep theirs for backward" in stderr
     _assert_same_run(out, single_process)

@@ -154,3 +154,22 @@ def test_the_registry_fixture_leaves_no_fake_behind():
     for op in dispatch.OPERATIONS:
         impl = dispatch._registry[op].get("triton")
         assert impl is None or "fake" not in impl.__name__, op
+
+
+def test_the_backend_is_chosen_once_and_the_environment_wins_for_debugging(monkeypatch):
+    """set_backend (config model.kernels) picks the backend for the run; QLORAKIT_KERNELS, when set, wins."""
+    from qlorakit.kernels import requested_backend, set_backend
+
+    monkeypatch.delenv("QLORAKIT_KERNELS", raising=False)
+    previous = set_backend("reference")
+    try:
+        assert requested_backend() == "reference"
+        monkeypatch.setenv("QLORAKIT_KERNELS", "triton")
+        assert requested_backend() == "triton"
+        monkeypatch.delenv("QLORAKIT_KERNELS")
+        assert set_backend("auto") == "reference" and requested_backend() == "auto"
+        with pytest.raises(QlorakitError, match="kernels 'fast' is not allowed; use one of auto, reference, triton"):
+            set_backend("fast")
+    finally:
+        set_backend(previous)
+

@@ -4,11 +4,13 @@ Each operation is declared once here; backends register an implementation for it
 reference (`quant/`) is always registered and is the specification; Triton kernels register for CUDA (and run
 on CPU tensors under TRITON_INTERPRET=1, which is how CI tests them).
 
-Choice of backend, per call, from the environment variable QLORAKIT_KERNELS:
+Choice of backend, once per run: `set_backend(...)` from the config's `model.kernels` (`qlorakit train` sets it):
   auto       (default) triton on CUDA tensors when a Triton implementation is registered, else reference;
   reference  always the reference;
   triton     always Triton; an error if an operation has no Triton implementation.
-When `auto` does not take the Triton path on a CUDA tensor, that is said once per operation and reason.
+The environment variable QLORAKIT_KERNELS, when set, wins over the config: it is a debugging switch (and how the
+test-suite runs every test under each backend). When `auto` does not take the Triton path on a CUDA tensor, that
+is said once per operation and reason.
 """
 
 from __future__ import annotations
@@ -48,11 +50,26 @@ def register(op: str, backend: str, fn: Callable[..., Any] | None = None):
     return wrap if fn is None else wrap(fn)
 
 
-def requested_backend() -> str:
-    choice = os.environ.get("QLORAKIT_KERNELS", "auto").strip().lower() or "auto"
+_chosen = "auto"  # set_backend's choice
+
+
+def set_backend(choice: str) -> str:
+    """Choose the backend for the run (auto | reference | triton); returns the previous choice."""
+    global _chosen
     if choice not in BACKEND_CHOICES:
-        raise QlorakitError(f"QLORAKIT_KERNELS={choice!r} is not allowed; use one of {', '.join(BACKEND_CHOICES)}")
-    return choice
+        raise QlorakitError(f"kernels {choice!r} is not allowed; use one of {', '.join(BACKEND_CHOICES)}")
+    previous, _chosen = _chosen, choice
+    return previous
+
+
+def requested_backend() -> str:
+    """The backend in force: QLORAKIT_KERNELS when set (debugging), else set_backend's choice (default auto)."""
+    env = os.environ.get("QLORAKIT_KERNELS", "").strip().lower()
+    if not env:
+        return _chosen
+    if env not in BACKEND_CHOICES:
+        raise QlorakitError(f"QLORAKIT_KERNELS={env!r} is not allowed; use one of {', '.join(BACKEND_CHOICES)}")
+    return env
 
 
 def _say_once(op: str, reason: str) -> None:

@@ -36,7 +36,7 @@ def check_device(what: str, *tensors: torch.Tensor) -> torch.device:
     if device.type != "cuda" and not interpreting():
         raise QlorakitError(
             f"{what}: the Triton kernels run on CUDA tensors (or on the CPU under TRITON_INTERPRET=1), got "
-            f"{device}; use QLORAKIT_KERNELS=auto or reference for {device.type} tensors"
+            f"{device}; use kernels auto or reference (model.kernels) for {device.type} tensors"
         )
     return device
 

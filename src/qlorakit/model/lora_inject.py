@@ -84,22 +84,20 @@ def trainable_report(model: nn.Module) -> str:
     return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
-def keep_dense_copies_on_cpu(model: nn.Module, dtype: torch.dtype) -> int:
+def keep_dense_copies_on_cpu(model: nn.Module, dtype: torch.dtype, enabled: bool = True) -> int:
     """On CPU there are no 4-bit kernels: dequantizing every weight on every call costs as much as the matmul.
-    Keep one dequantized copy per 4-bit linear (the base is frozen, so it never changes) unless
-    QLORAKIT_CPU_DENSE_COPIES=0. Says what it did, once. Returns the bytes kept."""
-    import os
-
+    Keep one dequantized copy per 4-bit linear (the base is frozen, so it never changes) unless `enabled` is False
+    (config model.cpu_dense_copies). Says what it did, once. Returns the bytes kept."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit) and m.weight.device.type == "cpu"]
     if not layers:
         return 0
-    if os.environ.get("QLORAKIT_CPU_DENSE_COPIES", "1") == "0":
-        log.info("qlorakit: CPU run with 4-bit weights only (QLORAKIT_CPU_DENSE_COPIES=0): every linear "
+    if not enabled:
+        log.info("qlorakit: CPU run with 4-bit weights only (model.cpu_dense_copies false): every linear "
                  "dequantizes on each call, which is slow")
         return 0
     total = sum(m.keep_dense_copy(dtype) for m in layers)
     log.info("qlorakit: CPU run: keeping dequantized %s copies of the %d 4-bit linears (%.0f MiB), because the CPU "
-             "has no 4-bit kernels; set QLORAKIT_CPU_DENSE_COPIES=0 to keep only the 4-bit weights",
+             "has no 4-bit kernels; set model.cpu_dense_copies: false to keep only the 4-bit weights",
              str(dtype).removeprefix("torch."), len(layers), total / 2**20)
     return total
 

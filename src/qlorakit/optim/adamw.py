@@ -18,7 +18,8 @@ smaller parameters' states stay in ordinary GPU memory. On a machine without CUD
 so once.
 
 Update: one multi-tensor Triton kernel per parameter dtype and state kind on CUDA (`triton_update.py`), the
-plain-PyTorch reference elsewhere. QLORAKIT_KERNELS=reference forces the reference, =triton the kernel.
+plain-PyTorch reference elsewhere; the run's kernels choice (config model.kernels, or the QLORAKIT_KERNELS debugging
+switch) set to reference forces the reference, to triton the kernel.
 
 state_dict(): the torch layout {"state": {index: {...}}, "param_groups": [...]}; per parameter "step" (int) and
 independent CPU tensors: "exp_avg", "exp_avg_sq" (fp32) or "exp_avg_codes", "exp_avg_sq_codes" (uint8),
@@ -50,8 +51,8 @@ def _say_once(key: str, msg: str, *args: Any) -> None:
 
 
 def _backend(device: torch.device) -> str:
-    """'triton' or 'reference' for tensors on `device`, from QLORAKIT_KERNELS (auto | reference | triton), read
-    as the kernels' dispatch point reads it."""
+    """'triton' or 'reference' for tensors on `device`, from the run's kernels choice (auto | reference | triton),
+    read as the kernels' dispatch point reads it."""
     choice = requested_backend()
     if choice == "reference" or (choice == "auto" and device.type != "cuda"):
         return "reference"
@@ -59,7 +60,7 @@ def _backend(device: torch.device) -> str:
         from . import triton_update  # noqa: F401
     except ImportError as err:
         if choice == "triton":
-            raise OptimizerError(f"QLORAKIT_KERNELS=triton but Triton does not import ({err})") from None
+            raise OptimizerError(f"kernels 'triton' was asked for but Triton does not import ({err})") from None
         _say_once("no-triton", "qlorakit: the fused AdamW kernel is unavailable (%s); the optimizer runs the "
                   "PyTorch reference update on %s", err, device)
         return "reference"

@@ -52,7 +52,7 @@ def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: b
     log.info("qlorakit: LoRA r=%d alpha=%g on %d linears; %s", lo.rank, lo.alpha, len(names),
              trainable_report(model))
     if runtime.device.type == "cpu":
-        keep_dense_copies_on_cpu(model, runtime.compute_dtype)
+        keep_dense_copies_on_cpu(model, runtime.compute_dtype, cfg.model.cpu_dense_copies)
     if cfg.training.fused_blocks:
         from ..model.fused_blocks import enable_fused_blocks
 
@@ -125,7 +125,10 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
     Under torchrun (WORLD_SIZE > 1, training.distributed auto or ddp) this is one data-parallel rank: see
     distributed.py. Only rank 0 writes files; the returned output is the same on every rank.
     """
+    from ..kernels import set_backend
+
     dist = init_distributed(mode=cfg.training.distributed)
+    previous_backend = set_backend(cfg.model.kernels)  # chosen once for the run (QLORAKIT_KERNELS still wins)
     try:
         check_batch_split(cfg.training.gradient_accumulation, dist)
         if dist.enabled and cfg.training.optimizer == "host_adamw_32bit":
@@ -137,7 +140,8 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
         return _run_training(cfg, dist, progress=progress and dist.is_main, stop_after_steps=stop_after_steps,
                              device=device, before_training=before_training)
     finally:
-        if not cfg.training.stacked_dequant:  # the workspace cap is process-wide: give it back
+        set_backend(previous_backend)  # process-wide settings go back as they were
+        if not cfg.training.stacked_dequant:
             from ..kernels import set_workspace_limit
 
             set_workspace_limit(None)
