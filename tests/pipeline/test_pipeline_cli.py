@@ -132,7 +132,10 @@ def test_nan_message_names_fp16_and_missing_clipping_when_they_apply(tmp_path):
 
     from qlorakit.train.runtime import Runtime
 
-    settings = loop.LoopSettings(output_dir=tmp_path, learning_rate=1e-3, max_grad_norm=None)
+    from qlorakit.config import config_from_dict
+
+    cfg = config_from_dict({"training": {"output_dir": str(tmp_path), "learning_rate": 1e-3, "max_grad_norm": None}})
+    settings = loop.LoopSettings.from_config(cfg)
     line = loop._divergence_message(7, float("inf"), Runtime(torch.device("cuda"), torch.float16, torch.float32),
                                     settings)
     assert line.startswith("loss became inf at step 7: training stopped.")

@@ -7,9 +7,9 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters.peft_format import lora_state_dict
+from ..config import QloraConfig
 from ..errors import QlorakitError
 from .checkpoint import (RngStates, capture_rng, latest_checkpoint, load_checkpoint, optimizer_files,
                          save_checkpoint)
@@ -37,28 +38,41 @@ class TrainingDivergedError(QlorakitError):
 
 @dataclass
 class LoopSettings:
-    """What the loop needs, as plain values (the config object stays above this layer)."""
+    """What the loop needs, as plain values, taken from the one config schema (config.py) by from_config: no
+    field has a default of its own, so no second set of defaults can drift from the config's."""
 
     output_dir: Path
-    seed: int = 42
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float | None = 0.3
-    max_seq_length: int = 2048
-    packing: bool = True
-    eval_every: int = 50
-    save_every: int = 100
-    log_every: int = 1
-    keep_checkpoints: int = 2
-    attn_implementation: str = "sdpa"
+    seed: int
+    batch_size: int
+    gradient_accumulation: int
+    epochs: float
+    max_steps: int | None
+    learning_rate: float
+    weight_decay: float
+    scheduler: str
+    warmup_ratio: float
+    max_grad_norm: float | None
+    max_seq_length: int
+    packing: bool
+    eval_every: int
+    save_every: int
+    log_every: int
+    keep_checkpoints: int
+    attn_implementation: str
     stop_after_steps: int | None = None  # stop (as if killed) after this many steps; for tests and demos
     run_settings: dict[str, Any] | None = None  # recorded in every checkpoint, compared on resume (run_state.py)
+
+    @classmethod
+    def from_config(cls, cfg: QloraConfig, stop_after_steps: int | None = None) -> LoopSettings:
+        t = cfg.training
+        return cls(
+            output_dir=Path(t.output_dir), seed=t.seed, batch_size=t.batch_size,
+            gradient_accumulation=t.gradient_accumulation, epochs=t.epochs, max_steps=t.max_steps,
+            learning_rate=t.learning_rate, weight_decay=t.weight_decay, scheduler=t.scheduler,
+            warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, max_seq_length=t.max_seq_length,
+            packing=cfg.data.packing, eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
+            keep_checkpoints=t.keep_checkpoints, attn_implementation=cfg.model.attn_implementation,
+            stop_after_steps=stop_after_steps)
 
 
 @dataclass

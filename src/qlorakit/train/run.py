@@ -74,19 +74,6 @@ def build_optimizer(cfg: QloraConfig, model: nn.Module) -> torch.optim.Optimizer
     return optimizer
 
 
-def loop_settings(cfg: QloraConfig, stop_after_steps: int | None = None) -> LoopSettings:
-    t = cfg.training
-    return LoopSettings(
-        output_dir=Path(t.output_dir), seed=t.seed, batch_size=t.batch_size,
-        gradient_accumulation=t.gradient_accumulation, epochs=t.epochs, max_steps=t.max_steps,
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, scheduler=t.scheduler,
-        warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, max_seq_length=t.max_seq_length,
-        packing=cfg.data.packing, eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
-        keep_checkpoints=t.keep_checkpoints, attn_implementation=cfg.model.attn_implementation,
-        stop_after_steps=stop_after_steps,
-    )
-
-
 def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str, world_size: int) -> dict:
     """What a checkpoint records of the run (run_state.py): `exact`, what decides the result; `free`, the rest."""
     t, q, lo, d = cfg.training, cfg.quantization, cfg.lora, cfg.data
@@ -283,7 +270,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     if dist.is_main:
         dist.barrier()
     fingerprint = base_fingerprint(model_dir)
-    settings = loop_settings(cfg, stop_after_steps)
+    settings = LoopSettings.from_config(cfg, stop_after_steps)
     settings.run_settings = run_settings(cfg, examples_fingerprint(prepared.train, prepared.eval), fingerprint,
                                          dist.world_size)
     total_steps = planned_steps(prepared.train, settings)
