@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from .distributed import SINGLE_PROCESS, DistContext
 from .forward import evaluate, forward_loss_sum
 from .fsdp import grad_norm_value, set_gradient_sync
 from .loss import count_targets
-from .metrics import MetricsWriter, plot_losses
+from .metrics import MetricsWriter, NoMetrics, plot_losses
 from .runtime import Runtime
 from .schedule import lr_factor, warmup_steps_for
 
@@ -188,187 +187,211 @@ def train_loop(
 
     Data-parallel (`dist` enabled): every rank runs this loop over the same plan with equal parameters (see
     distributed.py); only rank 0 writes metrics, checkpoints and the plot, the others wait for each checkpoint.
-    Every rank resumes from the same checkpoint.
+    Every rank resumes from the same checkpoint. The steps of a run are the methods of _Trainer, in order.
     """
-    from ..data import epoch_batches
+    trainer = _Trainer(model, train_examples, eval_examples, pad_id, settings, runtime, optimizer,
+                       record=dict(adapter_record or {}), base_model_name=base_model_name, dist=dist)
+    trainer.resume(resume_from)
+    return trainer.run(progress)
 
-    out = Path(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    record = dict(adapter_record or {})
 
-    def plan(epoch: int):
-        return epoch_batches(train_examples.lengths, settings.batch_size, settings.max_seq_length,
-                             settings.packing, seed=settings.seed, epoch=epoch)
+class _Trainer:
+    """One training run, as named steps: resume, run (evaluate before training, then per step: train_step,
+    log_step, evaluate, checkpoint, stop?), and what an interrupt does (interrupted)."""
 
-    ga = settings.gradient_accumulation
-    total_steps = planned_steps(train_examples, settings)
-    warmup = warmup_steps_for(total_steps, settings.warmup_ratio)
-    for g in optimizer.param_groups:
-        g.setdefault("initial_lr", settings.learning_rate)
+    def __init__(self, model: nn.Module, train_examples, eval_examples, pad_id: int, settings: LoopSettings,
+                 runtime: Runtime, optimizer: torch.optim.Optimizer, *, record: dict[str, Any],
+                 base_model_name: str | None, dist: DistContext):
+        from ..data import epoch_batches
 
-    step, cursor = 0, _Cursor(plan)
-    resumed_from = 0
-    ckpt = resume_from
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, rank=dist.rank,
-                                sharded_world=dist.world_size if dist.sharded else None)
-        if state.get("total_steps") != total_steps:
-            log.warning("qlorakit: checkpoint %s planned %s steps, this run plans %s; continuing with %s",
-                        ckpt, state.get("total_steps"), total_steps, total_steps)
-        step = resumed_from = int(state["step"])
-        cursor = _Cursor(plan, int(state["epoch"]), int(state["batch_index"]))
-        log.info("qlorakit: resumed from %s (step %d of %d)", ckpt, step, total_steps)
-    metrics: MetricsWriter | _NoMetrics = (MetricsWriter(out, resume_from_step=resumed_from) if dist.is_main
-                                           else _NoMetrics())
-    result = TrainResult(steps=step, total_steps=total_steps, resumed_from=resumed_from)
-    # A resumed run's summary covers the whole run: the earlier steps' records come back from metrics.jsonl.
-    result.losses = [r["loss"] for r in metrics.kept if r.get("event") == "train"]
-    result.eval_history = [{k: v for k, v in r.items() if k != "event"} for r in metrics.kept
-                           if r.get("event") == "eval"]
-    params = [p for p in model.parameters() if p.requires_grad]
+        self.model, self.train_examples, self.eval_examples, self.pad_id = model, train_examples, eval_examples, pad_id
+        self.settings, self.runtime, self.optimizer, self.dist = settings, runtime, optimizer, dist
+        self.record, self.base_model_name = record, base_model_name
+        self.out = Path(settings.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.plan = lambda epoch: epoch_batches(train_examples.lengths, settings.batch_size, settings.max_seq_length,
+                                                settings.packing, seed=settings.seed, epoch=epoch)
+        self.total_steps = planned_steps(train_examples, settings)
+        self.warmup = warmup_steps_for(self.total_steps, settings.warmup_ratio)
+        for g in optimizer.param_groups:
+            g.setdefault("initial_lr", settings.learning_rate)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.step, self.resumed_from, self.cursor = 0, 0, _Cursor(self.plan)
+        self.stop_requested = False
+        self.say: Callable[[str], None] = _say_nothing
 
-    def resume_point() -> _ResumePoint:
-        return _ResumePoint(cursor.epoch, cursor.index, capture_rng())
+    # -- before the first step ------------------------------------------------------------------------------------
 
-    def checkpoint_now(wait_for_all: bool = True) -> Path:
-        st = {"epoch": done.epoch, "batch_index": done.batch_index, "total_steps": total_steps,
-              "settings": settings.run_settings or {}}
-        path = out / "checkpoints" / f"step-{step:06d}"
+    def resume(self, ckpt: Path | None) -> None:
+        """Load the checkpoint (adapter, optimizer, RNG, data position) when there is one; open the metrics, whose
+        earlier records a resumed run's summary includes."""
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.model, self.optimizer, rank=self.dist.rank,
+                                    sharded_world=self.dist.world_size if self.dist.sharded else None)
+            if state.get("total_steps") != self.total_steps:
+                log.warning("qlorakit: checkpoint %s planned %s steps, this run plans %s; continuing with %s",
+                            ckpt, state.get("total_steps"), self.total_steps, self.total_steps)
+            self.step = self.resumed_from = int(state["step"])
+            self.cursor = _Cursor(self.plan, int(state["epoch"]), int(state["batch_index"]))
+            log.info("qlorakit: resumed from %s (step %d of %d)", ckpt, self.step, self.total_steps)
+        self.metrics: MetricsWriter | NoMetrics = (MetricsWriter(self.out, resume_from_step=self.resumed_from)
+                                                    if self.dist.is_main else NoMetrics())
+        self.result = TrainResult(steps=self.step, total_steps=self.total_steps, resumed_from=self.resumed_from)
+        self.result.losses = [r["loss"] for r in self.metrics.kept if r.get("event") == "train"]
+        self.result.eval_history = [{k: v for k, v in r.items() if k != "event"} for r in self.metrics.kept
+                                    if r.get("event") == "eval"]
+
+    # -- the steps ------------------------------------------------------------------------------------------------
+
+    def resume_point(self) -> _ResumePoint:
+        return _ResumePoint(self.cursor.epoch, self.cursor.index, capture_rng())
+
+    def train_step(self) -> tuple[float, float, float | None, int]:
+        """One optimizer step: (loss, learning rate, gradient norm or None, tokens)."""
+        s = self.settings
+        micro = [self.train_examples.collate(self.cursor.next(), self.pad_id) for _ in range(s.gradient_accumulation)]
+        lr = s.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, s.scheduler)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss = accumulate_gradients(self.model, micro, self.runtime, s.packing, s.attn_implementation, self.dist,
+                                    getattr(self.optimizer, "begin_micro_batch", None))
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        if not math.isfinite(loss):
+            raise TrainingDivergedError(_divergence_message(self.step + 1, loss, self.runtime, s))
+        grad_norm = None
+        if s.max_grad_norm:
+            grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.params, s.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.done = self.resume_point()
+        self.result.losses.append(loss)
+        return loss, lr, grad_norm, tokens
+
+    def log_step(self, loss: float, lr: float, grad_norm: float | None, tok_s: float) -> None:
+        rec = {"event": "train", "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
+               "epoch": self.cursor.epoch + self.cursor.index / max(1, len(self.cursor.plan))}
+        if grad_norm is not None:
+            rec["grad_norm"] = grad_norm
+        mem = self.runtime.memory_gib()
+        if mem is not None:
+            rec["peak_mem_gib"] = mem
+        self.metrics.write(rec)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}",
+                             **({"mem": f"{mem:.1f}G"} if mem is not None else {}))
+
+    def evaluate(self) -> None:
+        ev = evaluate(self.model, self.eval_examples, self.settings, self.runtime, self.pad_id, self.dist)
+        ev["step"] = self.step
+        self.result.eval_history.append(ev)
+        self.metrics.write({"event": "eval", **ev})
+        when = "step 0 (before training)" if self.step == 0 else f"step {self.step}"
+        self.say(f"{when}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
+
+    def checkpoint(self, wait_for_all: bool = True) -> Path:
+        """Save the state after the last complete step (self.done): every rank gathers, rank 0 writes."""
+        st = {"epoch": self.done.epoch, "batch_index": self.done.batch_index, "total_steps": self.total_steps,
+              "settings": self.settings.run_settings or {}}
+        path = self.out / "checkpoints" / f"step-{self.step:06d}"
+        dist, optimizer = self.dist, self.optimizer
         if dist.sharded and not wait_for_all:
             # Gathering the shards needs every rank, and after Ctrl-C the others may be stopped anywhere.
             log.warning("qlorakit: a sharded (fsdp) run cannot save on Ctrl-C; the last checkpoint is kept (stop "
                         "with SIGTERM to save the current step)")
-            return latest_checkpoint(out) or path
-        rngs = dist.gather_objects(done.rng) if wait_for_all and dist.enabled else [done.rng]
+            return latest_checkpoint(self.out) or path
+        rngs = dist.gather_objects(self.done.rng) if wait_for_all and dist.enabled else [self.done.rng]
         adapter_tensors = optims = None
         if hasattr(optimizer, "master"):  # host_adamw_32bit: the fp32 master copies, not the GPU's compute dtype
-            adapter_tensors = lora_state_dict(model, optimizer.master)
+            adapter_tensors = lora_state_dict(self.model, optimizer.master)
         if dist.sharded:
-            adapter_tensors = lora_state_dict(model)
+            adapter_tensors = lora_state_dict(self.model)
             optims = dist.gather_to_main(optimizer_files(optimizer))  # each rank's optimizer shard
         if dist.is_main:
-            path = save_checkpoint(out, step, model, optimizer, st, record, base_model_name,
-                                   settings.keep_checkpoints, rng=done.rng, other_ranks_rng=rngs[1:],
+            path = save_checkpoint(self.out, self.step, self.model, optimizer, st, self.record, self.base_model_name,
+                                   self.settings.keep_checkpoints, rng=self.done.rng, other_ranks_rng=rngs[1:],
                                    adapter_tensors=adapter_tensors,
                                    other_ranks_optimizer=optims[1:] if optims is not None else None)
         if wait_for_all:  # no rank reads or prunes checkpoints while rank 0 writes one
             dist.barrier()
         return path
 
-    stop_requested = {"flag": False}
+    def should_stop(self) -> bool:
+        """SIGTERM (on any rank) or stop_after_steps reached."""
+        stop = (self.stop_requested if not self.dist.enabled
+                else self.dist.any(self.stop_requested, self.runtime.device))
+        return stop or bool(self.settings.stop_after_steps and self.step >= self.settings.stop_after_steps)
 
-    def on_sigterm(signum, frame):  # a scheduler's polite kill: finish the step, save, stop
-        stop_requested["flag"] = True
-
-    old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not progress or not dist.is_main,
-               dynamic_ncols=True)
-    say = bar.write if dist.is_main else _say_nothing  # tqdm.write prints even with the bar disabled
-    model.train()
-    if eval_examples is not None and step == 0:
-        ev = evaluate(model, eval_examples, settings, runtime, pad_id, dist)
-        ev["step"] = 0
-        result.eval_history.append(ev)
-        metrics.write({"event": "eval", **ev})
-        say(f"step 0 (before training): eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
-    t_last, tokens_since = time.perf_counter(), 0
-    done = resume_point()
-    try:
-        while step < total_steps:
-            micro = [train_examples.collate(cursor.next(), pad_id) for _ in range(ga)]
-            lr = settings.learning_rate * lr_factor(step, total_steps, warmup, settings.scheduler)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss = accumulate_gradients(model, micro, runtime, settings.packing, settings.attn_implementation,
-                                        dist, getattr(optimizer, "begin_micro_batch", None))
-            tokens_since += sum(int(b["attention_mask"].sum()) for b in micro)
-            if not math.isfinite(loss):
-                raise TrainingDivergedError(_divergence_message(step + 1, loss, runtime, settings))
-            grad_norm = None
-            if settings.max_grad_norm:
-                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            done = resume_point()
-            result.losses.append(loss)
-            now = time.perf_counter()
-            tok_s = tokens_since / max(1e-9, now - t_last)
-            if step % settings.log_every == 0 or step == total_steps:
-                rec = {"event": "train", "step": step, "loss": loss, "lr": lr, "tokens_per_s": tok_s,
-                       "epoch": cursor.epoch + cursor.index / max(1, len(cursor.plan))}
-                if grad_norm is not None:
-                    rec["grad_norm"] = grad_norm
-                mem = runtime.memory_gib()
-                if mem is not None:
-                    rec["peak_mem_gib"] = mem
-                metrics.write(rec)
-                t_last, tokens_since = now, 0
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}",
-                                **({"mem": f"{mem:.1f}G"} if mem is not None else {}))
-            bar.update(1)
-            if eval_examples is not None and (step % settings.eval_every == 0 or step == total_steps):
-                ev = evaluate(model, eval_examples, settings, runtime, pad_id, dist)
-                ev["step"] = step
-                result.eval_history.append(ev)
-                metrics.write({"event": "eval", **ev})
-                say(f"step {step}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
-            if step % settings.save_every == 0 or step == total_steps:  # the last step too: max_steps may grow
-                result.checkpoint = checkpoint_now()
-            stop = stop_requested["flag"] if not dist.enabled else dist.any(stop_requested["flag"], runtime.device)
-            if stop or (settings.stop_after_steps and step >= settings.stop_after_steps):
-                if result.checkpoint is None or result.checkpoint.name != f"step-{step:06d}":
-                    result.checkpoint = checkpoint_now()
-                result.interrupted = True
-                break
-    except KeyboardInterrupt:
-        bar.close()
-        result.interrupted = True
-        if getattr(optimizer, "step_in_progress", False):
+    def interrupted(self) -> None:
+        """Ctrl-C: save the last complete step, unless an optimizer stepping inside backward was cut halfway."""
+        self.bar.close()
+        self.result.interrupted = True
+        if getattr(self.optimizer, "step_in_progress", False):
             # host_adamw_32bit steps inside backward: stopped there, some adapters hold step+1, others step.
-            result.checkpoint = latest_checkpoint(out)
+            self.result.checkpoint = latest_checkpoint(self.out)
             log.warning("qlorakit: interrupted inside backward while the optimizer was stepping the adapters "
                         "(host_adamw_32bit), so step %d is half applied and is not saved; the newest checkpoint "
-                        "is %s; run the same command to resume from it", step + 1,
-                        result.checkpoint or "none (the run starts over)")
+                        "is %s; run the same command to resume from it", self.step + 1,
+                        self.result.checkpoint or "none (the run starts over)")
         else:
             # No barrier: the other ranks may be stopped anywhere (torchrun interrupts them all).
-            result.checkpoint = checkpoint_now(wait_for_all=False)
+            self.result.checkpoint = self.checkpoint(wait_for_all=False)
             log.info("qlorakit: interrupted at step %d; checkpoint saved to %s; run the same command to resume",
-                     step, result.checkpoint)
-    finally:
-        bar.close()
-        metrics.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-    result.steps = step
-    if dist.is_main:
-        plot_losses(metrics.path, out / "loss.png")
-    return result
+                     self.step, self.result.checkpoint)
+
+    # -- the run --------------------------------------------------------------------------------------------------
+
+    def run(self, progress: bool) -> TrainResult:
+        s, result = self.settings, self.result
+
+        def on_sigterm(signum, frame):  # a scheduler's polite kill: finish the step, save, stop
+            self.stop_requested = True
+
+        old_handler = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+        self.bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                        disable=not progress or not self.dist.is_main, dynamic_ncols=True)
+        self.say = self.bar.write if self.dist.is_main else _say_nothing  # tqdm.write prints even when disabled
+        self.model.train()
+        if self.eval_examples is not None and self.step == 0:
+            self.evaluate()
+        t_last, tokens_since = time.perf_counter(), 0
+        self.done = self.resume_point()
+        try:
+            while self.step < self.total_steps:
+                loss, lr, grad_norm, tokens = self.train_step()
+                tokens_since += tokens
+                now = time.perf_counter()
+                if self.step % s.log_every == 0 or self.step == self.total_steps:
+                    self.log_step(loss, lr, grad_norm, tokens_since / max(1e-9, now - t_last))
+                    t_last, tokens_since = now, 0
+                self.bar.update(1)
+                if self.eval_examples is not None and (self.step % s.eval_every == 0
+                                                       or self.step == self.total_steps):
+                    self.evaluate()
+                if self.step % s.save_every == 0 or self.step == self.total_steps:  # the last: max_steps may grow
+                    result.checkpoint = self.checkpoint()
+                if self.should_stop():
+                    if result.checkpoint is None or result.checkpoint.name != f"step-{self.step:06d}":
+                        result.checkpoint = self.checkpoint()
+                    result.interrupted = True
+                    break
+        except KeyboardInterrupt:
+            self.interrupted()
+        finally:
+            self.bar.close()
+            self.metrics.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+        result.steps = self.step
+        if self.dist.is_main:
+            plot_losses(self.metrics.path, self.out / "loss.png")
+        return result
 
 
 def _say_nothing(message: str) -> None:
     pass
 
 
-class _NoMetrics:
-    """The metrics writer of ranks other than 0: records are dropped (rank 0 writes the same global values)."""
-
-    kept: list[dict[str, Any]] = []
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)

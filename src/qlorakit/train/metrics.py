@@ -108,3 +108,15 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path | None:
     plt.close(fig)
     tmp.replace(out_png)
     return out_png
+
+
+class NoMetrics:
+    """The metrics writer of ranks other than 0: records are dropped (rank 0 writes the same global values)."""
+
+    kept: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

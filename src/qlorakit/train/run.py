@@ -18,10 +18,10 @@ from ..config import QloraConfig, dump_config
 from ..errors import CheckpointWriteError, QloraConfigError, QlorakitError
 from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
-from .loop import LoopSettings, TrainResult, planned_steps, seed_everything, train_loop
+from .loop import LoopSettings, TrainResult, planned_steps, train_loop
 from .run_state import OutputLock, examples_fingerprint, plan_resume
 from ..model.build import load_tokenizer, resolve_model_dir  # noqa: F401 - resolve_model_dir re-exported
-from .runtime import DTYPES, Runtime, pick_runtime
+from .runtime import DTYPES, Runtime, pick_runtime, seed_everything
 
 log = logging.getLogger("qlorakit.train")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -67,3 +68,8 @@ def pick_runtime(compute_dtype: str, adapter_dtype: str, device: str | None = No
                     "this much slower than float32 (set quantization.compute_dtype: float32, training.bf16: false)",
                     str(compute).removeprefix("torch."))
     return Runtime(dev, compute, adapter)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
