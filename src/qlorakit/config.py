@@ -78,7 +78,9 @@ class TrainingSection(_Section):
     seed: int = 42
     batch_size: int = Field(1, gt=0)
     gradient_accumulation: int = Field(16, gt=0)
-    effective_batch_size: int | None = Field(None, gt=0)
+    effective_batch_size: int | None = Field(
+        None, gt=0, description="derived: batch_size x gradient_accumulation (the run prints it); when given it "
+        "must agree")
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
@@ -129,7 +131,9 @@ class TrainingSection(_Section):
         True, description="run Llama attention Q/K/V and the gate/up/down MLP as fused 4-bit LoRA groups and "
         "RMSNorm through one-pass kernels (training and prefill); false keeps transformers' modules as they are")
     max_seq_length: int = Field(2048, ge=16)
-    bf16: bool = True
+    bf16: bool | None = Field(
+        None, description="derived from quantization.compute_dtype (true for bfloat16); accepted for configs "
+        "written for transformers' Trainer, and then it must agree")
     eval_every: int = Field(50, gt=0)
     save_every: int = Field(100, gt=0)
     log_every: int = Field(1, gt=0)
@@ -198,7 +202,7 @@ class QloraConfig(_Section):
         q = self.quantization
         if not q.load_in_4bit and q.quant_type == "fp4":
             raise ValueError("quantization.quant_type 'fp4' needs quantization.load_in_4bit: true")
-        if self.training.bf16 != (q.compute_dtype == "bfloat16"):
+        if self.training.bf16 is not None and self.training.bf16 != (q.compute_dtype == "bfloat16"):
             raise ValueError(
                 f"training.bf16 is {str(self.training.bf16).lower()} but quantization.compute_dtype is "
                 f"{q.compute_dtype}; bf16: true goes with compute_dtype bfloat16, bf16: false with float16 or float32"

@@ -41,3 +41,17 @@ def test_cpu_dense_copies_false_keeps_only_the_4bit_weights(tiny_model_dir, patt
     linears = [m for m in out.model.modules() if isinstance(m, Linear4bit)]
     assert linears and all("_dense_cache" not in m.__dict__ for m in linears)
     assert "model.cpu_dense_copies false" in caplog.text
+
+
+def test_derived_keys_need_not_be_configured_but_must_agree_when_given():
+    import pytest
+
+    from qlorakit.errors import QloraConfigError
+
+    cfg = config_from_dict({"quantization": {"compute_dtype": "float32"},
+                            "training": {"batch_size": 4, "gradient_accumulation": 2}})
+    assert cfg.training.bf16 is None and cfg.training.effective_batch_size is None  # derived, not required
+    with pytest.raises(QloraConfigError, match="training.bf16 is true but quantization.compute_dtype is float32"):
+        config_from_dict({"quantization": {"compute_dtype": "float32"}, "training": {"bf16": True}})
+    with pytest.raises(QloraConfigError, match="effective_batch_size 6 != batch_size 4 x gradient_accumulation 2"):
+        config_from_dict({"training": {"batch_size": 4, "gradient_accumulation": 2, "effective_batch_size": 6}})

@@ -274,6 +274,10 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     settings.run_settings = run_settings(cfg, examples_fingerprint(prepared.train, prepared.eval), fingerprint,
                                          dist.world_size)
     total_steps = planned_steps(prepared.train, settings)
+    t = cfg.training
+    log.info("qlorakit: %d optimizer steps; effective batch %d (batch_size %d x gradient_accumulation %d), up to "
+             "%d tokens a micro-batch; compute %s", total_steps, t.batch_size * t.gradient_accumulation,
+             t.batch_size, t.gradient_accumulation, t.batch_size * t.max_seq_length, cfg.quantization.compute_dtype)
     resume = plan_resume(out, settings.run_settings, cfg.training.resume, total_steps)
     if resume.finished:
         log.info("qlorakit: %s already finished: step %d of %d; adapter: %s. To train longer raise "

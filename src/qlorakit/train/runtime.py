@@ -65,7 +65,7 @@ def pick_runtime(compute_dtype: str, adapter_dtype: str, device: str | None = No
                     "throughput with negligible quality gain; bfloat16 is the usual choice")
     if dev.type == "cpu" and compute != torch.float32:
         log.warning("qlorakit: computing in %s on the CPU; CPUs without native bf16/fp16 matrix units run "
-                    "this much slower than float32 (set quantization.compute_dtype: float32, training.bf16: false)",
+                    "this much slower than float32 (set quantization.compute_dtype: float32)",
                     str(compute).removeprefix("torch."))
     return Runtime(dev, compute, adapter)
 
