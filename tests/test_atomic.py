@@ -85,3 +85,26 @@ def test_a_twin_finished_first_is_kept_only_when_complete(tmp_path, monkeypatch)
     with pytest.raises(OSError):
         atomic.swap_in(built, target, theirs_ok=lambda e: False)
     monkeypatch.setattr(atomic.os, "rename", real)
+
+
+def test_folder_lock_makes_a_second_builder_wait_for_the_first(tmp_path):
+    import threading
+    import time
+
+    order = []
+
+    def builder(name: str, hold: float) -> None:
+        with atomic.folder_lock(tmp_path / "cache", "model"):
+            order.append(f"{name} in")
+            time.sleep(hold)
+            order.append(f"{name} out")
+
+    first = threading.Thread(target=builder, args=("first", 0.3))
+    first.start()
+    time.sleep(0.05)  # the first holds the lock now
+    second = threading.Thread(target=builder, args=("second", 0.0))
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert order == ["first in", "first out", "second in", "second out"]
+    assert (tmp_path / "cache" / ".model.lock").is_file()

@@ -8,6 +8,8 @@ tokenisation cache, manifests, summaries):
     target is set aside, the new folder renamed in, and the old one removed; if the second rename fails the old
     one is put back. Where several processes may build the same folder (the cache, the bundled model),
     `theirs_ok` says whether a target that appeared meanwhile is a complete twin to keep.
+  - `folder_lock(folder, name)`: where several processes may build the same thing in a shared folder (the
+    bundled model and data in the user cache), the second waits for the first instead of building it again.
 Temporary and set-aside names are hidden (`.<name>.tmp-...`, `.<name>.old-...`) unless a caller names them, so
 the cleanup of a killed run can find them by pattern.
 """
@@ -101,3 +103,21 @@ def new_folder(target: str | Path, *, tmp: str | Path | None = None,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def folder_lock(folder: str | Path, name: str) -> Iterator[Path]:
+    """Hold an exclusive advisory lock on `<folder>/.<name>.lock` for the block, waiting for another holder
+    (process or thread) to finish first. The kernel drops the lock when its holder ends in any way, so a killed
+    builder never leaves it held. Callers check again inside the block whether the work is already done."""
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock

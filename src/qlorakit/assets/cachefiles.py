@@ -3,12 +3,14 @@ of those a killed build left), and atomic writes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from ..atomic import write_text
+from ..atomic import folder_lock, write_text
 from ..errors import AssetError
 
 
@@ -62,6 +64,24 @@ def _temp_dir(parent: Path, stem: str) -> Path:
             f"cannot write to the qlorakit cache at {parent} ({err.strerror or err}): set QLORAKIT_CACHE to a "
             "writable folder"
         ) from None
+
+
+@contextlib.contextmanager
+def _building(parent: Path, stem: str) -> Iterator[None]:
+    """Hold the cache's lock for building `stem` in `parent`: a second process wanting the same asset waits for
+    the first, then finds it ready, instead of downloading and converting it again."""
+    try:
+        lock = folder_lock(parent, stem)
+        lock.__enter__()
+    except OSError as err:
+        raise AssetError(
+            f"cannot write to the qlorakit cache at {parent} ({err.strerror or err}): set QLORAKIT_CACHE to a "
+            "writable folder"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import AssetError
 from . import fetch  # called as fetch.download_distribution: one patch of it reaches model and data alike
-from .cachefiles import _temp_dir, _write_atomic, cache_dir
+from .cachefiles import _building, _temp_dir, _write_atomic, cache_dir
 from .fetch import _index_label, _mb, _open_member, _Progress
 from .model import default_model_dir
 
@@ -145,6 +145,13 @@ def default_data(name: str = "seed_tasks", progress: bool = True) -> Path:
     data, notice = _data_paths(name)
     if data.is_file() and notice.is_file():
         return data
+    with _building(data.parent, name):  # another process building it: wait, then find it ready
+        if data.is_file() and notice.is_file():
+            return data
+        return _build_data(name, source, data, notice, progress)
+
+
+def _build_data(name: str, source: DataSource, data: Path, notice: Path, progress: bool) -> Path:
     say = _Progress(progress)
     work = _temp_dir(data.parent, name)
     try:

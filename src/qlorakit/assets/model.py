@@ -16,7 +16,7 @@ from pathlib import Path
 from ..atomic import swap_in
 from ..errors import AssetError
 from . import fetch  # called as fetch.download_distribution: one patch of it reaches model and data alike
-from .cachefiles import _temp_dir, cache_dir
+from .cachefiles import _building, _temp_dir, cache_dir
 from .fetch import _index_label, _mb, _open_member, _Progress
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -223,6 +223,13 @@ def default_model_dir(progress: bool = True) -> Path:
             f"{target} exists but was not prepared by qlorakit (no {MARKER} marker): remove it, and run "
             "`qlorakit demo` again to rebuild it"
         )
+    with _building(target.parent, MODEL_NAME):  # another process building it: wait, then find it ready
+        if _model_complete(target):
+            return target
+        return _build_model(target, progress)
+
+
+def _build_model(target: Path, progress: bool) -> Path:
     say = _Progress(progress)
     work = _temp_dir(target.parent, MODEL_NAME)
     try:
