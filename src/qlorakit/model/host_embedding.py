@@ -44,41 +44,25 @@ def _adopt_hooks(dst: nn.Module, src: nn.Module) -> None:
     dst._is_full_backward_hook = getattr(src, "_is_full_backward_hook", None)
 
 
-class HostEmbedding(nn.Module):
-    """A frozen embedding whose table is in host memory; `forward` returns the looked-up rows on `device`.
-
-    Behaves like nn.Embedding for what transformers' decoders use: `embed(input_ids)`, `.weight` (the host
-    table: dtype, shape), `num_embeddings`, `embedding_dim`, `padding_idx`.
-    """
+class _HostTable(nn.Module):
+    """A frozen table kept in host memory, whose results go to `device`. The table is a plain attribute, neither
+    an nn.Parameter nor a buffer: a buffer (even persistent=False) is moved by `model.to(device)` / `model.cuda()`
+    and by qlorakit's `buffers_to`, which would silently put the table back on the GPU; a parameter would also
+    show in `model.parameters()` (optimizers, `requires_grad_`). `_apply` follows dtype changes and takes the new
+    device as the target of results, while the table stays on the host. `state_dict()` keeps the key
+    (`...weight`, a host tensor), and `load_state_dict` writes into the host table, so the model's state dict has
+    the same keys as before the move."""
 
     weight: torch.Tensor
 
-    def __init__(self, weight: torch.Tensor, device: torch.device | str, padding_idx: int | None = None):
+    def __init__(self, weight: torch.Tensor, device: torch.device | str):
         super().__init__()
-        # The table is a plain attribute, neither an nn.Parameter nor a buffer. A buffer (even persistent=False)
-        # is moved by `model.to(device)` / `model.cuda()` and by qlorakit's `buffers_to`, which would silently
-        # put the table back on the GPU; a parameter would also show in `model.parameters()` (optimizers,
-        # `requires_grad_`). `_apply` below follows dtype changes and takes the new device as the target of the
-        # lookup result, while the table stays on the host. `state_dict()` keeps the key (`...weight`, a host
-        # tensor) through `_save_to_state_dict`, and `load_state_dict` writes into the host table, so the
-        # model's state dict has the same keys as before the move.
         self.weight = _host_copy(weight.detach(), weight.dtype)
         self.device = torch.device(device)
-        self.num_embeddings, self.embedding_dim = self.weight.shape
-        self.padding_idx = padding_idx
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.to("cpu").reshape(-1)
-        # The rows go to a pinned buffer when the result goes to a GPU, so the copy can be non_blocking; the
-        # caching host allocator keeps that buffer until the copy has read it.
-        rows = torch.empty((ids.numel(), self.embedding_dim), dtype=self.weight.dtype,
-                           pin_memory=self.device.type == "cuda")
-        torch.index_select(self.weight, 0, ids, out=rows)
-        return rows.view(*input_ids.shape, self.embedding_dim).to(self.device, non_blocking=True)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HostEmbedding:
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> _HostTable:
         """`model.to(...)`, `.cuda()`, `.float()`, `.half()`: the table takes the new dtype (a new host copy) and
-        stays on the host; the new device becomes where the lookup result goes. The conversion is read off
+        stays on the host; the new device becomes where results go. The conversion is read off
         `fn` applied to an empty tensor of the table's dtype on the current target device."""
         super()._apply(fn, recurse)
         probe = fn(torch.empty(0, dtype=self.weight.dtype, device=self.device))
@@ -104,6 +88,28 @@ class HostEmbedding(nn.Module):
             return
         with torch.no_grad():
             self.weight.copy_(value)
+
+
+class HostEmbedding(_HostTable):
+    """A frozen embedding whose table is in host memory; `forward` returns the looked-up rows on `device`.
+
+    Behaves like nn.Embedding for what transformers' decoders use: `embed(input_ids)`, `.weight` (the host
+    table: dtype, shape), `num_embeddings`, `embedding_dim`, `padding_idx`.
+    """
+
+    def __init__(self, weight: torch.Tensor, device: torch.device | str, padding_idx: int | None = None):
+        super().__init__(weight, device)
+        self.num_embeddings, self.embedding_dim = self.weight.shape
+        self.padding_idx = padding_idx
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.to("cpu").reshape(-1)
+        # The rows go to a pinned buffer when the result goes to a GPU, so the copy can be non_blocking; the
+        # caching host allocator keeps that buffer until the copy has read it.
+        rows = torch.empty((ids.numel(), self.embedding_dim), dtype=self.weight.dtype,
+                           pin_memory=self.device.type == "cuda")
+        torch.index_select(self.weight, 0, ids, out=rows)
+        return rows.view(*input_ids.shape, self.embedding_dim).to(self.device, non_blocking=True)
 
     def extra_repr(self) -> str:
         pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
@@ -169,34 +175,19 @@ def restore_embeddings(model: nn.Module) -> None:
     model.set_input_embeddings(embed)
 
 
-class HostHead(nn.Module):
+class HostHead(_HostTable):
     """A frozen, bias-free output projection (the LM head) whose weight is in host memory. The training loss
     (train/loss.decoder_loss_sum) copies the weight to the hidden states' device for the loss's forward and
     backward only: the copy is freed once the loss's backward has run, so the backward through the decoder layers,
     where a step's memory peaks, runs without it. `forward(x)` (for callers that want logits) does the same."""
 
-    weight: torch.Tensor
-
     def __init__(self, weight: torch.Tensor, device: torch.device | str):
-        super().__init__()
-        self.weight = _host_copy(weight.detach(), weight.dtype)  # a plain attribute, as HostEmbedding's table
-        self.device = torch.device(device)
+        super().__init__(weight, device)
         self.out_features, self.in_features = self.weight.shape
         self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight.to(x.device, non_blocking=True))
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> HostHead:
-        super()._apply(fn, recurse)
-        probe = fn(torch.empty(0, dtype=self.weight.dtype, device=self.device))
-        if probe.dtype != self.weight.dtype:
-            self.weight = _host_copy(self.weight, probe.dtype)
-        self.device = probe.device
-        return self
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, to={self.device}"
