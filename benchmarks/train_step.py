@@ -8,8 +8,9 @@ LoRA r=64 alpha=16 on all 7 linears, dropout 0.05, fp32 adapters under bf16 auto
 checkpointing, the fused block paths (model/fused_blocks.py) unless --no-fused, with `--keep` GiB of activations
 kept instead of recomputed (training.keep_activations_gib; each listed value is measured, 0 = recompute every
 layer), the fused linear + cross-entropy loss, the configured optimizer, clip 0.3 (none with host_adamw_32bit,
-which steps inside backward); random tokens, loss on every token, the same loop as ../shared/bench/peers.py.
-Peers run in their own processes afterwards (peers.py), so no memory of ours stays resident beside them.
+which steps inside backward); random tokens, loss on every token, the same loop as benchmarks/peers.py.
+Peers run in their own processes afterwards (benchmarks/peers.py, at the same rank and dropout), so no memory
+of ours stays resident beside them; they get the caller's allocator setting, not the one set here for ours.
 Memory: torch's peak allocated and the device-wide peak sampled through NVML every 5 ms. MFU counts the matmul work a LoRA step needs:
 forward + input gradient + checkpoint recompute of the frozen linears (6 N per token), the LM head
 (forward + input gradient + chunk recompute, 6 V H), and attention (~ 3 x 4 T H / 2 per layer, causal),
@@ -28,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 # As `qlorakit train` sets it (train/runtime.prefer_expandable_segments), before CUDA starts.
+USER_ALLOC_CONF = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")  # what the peers run with
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
@@ -162,10 +164,14 @@ def ours(args, peak_tflops: float) -> dict:
 def run_peers(args, peers: list[str], out: Path) -> dict:
     peer_out = out / "peers-raw"
     cmd = [sys.executable, args.peers_script, *peers, "--shape", args.shape, "--batches", args.batches,
-           "--steps", str(args.steps), "--out", str(peer_out)]
+           "--steps", str(args.steps), "--out", str(peer_out), "--rank", str(args.rank), "--dropout",
+           str(args.dropout)]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
-    subprocess.run(cmd, check=False)
+    env = dict(os.environ)
+    if USER_ALLOC_CONF is None:  # the peers with their default allocator, as their users run them
+        env.pop("PYTORCH_CUDA_ALLOC_CONF", None)
+    subprocess.run(cmd, check=False, env=env)
     path = peer_out / "peers.json"
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -239,7 +245,7 @@ def main() -> int:
                     help="run the peers first and plan ours as training.memory_budget_gib does, with the budget set "
                     "to PEER's torch peak at the (single) batch of --batches: the planner's keep / offload / "
                     "embeddings / head / stacked-dequant choices replace --keep, --offload and those flags")
-    ap.add_argument("--peers-script", default=".peers/peers.py")
+    ap.add_argument("--peers-script", default=str(Path(__file__).resolve().parent / "peers.py"))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
