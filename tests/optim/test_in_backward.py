@@ -56,13 +56,15 @@ def _train(net, opt, batches, dtype, accumulation, lrs):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("accumulation", [1, 3])
 @pytest.mark.parametrize("bucket_numel", [1, 1000, 2**22])  # a bucket per tensor, a few, one for all
-def test_same_training_as_fp32_adamw_after_backward(dtype, accumulation, bucket_numel):
+@pytest.mark.parametrize("staged", [False, True], ids=["in-place", "staged"])  # staged: the CUDA path's slots
+def test_same_training_as_fp32_adamw_after_backward(dtype, accumulation, bucket_numel, staged):
     lrs = [3e-3, 2e-3, 1e-3, 5e-4]
     batches = _batches(len(lrs) * accumulation, seed=1)
     ref_net, host_net = _net(0), _net(0)
     ref = AdamW(ref_net.parameters(), lr=1.0, weight_decay=0.01)
     host = HostAdamW(host_net.parameters(), lr=1.0, weight_decay=0.01, compute_dtype=dtype,
-                     accumulation=accumulation, bucket_numel=bucket_numel)
+                     accumulation=accumulation, bucket_numel=bucket_numel, staged=staged)
+    assert bool(host._slots) == staged
     assert all(p.dtype == dtype for p in host_net.parameters())
     assert _train(ref_net, ref, batches, dtype, accumulation, lrs) == \
         _train(host_net, host, batches, dtype, accumulation, lrs)
@@ -166,7 +168,7 @@ def test_factory_builds_it_and_the_estimator_counts_its_host_bytes():
 
 
 def test_buckets_follow_backward_order_and_cover_every_tensor_once():
-    from qlorakit.optim.in_backward import plan_buckets, staging_bytes
+    from qlorakit.optim.buckets import plan_buckets, staging_bytes
 
     numels = [100, 30, 500, 64, 7, 1000]
     buckets = plan_buckets(numels, bucket_numel=256)
@@ -177,3 +179,31 @@ def test_buckets_follow_backward_order_and_cover_every_tensor_once():
     assert buckets == [[5], [4, 3], [2], [1, 0]]
     assert staging_bytes(numels, 1, 256) == 2 * 3 * 1024 * 4
     assert staging_bytes(numels, 2, 256) == 2 * 4 * 1024 * 4
+
+
+def test_staged_slots_prefetch_the_next_bucket_and_survive_a_missing_gradient():
+    """The staged path (two slots, prefetch of the next bucket in backward's order, the first bucket prefetched at
+    the end of a step) with a parameter that gets no gradient in one step: its bucket steps partially in step(),
+    and the run still equals AdamW's, which skips that parameter too."""
+    lrs = [2e-3] * 4
+    batches = _batches(4, seed=11)
+    ref_net, host_net = _net(12), _net(12)
+    ref = AdamW(ref_net.parameters(), lr=1.0)
+    host = HostAdamW(host_net.parameters(), lr=1.0, compute_dtype=torch.float32, bucket_numel=700, staged=True)
+    assert len(host._buckets) > 2
+    for step, lr in enumerate(lrs):
+        for opt in (ref, host):
+            for g in opt.param_groups:
+                g["lr"] = lr
+        frozen = step == 1  # the first layer's bias gets no gradient in step 2
+        for net, opt in ((ref_net, ref), (host_net, host)):
+            net[0].bias.requires_grad_(not frozen)
+            x, y = batches[step]
+            _loss(net, x, y, torch.float32).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            net[0].bias.requires_grad_(True)
+        assert host._slots[0].owner == (0, True)  # the next step's first bucket is already staged
+    for p_ref, p in zip(ref_net.parameters(), host_net.parameters()):
+        assert torch.equal(host.master(p), p_ref.detach())
+    assert host.state[host_net[0].bias]["step"] == len(lrs) - 1

@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from ..config import QloraConfig
 from ..model.fused_blocks import keep_plan, layer_activation_bytes
 from ..optim.factory import OPTIMIZERS
-from ..optim.in_backward import host_bytes, staging_bytes
+from ..optim.buckets import host_bytes, staging_bytes
 from .shapes import DTYPE_BYTES, ModelShape, OptimizerBytes, dtype_bytes, optimizer_bytes
 
 GiB = 2**30

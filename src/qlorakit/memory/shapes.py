@@ -26,7 +26,7 @@ from ..model.lora_inject import select_targets
 from ..model.targets import TargetLinear, find_target_linears, load_causal_lm_config, meta_causal_lm
 from ..optim.adamw import AdamW
 from ..optim.factory import OPTIMIZERS
-from ..optim.in_backward import host_bytes, staging_bytes
+from ..optim.buckets import host_bytes, staging_bytes
 from ..optim.offload import plan_chunks
 from ..optim.storage import Slot
 from ..quant.blockwise import num_blocks

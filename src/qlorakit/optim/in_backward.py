@@ -37,6 +37,7 @@ full precision.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -45,51 +46,15 @@ from typing import Any
 import torch
 
 from .adamw import _backend
+from .buckets import BUCKET_NUMEL, _align, plan_buckets
+
+_BLOCK = 256  # the fused AdamW kernel's block for fp32 moments
 from .errors import OptimizerError
 from .reference import StepConstants, UpdateItem, adamw_update_32bit
 
 log = logging.getLogger("qlorakit.optim")
 
 _STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
-ALIGN = 64  # elements: each tensor's slice of the flat buffers starts 256-byte aligned
-BUCKET_NUMEL = 4 * 2**20  # elements per bucket (a Llama-2-70B layer's r=64 adapters are 10.4 M in 14 tensors)
-_BLOCK = 256  # the fused kernel's block for fp32 moments
-
-
-def _align(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def plan_buckets(numels: list[int], bucket_numel: int = BUCKET_NUMEL) -> list[list[int]]:
-    """Indices of the trainable tensors (in parameter order) grouped into buckets, in the order backward is
-    expected to finish them: from the last tensor to the first, a bucket closing before it would pass
-    `bucket_numel` aligned elements (a larger tensor gets a bucket of its own)."""
-    buckets: list[list[int]] = []
-    current: list[int] = []
-    size = 0
-    for i in reversed(range(len(numels))):
-        n = _align(numels[i])
-        if current and size + n > bucket_numel:
-            buckets.append(current)
-            current, size = [], 0
-        current.append(i)
-        size += n
-    if current:
-        buckets.append(current)
-    return buckets
-
-
-def host_bytes(numels: list[int], accumulation: int) -> int:
-    """Pinned host bytes of HostAdamW's flat buffers: master, two moments (and the gradient sum), aligned."""
-    return (4 if accumulation > 1 else 3) * 4 * sum(_align(n) for n in numels)
-
-
-def staging_bytes(numels: list[int], accumulation: int, bucket_numel: int = BUCKET_NUMEL) -> int:
-    """GPU bytes of the two staging slots HostAdamW allocates on CUDA for tensors of `numels` elements."""
-    span = max((sum(_align(numels[i]) for i in b) for b in plan_buckets(numels, bucket_numel)), default=0)
-    return 2 * (4 if accumulation > 1 else 3) * span * 4
 
 
 @dataclass
@@ -112,13 +77,30 @@ class _Slot:
     free: Any = None  # CUDA event: the last device-to-host copies out of the slot are done
 
 
+class _Inline:
+    """Stand-in for a CUDA stream or event where there is none: work runs in order, so every wait is a no-op.
+    It lets the staged path (slots, streams, prefetch) run on a CPU, where tests check its bookkeeping."""
+
+    def wait_stream(self, other: object) -> None:
+        pass
+
+    def wait_event(self, event: object) -> None:
+        pass
+
+    def record(self, stream: object = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
 class HostAdamW(torch.optim.Optimizer):
     """AdamW, fp32 master + moments in (pinned) host memory, stepping inside backward; see the module docstring."""
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, *,
                  compute_dtype: torch.dtype = torch.bfloat16, accumulation: int = 1,
-                 bucket_numel: int = BUCKET_NUMEL):
+                 bucket_numel: int = BUCKET_NUMEL, staged: bool | None = None):
         if not lr >= 0.0:
             raise OptimizerError(f"lr {lr!r} must be >= 0")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -139,6 +121,9 @@ class HostAdamW(torch.optim.Optimizer):
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         self.device = params[0].device
         self._cuda = self.device.type == "cuda"
+        # staged: states go through the two GPU slots on three streams (always on CUDA; on a CPU only when asked,
+        # with in-order stand-ins for the streams, so that the tests exercise the same bookkeeping)
+        self._staged = self._cuda if staged is None else (staged or self._cuda)
         self._keys = _STATE_KEYS + (("grad_sum",) if accumulation > 1 else ())
         plan = plan_buckets([p.numel() for p in params], bucket_numel)
         total = sum(_align(params[i].numel()) for b in plan for i in b)
@@ -160,11 +145,12 @@ class HostAdamW(torch.optim.Optimizer):
             start += at
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
         self._slots: list[_Slot] = []
-        if self._cuda:
+        if self._staged:
             span = max(b.span for b in self._buckets)
             self._slots = [_Slot(torch.empty((len(self._keys), span), dtype=torch.float32, device=self.device))
                            for _ in range(2)]
-            self._h2d, self._comp, self._d2h = (torch.cuda.Stream(self.device) for _ in range(3))
+            self._h2d, self._comp, self._d2h = (torch.cuda.Stream(self.device) if self._cuda else _Inline()
+                                                for _ in range(3))
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -184,7 +170,7 @@ class HostAdamW(torch.optim.Optimizer):
         if not 0 <= index < self.accumulation:
             raise OptimizerError(f"micro-batch {index} of a step of {self.accumulation}")
         self._micro = index
-        if self._cuda:  # the gradient sum the last micro-batch wrote back is read again
+        if self._staged:  # the gradient sum the last micro-batch wrote back is read again
             self._h2d.wait_stream(self._d2h)
 
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -203,28 +189,28 @@ class HostAdamW(torch.optim.Optimizer):
     def _run(self, b: _Bucket) -> None:
         """Update (or, before the last micro-batch, accumulate) the ready tensors of bucket b."""
         last = self._micro == self.accumulation - 1
-        if not self._cuda:
+        if not self._staged:
             self._compute(b, {k: self._host[k][b.start:b.start + b.span] for k in self._keys}, last)
             b.ready.clear()
             return
-        main = torch.cuda.current_stream(self.device)
         slot = self._stage(b, last)
-        self._comp.wait_stream(main)  # the gradients are complete
+        self._comp.wait_stream(self._current())  # the gradients are complete
         self._comp.wait_event(slot.loaded)
-        with torch.cuda.stream(self._comp):
+        with self._on(self._comp):
             rows = {k: slot.buf[i, :b.span] for i, k in enumerate(self._keys)}
             self._compute(b, rows, last)
-            done = torch.cuda.Event()
+            done = self._event()
             done.record(self._comp)
         self._d2h.wait_event(done)
-        with torch.cuda.stream(self._d2h):
+        with self._on(self._d2h):
             for i, k in enumerate(self._keys):
                 if (k == "grad_sum") != last:  # after the step the sum is spent; before it, only the sum changed
                     self._host[k][b.start:b.start + b.span].copy_(slot.buf[i, :b.span], non_blocking=True)
-            slot.free = torch.cuda.Event()
+            slot.free = self._event()
             slot.free.record(self._d2h)
-        for g in b.ready.values():
-            g.record_stream(self._comp)  # the allocator keeps each gradient until the update has read it
+        if self._cuda:
+            for g in b.ready.values():
+                g.record_stream(self._comp)  # the allocator keeps each gradient until the update has read it
         b.ready.clear()
         slot.owner = None
         if last and b.index + 1 < len(self._buckets):  # the next bucket backward finishes: its states now
@@ -238,12 +224,12 @@ class HostAdamW(torch.optim.Optimizer):
             return slot
         if slot.free is not None:
             self._h2d.wait_event(slot.free)
-        with torch.cuda.stream(self._h2d):
+        with self._on(self._h2d):
             for i, k in enumerate(self._keys):
                 wanted = states if k != "grad_sum" else self._micro > 0
                 if wanted:
                     slot.buf[i, :b.span].copy_(self._host[k][b.start:b.start + b.span], non_blocking=True)
-            slot.loaded = torch.cuda.Event()
+            slot.loaded = self._event()
             slot.loaded.record(self._h2d)
         slot.owner = (b.index, states)
         return slot
@@ -286,8 +272,17 @@ class HostAdamW(torch.optim.Optimizer):
         for p, m, *_ in items:
             p.copy_(m.view(p.shape))
 
+    def _current(self):
+        return torch.cuda.current_stream(self.device) if self._cuda else _Inline()
+
+    def _on(self, stream):
+        return torch.cuda.stream(stream) if self._cuda else contextlib.nullcontext()
+
+    def _event(self):
+        return torch.cuda.Event() if self._cuda else _Inline()
+
     def _synchronize(self) -> None:
-        if self._cuda:
+        if self._staged:
             self._comp.synchronize()
             self._d2h.synchronize()
 
@@ -304,8 +299,8 @@ class HostAdamW(torch.optim.Optimizer):
         for b in self._buckets:
             if b.ready:
                 self._run(b)
-        if self._cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self._comp)  # the next forward reads the updates
+        if self._staged:
+            self._current().wait_stream(self._comp)  # the next forward reads the updates
             self._h2d.wait_stream(self._d2h)  # the next step reads what this one wrote back
             if self.accumulation == 1:
                 self._stage(self._buckets[0], True)  # overlaps the next forward
