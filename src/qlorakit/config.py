@@ -109,7 +109,9 @@ class TrainingSection(_Section):
         None, gt=0, description="GPU memory (GiB, as NVML counts it) the run may use: before the model loads, "
         "the estimator (qlorakit estimate) picks gradient checkpointing, offloaded layer inputs and as many layers "
         "keeping their activations as fit, for the most speed within it; a budget nothing fits is refused with "
-        "what would fit. Unset: the config's own keep_activations_gib / offload_activations")
+        "what would fit. Unset on a GPU: the card's free memory less 5% and 0.5 GiB, unless the config sets any "
+        "key the planner would (keep_activations_gib, offload_activations, optimizer, batch_size, ...), which then "
+        "runs as written")
     offload_activations: bool = Field(
         False, description="with gradient_checkpointing: the input of every recomputed decoder layer waits for "
         "backward in pinned host memory instead of on the GPU (copied on a side stream, reloaded one layer ahead): "

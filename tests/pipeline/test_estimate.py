@@ -436,3 +436,35 @@ def test_the_planner_moves_states_and_splits_micro_batches_before_refusing(tmp_p
                                     "embeddings_on_host": True, "head_on_host": True, "stacked_dequant": False})
     chosen = plan(cfg, model_dir, estimate(two, model_dir).device_peak / 2**30 + 0.01)
     assert (chosen.config.training.batch_size, chosen.config.training.gradient_accumulation) == (2, 4)
+
+
+def test_a_gpu_run_without_a_budget_is_planned_for_the_free_memory_unless_it_sets_planned_keys(
+        tmp_path, monkeypatch, caplog):
+    """training.memory_budget_gib's default on a GPU: the card's free memory less 5% and 0.5 GiB (here a stand-in
+    for torch.cuda.mem_get_info; the planner reads config.json only). A config that sets a key the planner would
+    set runs as written; a card too small is refused before loading, naming its free memory."""
+    import torch
+
+    from qlorakit.errors import QloraConfigError
+    from qlorakit.memory.plan import default_budget_gib
+    from qlorakit.train.run import _plan_memory
+    from qlorakit.train.runtime import Runtime
+
+    assert default_budget_gib(10 * 2**30) == pytest.approx(10 * 0.95 - 0.5)
+    model_dir = _write_config(tmp_path / "m", **{**LLAMA3_8B, "num_hidden_layers": 8})
+    runtime = Runtime(torch.device("cuda"), torch.bfloat16, torch.float32)
+    free = {"bytes": 40 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 * 2**30))
+    caplog.set_level("INFO", logger="qlorakit")
+    plain = config_from_dict({"model": {"name": str(model_dir)}, "lora": {"rank": 64},
+                              "training": {"max_seq_length": 2048}})
+    planned, est = _plan_memory(plain, model_dir, runtime)
+    assert planned.training.keep_activations_gib > 0 and est.device_peak <= default_budget_gib(free["bytes"]) * 2**30
+    assert "the default budget: 40.00 GiB free on the GPU" in caplog.text
+    as_written = config_from_dict({"model": {"name": str(model_dir)}, "lora": {"rank": 64},
+                                   "training": {"max_seq_length": 2048, "keep_activations_gib": 0.0}})
+    assert _plan_memory(as_written, model_dir, runtime)[0] is as_written
+    free["bytes"] = 2 * 2**30
+    with pytest.raises(QloraConfigError, match="this GPU has 2.00 GiB free, so the run may use 1.40 GiB"):
+        _plan_memory(plain, model_dir, runtime)
+    assert _plan_memory(plain, model_dir, Runtime(torch.device("cpu"), torch.float32, torch.float32))[0] is plain

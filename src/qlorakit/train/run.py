@@ -208,17 +208,33 @@ def _embeddings_to_host(cfg: QloraConfig, model: nn.Module, runtime: Runtime) ->
                  host_embedding_bytes(model) / 2**30)
 
 
-def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime):
+def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime, several_ranks: bool = False):
     """Say the estimated peak; with training.memory_budget_gib, let the planner pick the activation plan (both
-    before the model loads; a budget that nothing fits is refused here). Returns (the config to run, the
-    estimate, or None where the estimator cannot read the architecture)."""
+    before the model loads; a budget that nothing fits is refused here). On a GPU, a single-process run whose
+    config names no budget and sets none of the planner's keys is planned for the card's free memory, less a
+    margin (ranks could see different free memory and choose different micro-batches, so several ranks run as
+    written). Returns (the config to run, the estimate, or None where the estimator cannot read the architecture)."""
     from ..memory import estimate, plan
+    from ..memory.plan import PLANNED_KEYS, default_budget_gib
 
     budget = cfg.training.memory_budget_gib
+    free = None
+    if (budget is None and runtime.device.type == "cuda" and not several_ranks
+            and not (cfg.training.model_fields_set & PLANNED_KEYS)):
+        free = torch.cuda.mem_get_info(runtime.device)[0]
+        budget = default_budget_gib(free)
     try:
         if budget is not None:
-            chosen = plan(cfg, model_dir, budget, cuda=runtime.device.type == "cuda")
-            log.info(chosen.line())
+            try:
+                chosen = plan(cfg, model_dir, budget, cuda=runtime.device.type == "cuda")
+            except QloraConfigError as err:
+                if free is None:
+                    raise
+                raise QloraConfigError(f"this GPU has {free / 2**30:.2f} GiB free, so the run may use "
+                                       f"{budget:.2f} GiB (training.memory_budget_gib's default): {err}") from None
+            log.info(chosen.line() + (f" (the default budget: {free / 2**30:.2f} GiB free on the GPU, less a "
+                                      "margin; set training.memory_budget_gib, or any of the planned keys, to "
+                                      "choose)" if free is not None else ""))
             return chosen.config, chosen.estimate
         est = estimate(cfg, model_dir)
     except QloraConfigError:
@@ -255,7 +271,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
 
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.revision)
     runtime = pick_runtime(cfg.quantization.compute_dtype, cfg.lora.adapter_dtype, device)
-    cfg, est = _plan_memory(cfg, model_dir, runtime)
+    cfg, est = _plan_memory(cfg, model_dir, runtime, several_ranks=dist.enabled)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     d = cfg.data
     if not dist.is_main:  # rank 0 tokenises and fills the cache; the others then read it
