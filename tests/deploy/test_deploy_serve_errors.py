@@ -111,3 +111,105 @@ def test_max_tokens_1_gives_one_token_and_null_fields_take_defaults(url):
     status, body = _post(url, {"model": "alpha", "prompt": "hi", "max_tokens": 1, "temperature": None,
                                "top_p": None})
     assert status == 200 and body["usage"]["completion_tokens"] <= 1
+
+
+def _raw(url: str, head: str, body: bytes = b"") -> tuple[int, dict]:
+    """Send a hand-made HTTP request (for headers urllib will not send) and read the status and JSON reply."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=20) as conn:
+        conn.sendall(f"POST {parts.path} HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body)
+        conn.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1])
+    return status, json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+
+def _chat(url: str, body: dict) -> tuple[int, dict]:
+    return _post(url.replace("/v1/completions", "/v1/chat/completions"), body)
+
+
+@pytest.mark.parametrize("messages,words", [
+    (["hi"], "messages[0] is a str; each message is an object"),
+    ([{"role": "user"}], "messages[0].content must be a string"),
+    ([{"role": "robot", "content": "hi"}], "messages[0].role 'robot': allowed system, user, assistant"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], "must end with a user message"),
+    ([], "'messages' must be a non-empty list"),
+], ids=["strings", "no-content", "bad-role", "ends-with-assistant", "empty"])
+def test_malformed_chat_messages_are_400s(url, messages, words):
+    status, body = _chat(url, {"model": "alpha", "messages": messages})
+    assert status == 400 and words in body["error"]["message"] and "\n" not in body["error"]["message"]
+
+
+def test_max_tokens_and_prompts_beyond_the_context_are_400s_at_once(url):
+    import time
+
+    t0 = time.perf_counter()
+    status, body = _post(url, {"model": "alpha", "prompt": "hi", "max_tokens": 10**9})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert "max_tokens 1000000000: the prompt (" in body["error"]["message"] and "128-token context" in \
+        body["error"]["message"]
+    status, body = _post(url, {"model": "alpha", "prompt": "hi " * 20000})  # far beyond 128 tokens
+    assert status == 400 and "the model's context is 128 tokens" in body["error"]["message"]
+    assert time.perf_counter() - t0 < 10  # refused before anything is decoded
+
+
+def test_bad_or_huge_content_lengths_are_4xx_not_a_hang(url):
+    status, body = _raw(url, "Content-Length: -1\r\n")
+    assert status == 400 and "Content-Length -1: allowed 0 to" in body["error"]["message"]
+    status, body = _raw(url, f"Content-Length: {10**12}\r\n")
+    assert status == 413 and body["error"]["code"] == "body_too_large"
+    status, body = _raw(url, "Content-Length: lots\r\n")
+    assert status == 411
+    status, body = _raw(url, "Content-Length: 3\r\n", b"{x}")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+
+
+def test_a_burst_of_200_requests_from_20_clients_all_get_answers(url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(i: int) -> int:
+        return _post(url, {"model": "alpha", "prompt": f"Say {i}.", "max_tokens": 1})[0]
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = list(pool.map(ask, range(200)))
+    assert statuses == [200] * 200
+
+
+def test_sigterm_lets_the_request_in_flight_finish(tiny_base, adapter):
+    """`qlorakit serve` in its own process: a request waiting in the decoding thread's batch window when SIGTERM
+    arrives still gets its reply, and the server then exits 0."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "qlorakit.cli", "serve", "--model", str(tiny_base), "--adapter",
+                             f"alpha={adapter}", "--port", "0", "--device", "cpu", "--batch-window-ms", "1500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r"http://[^:]+:(\d+)/v1", line).group(1))
+        got = {}
+
+        def ask() -> None:
+            got["reply"] = _post(f"http://127.0.0.1:{port}/v1/completions",
+                                 {"model": "alpha", "prompt": "hi", "max_tokens": 2})
+
+        client = threading.Thread(target=ask)
+        client.start()
+        time.sleep(0.5)  # the request now waits in the 1.5 s batch window
+        proc.send_signal(signal.SIGTERM)
+        client.join(30)
+        assert got["reply"][0] == 200 and got["reply"][1]["choices"][0]["text"] is not None
+        assert proc.wait(30) == 0
+        assert "SIGTERM: finishing the requests in flight" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -11,6 +11,8 @@ the requests: those that arrive within a few milliseconds of each other (batch_w
 the same sampling settings are decoded together in one batch, whatever adapters they name.
 `AdapterServer.generate_batch` does the same for a list of prompts from Python. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
 so that replies are reproducible; pass `temperature` to sample. Streaming (`stream: true`) is refused (400).
+What a request may hold is checked before it is queued (requests.py: 4xx with one line); SIGTERM stops accepting
+and lets the requests in flight finish.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterMismatchError, QlorakitError, ServeAddressError
+from .requests import MAX_BODY_BYTES, RequestError, check_fits, prompt_of, read_body, sampling_of
 
 log = logging.getLogger("qlorakit.infer")
 
@@ -121,6 +124,8 @@ class AdapterServer:
         self._build_bank(dev)
         self.lock = threading.Lock()
         self.max_batch, self.batch_window_s = max_batch, batch_window_ms / 1000.0
+        self.context: int | None = getattr(self.net.config, "max_position_embeddings", None)
+        self.max_body_bytes = MAX_BODY_BYTES
         self._jobs: queue.Queue = queue.Queue()
         self._queue_lock = threading.Lock()
         self._worker: threading.Thread | None = None
@@ -192,6 +197,7 @@ class AdapterServer:
         from .generate import prompt_ids
 
         ids = prompt_ids(self.tokenizer, prompt, use_chat_template=chat, history=history)
+        check_fits(len(ids), max_tokens, self.context)  # a 400 now, not an allocation for 10^9 tokens later
         return _Job(model, ids, max_tokens, temperature, top_p)
 
     def _serve_jobs(self) -> None:
@@ -279,12 +285,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}", "not_found")
             return
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError("the body must be a JSON object")
-        except ValueError as err:
-            self._error(HTTPStatus.BAD_REQUEST, f"invalid JSON body: {err}", "invalid_json")
-            return
+            self._complete(route)
+        except RequestError as err:
+            self._error(err.status, str(err), err.code)
+        except Exception as err:  # noqa: BLE001 - the client gets one line, the log the traceback
+            log.exception("qlorakit serve: %s failed", route)
+            first = (str(err).splitlines() or [type(err).__name__])[0]
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR,
+                       {"error": {"message": f"{type(err).__name__}: {first}", "type": "server_error",
+                                  "code": "internal_error"}})
+
+    def _complete(self, route: str) -> None:
+        body = read_body(self.headers, self.rfile, self.app.max_body_bytes)
         model = body.get("model")
         if model not in self.app.model_ids:
             self._error(HTTPStatus.NOT_FOUND, f"model {model!r} does not exist; served: "
@@ -294,12 +306,8 @@ class _Handler(BaseHTTPRequestHandler):
         if body.get("stream"):
             self._error(HTTPStatus.BAD_REQUEST, "stream=true is not supported; send stream=false", "unsupported")
             return
-        try:
-            prompt, history = _prompt_of(body, chat)
-            max_tokens, temperature, top_p = _sampling_of(body)
-        except (ValueError, TypeError, KeyError) as err:
-            self._error(HTTPStatus.BAD_REQUEST, str(err), "invalid_request")
-            return
+        prompt, history = prompt_of(body, chat)
+        max_tokens, temperature, top_p = sampling_of(body)
         text, n_prompt, n_reply = self.app.generate(model, prompt, chat_history=history, chat=chat,
                                                     max_tokens=max_tokens, temperature=temperature, top_p=top_p)
         finish = "length" if n_reply >= max_tokens else "stop"
@@ -318,32 +326,14 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
 
-def _prompt_of(body: dict[str, Any], chat: bool) -> tuple[str, list[dict[str, str]] | None]:
-    """(the last user text, the earlier messages) of a chat request, or (prompt, None) of a completion request."""
-    if not chat:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ValueError("'prompt' must be a string (one prompt per request)")
-        return prompt, None
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or messages[-1].get("role") != "user":
-        raise ValueError("'messages' must be a non-empty list ending with a user message")
-    history = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages[:-1]]
-    return str(messages[-1]["content"]), history
+class _Server(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a listen backlog for bursts (the default 5 reset connections when 20 clients
+    sent at once) and request threads that are joined, not killed, when the server closes: a SIGTERM lets the
+    requests in flight finish (serve_command)."""
 
-
-def _sampling_of(body: dict[str, Any]) -> tuple[int, float, float]:
-    """(max_tokens, temperature, top_p) of a request: max_tokens (or max_completion_tokens) an integer >= 1,
-    default 16; temperature finite and >= 0, default 0; 0 < top_p <= 1, default 1. ValueError naming the field."""
-    from .session import check_sampling
-
-    key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-    values = [body.get(name) for name in (key, "temperature", "top_p")]
-    max_tokens, temperature, top_p = (d if v is None else v for v, d in zip(values, (16, 0.0, 1.0)))
-    check_sampling(max_tokens, temperature, top_p, names=(key, "temperature", "top_p"))
-    return max_tokens, float(temperature), float(top_p)
+    request_queue_size = 1024
+    daemon_threads = False
+    block_on_close = True
 
 
 def bind_server(host: str, port: int) -> ThreadingHTTPServer:
@@ -353,7 +343,7 @@ def bind_server(host: str, port: int) -> ThreadingHTTPServer:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ServeAddressError(f"--port {port}: allowed 0 to 65535 (0: any free port)")
     try:
-        return ThreadingHTTPServer((host, port), _Handler)
+        return _Server((host, port), _Handler)
     except OSError as err:
         raise ServeAddressError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); choose "
                                 "another --port (0: any free port) or --host") from None
@@ -370,12 +360,20 @@ def make_server(app: AdapterServer, host: str = "127.0.0.1", port: int = 8000) -
 
 
 def serve_command(args) -> int:
+    import signal
+
     server = bind_server(args.host, args.port)
     try:
         app = AdapterServer(args.model, parse_adapter_specs(args.adapter or []), force=args.force,
                             device=args.device, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
         attach_app(server, app)
         host, port = server.server_address[:2]
+
+        def drain(signum, frame):  # stop accepting; server_close below waits for the requests in flight
+            log.warning("qlorakit serve: SIGTERM: finishing the requests in flight, then stopping")
+            threading.Thread(target=server.shutdown, daemon=True).start()
+
+        signal.signal(signal.SIGTERM, drain)
         print(f"qlorakit: serving {', '.join(app.model_ids)} on http://{host}:{port}/v1 (concurrent requests "
               f"decoded together, up to {app.max_batch} per batch)", flush=True)
         server.serve_forever()
