@@ -156,11 +156,12 @@ def prompt_ids(tokenizer, prompt: str, *, use_chat_template: bool = True,
 @torch.no_grad()
 def decode_rows(model: nn.Module, tokenizer, rows: list[list[int]], max_new_tokens: list[int], *,
                 temperature: float = 0.0, top_p: float = 1.0, repetition_penalty: float = 1.0,
-                seed: int | None = 0) -> list[list[int]]:
+                seed: int | None = 0, on_step=None) -> list[list[int]]:
     """Decode several prompts (token ids) together in one left-padded batch with the static decoder; each row
     stops at its own end-of-sequence token or its own max_new_tokens. Returns each row's new ids (EOS dropped).
     Greedy rows do not depend on the others (a repetition penalty counts only the row's own reply); sampled ones
-    draw from one generator for the whole batch."""
+    draw from one generator for the whole batch. `on_step(i, tokens)`, when given, sees each step's tokens (one
+    per row, on the CPU) as they are made (streaming); when it returns False, decoding stops there."""
     from .decode import decode_tokens
 
     eos = _eos_ids(model, tokenizer)
@@ -174,9 +175,13 @@ def decode_rows(model: nn.Module, tokenizer, rows: list[list[int]], max_new_toke
     was_training = model.training
     model.eval()
     try:
-        steps = list(decode_tokens(model, ids, mask, max_new_tokens=max(max_new_tokens), eos_ids=eos, pad_id=pad,
-                                   temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
-                                   seed=seed))
+        steps = []
+        for tok in decode_tokens(model, ids, mask, max_new_tokens=max(max_new_tokens), eos_ids=eos, pad_id=pad,
+                                 temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty,
+                                 seed=seed):
+            steps.append(tok)
+            if on_step is not None and on_step(len(steps) - 1, tok) is False:
+                break
     finally:
         model.train(was_training)
     out = []

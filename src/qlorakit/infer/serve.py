@@ -10,7 +10,8 @@ an adapter does not target get a zero update, so nothing is swapped between requ
 the requests: those that arrive within a few milliseconds of each other (batch_window_ms, up to max_batch) with
 the same sampling settings are decoded together in one batch, whatever adapters they name.
 `AdapterServer.generate_batch` does the same for a list of prompts from Python. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
-so that replies are reproducible; pass `temperature` to sample. Streaming (`stream: true`) is refused (400).
+so that replies are reproducible; pass `temperature` to sample. `stream: true` sends server-sent events in
+OpenAI's chunk format as tokens are made (streaming.py); a streaming client that goes away cancels its request.
 What a request may hold is checked before it is queued (requests.py: 4xx with one line); SIGTERM stops accepting
 and lets the requests in flight finish.
 """
@@ -30,54 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from ..errors import AdapterMismatchError, QlorakitError, ServeAddressError
+from ..errors import QlorakitError, ServeAddressError
 from .requests import MAX_BODY_BYTES, RequestError, check_fits, prompt_of, read_body, sampling_of
+from .served_adapters import AdapterWeights, _read_adapter_weights, parse_adapter_specs  # noqa: F401
+from .streaming import stream_reply
 
 log = logging.getLogger("qlorakit.infer")
 
 MAX_ROWS = 64  # rows of one batch (generate_batch); each may take its own adapter
-
-
-@dataclass
-class AdapterWeights:
-    """One adapter, ready to swap in: module path -> (lora_A [r, in], lora_B [out, r]) in the compute dtype."""
-
-    name: str
-    path: Path
-    scaling: float
-    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    config: dict[str, Any]  # its adapter_config.json
-    record: dict[str, Any]  # its qlorakit record ({} when saved without one)
-
-
-def parse_adapter_specs(specs: list[str]) -> dict[str, Path]:
-    """`NAME=DIR` strings -> {NAME: DIR}; QlorakitError for a malformed or repeated NAME."""
-    out: dict[str, Path] = {}
-    for spec in specs:
-        name, sep, folder = spec.partition("=")
-        if not sep or not name or not folder:
-            raise QlorakitError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter support=runs/support/adapter")
-        if name in out:
-            raise QlorakitError(f"--adapter {spec!r}: the name {name!r} is given twice")
-        out[name] = Path(folder)
-    return out
-
-
-def _read_adapter_weights(name: str, folder: Path, dtype: torch.dtype, fingerprint: str, force: bool
-                          ) -> AdapterWeights:
-    from ..adapters.peft_format import adapter_modules, read_adapter
-    from ..nn.lora import lora_scaling
-
-    config, tensors, record = read_adapter(folder)  # checked (keys, pairs, ranks against r) before the base loads
-    saved = record.get("base_fingerprint")
-    if saved and saved != fingerprint and not force:
-        raise AdapterMismatchError(f"{folder}: adapter {name!r} was trained on another base model (fingerprint "
-                                   f"{saved[:12]}, this base is {fingerprint[:12]}); use --force to serve it anyway")
-    scaling = lora_scaling(config["r"], float(config["lora_alpha"]), bool(config.get("use_rslora")))
-    modules = {module: (a.to(dtype), b.to(dtype)) for module, (a, b) in adapter_modules(tensors).items()}
-    return AdapterWeights(name, folder, scaling, modules, config, record)
 
 
 class AdapterServer:
@@ -182,16 +144,20 @@ class AdapterServer:
         """(reply text, prompt tokens, completion tokens) for `model` (an adapter name or the base name). Requests
         that arrive within `batch_window_s` of each other with the same sampling settings are decoded together,
         one row each, with their own adapters."""
-        job = self._job(model, prompt, chat_history, chat, max_tokens, temperature, top_p)
+        job = self.submit(self._job(model, prompt, chat_history, chat, max_tokens, temperature, top_p))
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def submit(self, job: _Job) -> _Job:
+        """Queue `job` for the decoding thread (started on first use); returns it."""
         with self._queue_lock:
             if self._worker is None:
                 self._worker = threading.Thread(target=self._serve_jobs, name="qlorakit-serve", daemon=True)
                 self._worker.start()
         self._jobs.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+        return job
 
     def _job(self, model, prompt, history, chat, max_tokens, temperature, top_p) -> _Job:
         from .generate import prompt_ids
@@ -226,14 +192,31 @@ class AdapterServer:
                 finally:
                     for job in jobs:
                         job.done.set()
+                        if job.stream is not None:
+                            job.stream.put(None)  # the end of the stream, whatever happened
 
     def _decode(self, jobs: list[_Job]) -> None:
-        from .generate import decode_rows
+        from .generate import _eos_ids, decode_rows
+
+        eos = set(_eos_ids(self.net, self.tokenizer))
+        finished = [False] * len(jobs)
+
+        def on_step(i: int, tokens: torch.Tensor) -> bool:
+            """Stream each row's new token to its request; stop early when every request has gone away."""
+            for row, job in enumerate(jobs):
+                if job.stream is None or finished[row] or i >= job.max_tokens:
+                    continue
+                t = int(tokens[row])
+                if t in eos:
+                    finished[row] = True
+                else:
+                    job.stream.put(t)
+            return not all(job.cancelled.is_set() for job in jobs)
 
         with self.lock:
             self.select([j.model for j in jobs])
             new = decode_rows(self.net, self.tokenizer, [j.ids for j in jobs], [j.max_tokens for j in jobs],
-                              temperature=jobs[0].temperature, top_p=jobs[0].top_p)
+                              temperature=jobs[0].temperature, top_p=jobs[0].top_p, on_step=on_step)
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
         for job, ids in zip(jobs, new):
@@ -252,6 +235,8 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: tuple[str, int, int] | None = None
     error: BaseException | None = None
+    stream: queue.Queue | None = None  # streaming: each new token id as it is made, then None
+    cancelled: threading.Event = field(default_factory=threading.Event)  # its client went away
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -303,11 +288,13 @@ class _Handler(BaseHTTPRequestHandler):
                         f"{', '.join(self.app.model_ids)}", "model_not_found")
             return
         chat = route == "/v1/chat/completions"
-        if body.get("stream"):
-            self._error(HTTPStatus.BAD_REQUEST, "stream=true is not supported; send stream=false", "unsupported")
-            return
         prompt, history = prompt_of(body, chat)
         max_tokens, temperature, top_p = sampling_of(body)
+        if body.get("stream"):
+            job = self.app._job(model, prompt, history, chat, max_tokens, temperature, top_p)
+            job.stream = queue.Queue()
+            stream_reply(self, self.app.submit(job), model, chat)
+            return
         text, n_prompt, n_reply = self.app.generate(model, prompt, chat_history=history, chat=chat,
                                                     max_tokens=max_tokens, temperature=temperature, top_p=top_p)
         finish = "length" if n_reply >= max_tokens else "stop"

@@ -1,0 +1,130 @@
+"""The official `openai` Python client against a local `qlorakit serve` on 127.0.0.1: chat, completion and
+streamed chat and completion, for two adapters and the base, each reply equal to `qlorakit generate`'s; the
+client's own errors for a bad request and an unknown model."""
+
+from __future__ import annotations
+
+import threading
+
+import openai
+import pytest
+
+from qlorakit import cli
+from qlorakit.infer.serve import AdapterServer, make_server
+
+PROMPT = "What is two plus two?"
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def client(tiny_base, adapter, adapter_b):
+    app = AdapterServer(str(tiny_base), {"alpha": adapter, "beta": adapter_b}, device="cpu", progress=False)
+    httpd = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="unused",
+                        max_retries=0, timeout=60)
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+def _generate(capsys, base, adapter_dir, chat: bool) -> str:
+    args = ["generate", "--model", str(base), "--prompt", PROMPT, "--max-new-tokens", str(MAX_TOKENS),
+            "--device", "cpu"]
+    if adapter_dir is not None:
+        args += ["--adapter", str(adapter_dir)]
+    if not chat:
+        args.append("--no-chat-template")
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    return capsys.readouterr().out.removesuffix("\n")
+
+
+def test_chat_completion_and_streams_equal_generate_for_adapters_and_base(client, tiny_base, adapter, adapter_b,
+                                                                          capsys):
+    for name, folder in (("alpha", adapter), ("beta", adapter_b), (str(tiny_base), None)):
+        want_chat = _generate(capsys, tiny_base, folder, chat=True)
+        want_text = _generate(capsys, tiny_base, folder, chat=False)
+        messages = [{"role": "user", "content": PROMPT}]
+        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=MAX_TOKENS)
+        assert reply.choices[0].message.content == want_chat and reply.model == name
+        assert reply.usage.completion_tokens <= MAX_TOKENS
+        pieces = [c.choices[0].delta.content or "" for c in
+                  client.chat.completions.create(model=name, messages=messages, max_tokens=MAX_TOKENS, stream=True)]
+        assert "".join(pieces) == want_chat
+        completion = client.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_TOKENS)
+        assert completion.choices[0].text == want_text
+        streamed = client.completions.create(model=name, prompt=PROMPT, max_tokens=MAX_TOKENS, stream=True)
+        chunks = list(streamed)
+        assert "".join(c.choices[0].text for c in chunks) == want_text
+        assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_stream_arrives_in_several_pieces_with_a_finish_reason(client):
+    chunks = list(client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": PROMPT}],
+                                                 max_tokens=MAX_TOKENS, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert sum(1 for c in chunks if c.choices[0].delta.content) >= 2  # token by token, not one block
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_client_sees_4xx_errors_with_their_one_line(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="alpha", prompt="hi", temperature=-1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="alpha", prompt="hi", max_tokens=10**6)
+
+
+def test_a_stream_whose_client_went_away_stops_decoding(tiny_base, adapter, monkeypatch):
+    """A failed write (the client closed the connection) cancels the request; the decoding thread stops at the
+    next step once no request of its batch is left, instead of decoding all max_tokens. Each decoding step is
+    slowed to 20 ms here, so the cancellation reliably lands long before the last of 80 steps."""
+    import queue
+    import time
+
+    from qlorakit.infer import decode
+    from qlorakit.infer.streaming import stream_reply
+
+    real = decode.decode_tokens
+
+    def slow(*args, **kwargs):
+        for tok in real(*args, **kwargs):
+            time.sleep(0.02)
+            yield tok
+
+    monkeypatch.setattr(decode, "decode_tokens", slow)
+
+    app = AdapterServer(str(tiny_base), {"alpha": adapter}, device="cpu", progress=False)
+
+    class GoneAfterTwoWrites:
+        def __init__(self):
+            self.writes = 0
+
+        def write(self, data: bytes) -> None:
+            self.writes += 1
+            if self.writes > 2:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+    class Handler:  # what stream_reply uses of a BaseHTTPRequestHandler
+        def __init__(self):
+            self.app, self.wfile, self.close_connection = app, GoneAfterTwoWrites(), False
+
+        def send_response(self, code): pass
+        def send_header(self, key, value): pass
+        def end_headers(self): pass
+
+    full = app._job("alpha", "Count to a hundred.", None, False, 80, 0.0, 1.0)
+    app._decode([full])
+    assert full.result[2] > 20  # uncancelled, this prompt decodes a long reply
+    job = app._job("alpha", "Count to a hundred.", None, False, 80, 0.0, 1.0)
+    job.stream = queue.Queue()
+    stream_reply(Handler(), app.submit(job), "alpha", chat=False)
+    assert job.cancelled.is_set()
+    job.done.wait(30)
+    assert job.result[2] < full.result[2]  # decoding stopped early
