@@ -128,3 +128,31 @@ def test_a_stream_whose_client_went_away_stops_decoding(tiny_base, adapter, monk
     assert job.cancelled.is_set()
     job.done.wait(30)
     assert job.result[2] < full.result[2]  # decoding stopped early
+
+
+def test_a_short_request_behind_a_long_one_finishes_first(tiny_base, adapter, monkeypatch):
+    """The decoding thread works in rounds of ROUND_TOKENS tokens and takes in new requests before each round: a
+    2-token request sent while a 100-token one is decoding joins it at the next round and is answered long before
+    the long one ends (decoding steps slowed to 20 ms, so the order does not depend on this machine's speed)."""
+    import time
+
+    from qlorakit.infer import decode
+
+    real = decode.decode_tokens
+
+    def slow(*args, **kwargs):
+        for tok in real(*args, **kwargs):
+            time.sleep(0.02)
+            yield tok
+
+    monkeypatch.setattr(decode, "decode_tokens", slow)
+    app = AdapterServer(str(tiny_base), {"alpha": adapter}, device="cpu", progress=False, batch_window_ms=0)
+    long = app.submit(app._job("alpha", "Count to a hundred.", None, False, 100, 0.0, 1.0))
+    time.sleep(0.1)
+    short = app.submit(app._job("alpha", "Hi", None, False, 2, 0.0, 1.0))
+    assert short.done.wait(30) and short.error is None
+    assert not long.done.is_set()  # the long one is still decoding
+    assert long.done.wait(60) and long.error is None and long.result[2] > 16  # it ran over several rounds
+    alone = app._job("alpha", "Hi", None, False, 2, 0.0, 1.0)
+    app._decode([alone])
+    assert short.result == alone.result  # joining a round changed nothing in the short reply

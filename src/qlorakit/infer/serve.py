@@ -8,7 +8,9 @@ The base is loaded once; every module that any adapter targets gets one LoraLine
 tensors stacked (nn.lora.AdapterBankSlot); each row of a batch takes the adapter its request named, and modules
 an adapter does not target get a zero update, so nothing is swapped between requests. One decoding thread takes
 the requests: those that arrive within a few milliseconds of each other (batch_window_ms, up to max_batch) with
-the same sampling settings are decoded together in one batch, whatever adapters they name.
+the same sampling settings are decoded together in one batch, whatever adapters they name, in rounds of
+ROUND_TOKENS tokens; requests that arrive meanwhile join at the next round (continuing rows are prefilled again
+from their prompt and reply so far).
 `AdapterServer.generate_batch` does the same for a list of prompts from Python. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
 so that replies are reproducible; pass `temperature` to sample. `stream: true` sends server-sent events in
 OpenAI's chunk format as tokens are made (streaming.py); a streaming client that goes away cancels its request.
@@ -40,6 +42,7 @@ from .streaming import stream_reply
 log = logging.getLogger("qlorakit.infer")
 
 MAX_ROWS = 64  # rows of one batch (generate_batch); each may take its own adapter
+ROUND_TOKENS = 16  # tokens per decoding round; requests that arrived meanwhile join the next round
 
 
 class AdapterServer:
@@ -167,60 +170,80 @@ class AdapterServer:
         return _Job(model, ids, max_tokens, temperature, top_p)
 
     def _serve_jobs(self) -> None:
-        """The decoding thread: take the next request, wait up to batch_window_s for more (at most max_batch),
-        decode each group of equal sampling settings as one batch."""
+        """The decoding thread. With nothing in progress it takes the next request and waits up to batch_window_s
+        for more (at most max_batch); then it decodes in rounds of ROUND_TOKENS tokens, each group of equal sampling
+        settings as one batch, and before every round takes in whatever arrived meanwhile: a short request that
+        comes behind a long one joins at the next round instead of waiting for the long one to end."""
+        active: list[_Job] = []
         while True:
-            batch = [self._jobs.get()]
-            deadline = time.monotonic() + self.batch_window_s
-            while len(batch) < self.max_batch:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
+            if not active:
+                active = [self._jobs.get()]
+                deadline = time.monotonic() + self.batch_window_s
+                while len(active) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    try:
+                        active.append(self._jobs.get(timeout=left))
+                    except queue.Empty:
+                        break
+            while len(active) < self.max_batch:
                 try:
-                    batch.append(self._jobs.get(timeout=left))
+                    active.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
             groups: dict[tuple[float, float], list[_Job]] = {}
-            for job in batch:
+            for job in active:
                 groups.setdefault((job.temperature, job.top_p), []).append(job)
             for jobs in groups.values():
                 try:
-                    self._decode(jobs)
+                    self._round(jobs)
                 except BaseException as err:  # noqa: BLE001 - each waiting request gets the error
                     for job in jobs:
-                        job.error = err
-                finally:
-                    for job in jobs:
-                        job.done.set()
-                        if job.stream is not None:
-                            job.stream.put(None)  # the end of the stream, whatever happened
+                        job.error, job.finished = err, True
+            for job in active:
+                if job.finished:
+                    job.done.set()
+                    if job.stream is not None:
+                        job.stream.put(None)  # the end of the stream, whatever happened
+            active = [job for job in active if not job.finished]
 
     def _decode(self, jobs: list[_Job]) -> None:
+        """Decode `jobs` to the end in this thread (round after round); each job's `result` is then set."""
+        while not all(job.finished for job in jobs):
+            self._round([job for job in jobs if not job.finished])
+
+    def _round(self, jobs: list[_Job]) -> None:
+        """Up to ROUND_TOKENS more tokens of each job, in one batch: a continuing job's prompt is its prompt and
+        its reply so far (prefilled again). A job ends at its end-of-sequence token, its max_tokens, or when its
+        streaming client went away."""
         from .generate import _eos_ids, decode_rows
 
         eos = set(_eos_ids(self.net, self.tokenizer))
-        finished = [False] * len(jobs)
+        limits = [min(ROUND_TOKENS, job.max_tokens - len(job.generated)) for job in jobs]
+        ended = [False] * len(jobs)
 
         def on_step(i: int, tokens: torch.Tensor) -> bool:
             """Stream each row's new token to its request; stop early when every request has gone away."""
             for row, job in enumerate(jobs):
-                if job.stream is None or finished[row] or i >= job.max_tokens:
+                if job.stream is None or ended[row] or i >= limits[row]:
                     continue
                 t = int(tokens[row])
                 if t in eos:
-                    finished[row] = True
+                    ended[row] = True
                 else:
                     job.stream.put(t)
             return not all(job.cancelled.is_set() for job in jobs)
 
         with self.lock:
             self.select([j.model for j in jobs])
-            new = decode_rows(self.net, self.tokenizer, [j.ids for j in jobs], [j.max_tokens for j in jobs],
+            new = decode_rows(self.net, self.tokenizer, [j.ids + j.generated for j in jobs], limits,
                               temperature=jobs[0].temperature, top_p=jobs[0].top_p, on_step=on_step)
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
-        for job, ids in zip(jobs, new):
-            job.result = (self.tokenizer.decode(ids, skip_special_tokens=True), len(job.ids), len(ids))
+        for job, ids, limit in zip(jobs, new, limits):
+            job.generated += ids
+            if len(ids) < limit or len(job.generated) >= job.max_tokens or job.cancelled.is_set():
+                job.finished = True
+                job.result = (self.tokenizer.decode(job.generated, skip_special_tokens=True), len(job.ids),
+                              len(job.generated))
 
 
 @dataclass
@@ -237,6 +260,8 @@ class _Job:
     error: BaseException | None = None
     stream: queue.Queue | None = None  # streaming: each new token id as it is made, then None
     cancelled: threading.Event = field(default_factory=threading.Event)  # its client went away
+    generated: list[int] = field(default_factory=list)  # the reply's token ids so far (rounds of ROUND_TOKENS)
+    finished: bool = False
 
 
 class _Handler(BaseHTTPRequestHandler):
