@@ -168,15 +168,19 @@ def test_bad_or_huge_content_lengths_are_4xx_not_a_hang(url):
     assert status == 400 and body["error"]["code"] == "invalid_json"
 
 
-def test_a_burst_of_200_requests_from_20_clients_all_get_answers(url):
+def test_a_burst_of_200_requests_from_20_clients_all_get_answers_with_memory_bounded(url):
+    import resource
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(i: int) -> int:
         return _post(url, {"model": "alpha", "prompt": f"Say {i}.", "max_tokens": 1})[0]
 
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     with ThreadPoolExecutor(max_workers=20) as pool:
         statuses = list(pool.map(ask, range(200)))
     assert statuses == [200] * 200
+    grew_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grew_mib < 256, f"the process's peak RSS grew by {grew_mib:.0f} MiB over 200 small requests"
 
 
 def test_sigterm_lets_the_request_in_flight_finish(tiny_base, adapter):
