@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -65,3 +67,37 @@ def peft_logits(base_dir: Path, adapter_dir: Path) -> torch.Tensor:
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     return logits(PeftModel.from_pretrained(base, str(adapter_dir)))
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """`app` (an AdapterServer) served on 127.0.0.1 at a free port in a thread; yields the base URL."""
+    import threading
+
+    from qlorakit.infer.serve import make_server
+
+    httpd = make_server(app, "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+
+
+def slow_decoding(monkeypatch, seconds: float = 0.02) -> None:
+    """Make every decoding step take at least `seconds`, so tests of scheduling do not depend on machine speed."""
+    import time
+
+    from qlorakit.infer import decode
+
+    real = decode.decode_tokens
+
+    def slow(*args, **kwargs):
+        for tok in real(*args, **kwargs):
+            time.sleep(seconds)
+            yield tok
+
+    monkeypatch.setattr(decode, "decode_tokens", slow)

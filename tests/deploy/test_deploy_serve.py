@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy_helpers import serving
+
 from qlorakit import cli
 from qlorakit.errors import QlorakitError
 from qlorakit.infer.serve import AdapterServer, make_server, parse_adapter_specs
@@ -23,13 +25,8 @@ MAX_TOKENS = 6
 @pytest.fixture(scope="module")
 def server(tiny_base, adapter, adapter_b):
     app = AdapterServer(str(tiny_base), {"alpha": adapter, "beta": adapter_b}, device="cpu", progress=False)
-    httpd = make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", str(tiny_base)
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield url, str(tiny_base)
 
 
 def _call(url: str, body: dict | None = None) -> tuple[int, dict]:

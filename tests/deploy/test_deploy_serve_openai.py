@@ -4,13 +4,12 @@ client's own errors for a bad request and an unknown model."""
 
 from __future__ import annotations
 
-import threading
-
 import openai
 import pytest
+from deploy_helpers import serving, slow_decoding
 
 from qlorakit import cli
-from qlorakit.infer.serve import AdapterServer, make_server
+from qlorakit.infer.serve import AdapterServer
 
 PROMPT = "What is two plus two?"
 MAX_TOKENS = 6
@@ -19,14 +18,8 @@ MAX_TOKENS = 6
 @pytest.fixture(scope="module")
 def client(tiny_base, adapter, adapter_b):
     app = AdapterServer(str(tiny_base), {"alpha": adapter, "beta": adapter_b}, device="cpu", progress=False)
-    httpd = make_server(app, "127.0.0.1", 0)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{httpd.server_address[1]}/v1", api_key="unused",
-                        max_retries=0, timeout=60)
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def _generate(capsys, base, adapter_dir, chat: bool) -> str:
@@ -83,19 +76,10 @@ def test_a_stream_whose_client_went_away_stops_decoding(tiny_base, adapter, monk
     next step once no request of its batch is left, instead of decoding all max_tokens. Each decoding step is
     slowed to 20 ms here, so the cancellation reliably lands long before the last of 80 steps."""
     import queue
-    import time
 
-    from qlorakit.infer import decode
     from qlorakit.infer.streaming import stream_reply
 
-    real = decode.decode_tokens
-
-    def slow(*args, **kwargs):
-        for tok in real(*args, **kwargs):
-            time.sleep(0.02)
-            yield tok
-
-    monkeypatch.setattr(decode, "decode_tokens", slow)
+    slow_decoding(monkeypatch)
 
     app = AdapterServer(str(tiny_base), {"alpha": adapter}, device="cpu", progress=False)
 
@@ -136,16 +120,7 @@ def test_a_short_request_behind_a_long_one_finishes_first(tiny_base, adapter, mo
     the long one ends (decoding steps slowed to 20 ms, so the order does not depend on this machine's speed)."""
     import time
 
-    from qlorakit.infer import decode
-
-    real = decode.decode_tokens
-
-    def slow(*args, **kwargs):
-        for tok in real(*args, **kwargs):
-            time.sleep(0.02)
-            yield tok
-
-    monkeypatch.setattr(decode, "decode_tokens", slow)
+    slow_decoding(monkeypatch)
     app = AdapterServer(str(tiny_base), {"alpha": adapter}, device="cpu", progress=False, batch_window_ms=0)
     long = app.submit(app._job("alpha", "Count to a hundred.", None, False, 100, 0.0, 1.0))
     time.sleep(0.1)
