@@ -207,3 +207,29 @@ def test_staged_slots_prefetch_the_next_bucket_and_survive_a_missing_gradient():
     for p_ref, p in zip(ref_net.parameters(), host_net.parameters()):
         assert torch.equal(host.master(p), p_ref.detach())
     assert host.state[host_net[0].bias]["step"] == len(lrs) - 1
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["in-place", "staged"])
+def test_accumulation_with_tensors_missing_a_gradient_in_some_micro_batches(staged):
+    """With accumulation, a tensor's sum counts only the micro-batches that gave it a gradient, and a tensor whose
+    gradient came in an earlier micro-batch but not the last one still steps in step(): as .grad accumulates."""
+    batches = _batches(6, seed=13)
+    ref_net, host_net = _net(14), _net(14)
+    ref = AdamW(ref_net.parameters(), lr=2e-3)
+    host = HostAdamW(host_net.parameters(), lr=2e-3, compute_dtype=torch.float32, accumulation=2, bucket_numel=700,
+                     staged=staged)
+    for step in range(3):
+        for net, opt in ((ref_net, ref), (host_net, host)):
+            for i in range(2):
+                frozen = net[4].bias if i == 0 else net[0].bias  # no gradient for one tensor in each micro-batch
+                frozen.requires_grad_(False)
+                if hasattr(opt, "begin_micro_batch"):
+                    opt.begin_micro_batch(i)
+                x, y = batches[2 * step + i]
+                (_loss(net, x, y, torch.float32) / 2).backward()
+                frozen.requires_grad_(True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p_ref, p in zip(ref_net.parameters(), host_net.parameters()):
+        assert torch.equal(host.master(p), p_ref.detach())
+        assert host.state[p]["step"] == ref.state[p_ref]["step"] == 3

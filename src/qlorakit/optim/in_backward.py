@@ -111,6 +111,7 @@ class HostAdamW(torch.optim.Optimizer):
         self.accumulation = accumulation
         self._micro = 0
         self._stepped = 0  # tensors stepped since the last step(): a step is half applied while > 0
+        self._summed: set[int] = set()  # ids of tensors whose gradient sum holds this step's earlier micro-batches
         self._kernel_cache: dict = {}
         params = [p for g in self.param_groups for p in g["params"]]
         if not params:
@@ -159,7 +160,7 @@ class HostAdamW(torch.optim.Optimizer):
         n = p.numel()
         views = {k: self._host[k][at:at + n].view(p.shape) for k in self._keys}
         views["master"].copy_(p.detach())
-        self.state[p] = {"step": 0, **views}
+        self.state[p] = {"step": 0, "step_taken": False, **views}
         with torch.no_grad():
             p.data = p.data.to(compute_dtype)
 
@@ -169,6 +170,9 @@ class HostAdamW(torch.optim.Optimizer):
         """Say that micro-batch `index` (0-based, of `accumulation`) of this step comes next."""
         if not 0 <= index < self.accumulation:
             raise OptimizerError(f"micro-batch {index} of a step of {self.accumulation}")
+        for b in self._buckets:  # buckets left incomplete by the micro-batch before (a tensor got no gradient)
+            if b.ready:
+                self._run(b)
         self._micro = index
         if self._staged:  # the gradient sum the last micro-batch wrote back is read again
             self._h2d.wait_stream(self._d2h)
@@ -244,13 +248,17 @@ class HostAdamW(torch.optim.Optimizer):
             n = p.numel()
             g = grad.reshape(-1)
             if self.accumulation > 1:
+                # a tensor's first gradient of this step starts its sum (whichever micro-batch brings it), so a
+                # tensor without a gradient in some micro-batches sums only those it had, as .grad would
                 total = rows["grad_sum"][off:off + n]
-                total.copy_(g) if self._micro == 0 else total.add_(g)
+                total.add_(g) if id(p) in self._summed else total.copy_(g)
+                self._summed.add(id(p))
                 if not last:
                     continue
                 g = total
             st = self.state[p]
             st["step"] += 1
+            st["step_taken"] = True
             self._stepped += 1
             group = self._group_of[id(p)]
             key = (id(group), st["step"])
@@ -296,6 +304,12 @@ class HostAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     self._on_grad(p)
+        if self._summed:  # gradients summed in earlier micro-batches of tensors that got none in the last one
+            self._micro = self.accumulation - 1
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if id(p) in self._summed and self.state[p]["step_taken"] is False:
+                        self._bucket_of[id(p)].ready.setdefault(id(p), torch.zeros_like(p))
         for b in self._buckets:
             if b.ready:
                 self._run(b)
@@ -306,6 +320,9 @@ class HostAdamW(torch.optim.Optimizer):
                 self._stage(self._buckets[0], True)  # overlaps the next forward
         self._micro = 0
         self._stepped = 0
+        self._summed.clear()
+        for st in self.state.values():
+            st["step_taken"] = False
         return loss
 
     @property
