@@ -3,6 +3,11 @@ pinned buffers, two GPU staging slots. The estimator (memory/) reads the sizes f
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
 ALIGN = 64  # elements: each tensor's slice of the flat buffers starts 256-byte aligned
 BUCKET_NUMEL = 4 * 2**20  # elements per bucket (a Llama-2-70B layer's r=64 adapters are 10.4 M in 14 tensors)
 
@@ -39,3 +44,23 @@ def staging_bytes(numels: list[int], accumulation: int, bucket_numel: int = BUCK
     """GPU bytes of the two staging slots HostAdamW allocates on CUDA for tensors of `numels` elements."""
     span = max((sum(_align(numels[i]) for i in b) for b in plan_buckets(numels, bucket_numel)), default=0)
     return 2 * (4 if accumulation > 1 else 3) * span * 4
+
+
+@dataclass
+class _Bucket:
+    index: int
+    params: list[torch.Tensor]
+    offsets: list[int]  # each tensor's start, relative to the bucket's start in the flat buffers
+    start: int
+    span: int
+    ready: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> its gradient, until the update
+
+
+@dataclass
+class _Slot:
+    """A GPU staging buffer: rows master, exp_avg, exp_avg_sq (and the gradient sum) of one bucket."""
+
+    buf: torch.Tensor
+    owner: tuple[int, bool] | None = None  # (bucket index, states loaded) now in the slot
+    loaded: Any = None  # CUDA event: the slot's host-to-device copies are done
+    free: Any = None  # CUDA event: the last device-to-host copies out of the slot are done

@@ -40,13 +40,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .adamw import _backend
-from .buckets import BUCKET_NUMEL, _align, plan_buckets
+from .buckets import BUCKET_NUMEL, _align, _Bucket, _Slot, plan_buckets
 
 _BLOCK = 256  # the fused AdamW kernel's block for fp32 moments
 from .errors import OptimizerError
@@ -55,26 +54,6 @@ from .reference import StepConstants, UpdateItem, adamw_update_32bit
 log = logging.getLogger("qlorakit.optim")
 
 _STATE_KEYS = ("master", "exp_avg", "exp_avg_sq")
-
-
-@dataclass
-class _Bucket:
-    index: int
-    params: list[torch.Tensor]
-    offsets: list[int]  # each tensor's start, relative to the bucket's start in the flat buffers
-    start: int
-    span: int
-    ready: dict[int, torch.Tensor] = field(default_factory=dict)  # id(param) -> its gradient, until the update
-
-
-@dataclass
-class _Slot:
-    """A GPU staging buffer: rows master, exp_avg, exp_avg_sq (and the gradient sum) of one bucket."""
-
-    buf: torch.Tensor
-    owner: tuple[int, bool] | None = None  # (bucket index, states loaded) now in the slot
-    loaded: Any = None  # CUDA event: the slot's host-to-device copies are done
-    free: Any = None  # CUDA event: the last device-to-host copies out of the slot are done
 
 
 class _Inline:
