@@ -222,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="POST /v1/completions and /v1/chat/completions, GET /v1/models. The request's `model` picks an "
         "adapter by NAME, or the base by its --model value. The base is loaded once with every adapter held at "
         "once; requests that arrive together (within --batch-window-ms, up to --max-batch) are decoded in one "
-        "batch, each row with its own adapter. Greedy unless `temperature` > 0.",
+        "batch, each row with its own adapter, and later ones join it every 16 tokens. Greedy unless `temperature` "
+        "> 0; `stream: true` sends server-sent events. Requests beyond the model's context or 1 MiB are refused "
+        "with a 4xx; SIGTERM finishes the requests in flight.",
     )
     s.add_argument("--model", default="default",
                    help="base model: a local folder, a hub id in the local cache, or 'default' (SmolLM2-135M-Instruct)")

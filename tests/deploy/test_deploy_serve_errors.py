@@ -184,8 +184,9 @@ def test_a_burst_of_200_requests_from_20_clients_all_get_answers_with_memory_bou
 
 
 def test_sigterm_lets_the_request_in_flight_finish(tiny_base, adapter):
-    """`qlorakit serve` in its own process: a request waiting in the decoding thread's batch window when SIGTERM
-    arrives still gets its reply, and the server then exits 0."""
+    """`qlorakit serve` in its own process: a request waiting in the decoding thread's batch window (4 s, so the
+    request is surely queued when SIGTERM comes 1 s after it was sent) still gets its reply, and the server then
+    exits 0."""
     import os
     import re
     import signal
@@ -194,7 +195,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_base, adapter):
     import time
 
     proc = subprocess.Popen([sys.executable, "-m", "qlorakit.cli", "serve", "--model", str(tiny_base), "--adapter",
-                             f"alpha={adapter}", "--port", "0", "--device", "cpu", "--batch-window-ms", "1500"],
+                             f"alpha={adapter}", "--port", "0", "--device", "cpu", "--batch-window-ms", "4000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     try:
@@ -208,7 +209,7 @@ def test_sigterm_lets_the_request_in_flight_finish(tiny_base, adapter):
 
         client = threading.Thread(target=ask)
         client.start()
-        time.sleep(0.5)  # the request now waits in the 1.5 s batch window
+        time.sleep(1.0)  # the request now waits in the 4 s batch window
         proc.send_signal(signal.SIGTERM)
         client.join(30)
         assert got["reply"][0] == 200 and got["reply"][1]["choices"][0]["text"] is not None

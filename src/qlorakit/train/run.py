@@ -16,11 +16,11 @@ from torch import nn
 from ..atomic import write_text
 from ..config import QloraConfig, dump_config
 from ..errors import CheckpointWriteError, QloraConfigError, QlorakitError
+from ..model.build import load_tokenizer, resolve_model_dir
 from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, planned_steps, train_loop
 from .run_state import OutputLock, examples_fingerprint, plan_resume
-from ..model.build import load_tokenizer, resolve_model_dir  # noqa: F401 - resolve_model_dir re-exported
 from .runtime import DTYPES, Runtime, pick_runtime, seed_everything
 
 log = logging.getLogger("qlorakit.train")
@@ -127,11 +127,10 @@ def run_training(cfg: QloraConfig, *, progress: bool = True, stop_after_steps: i
         return _run_training(cfg, dist, progress=progress and dist.is_main, stop_after_steps=stop_after_steps,
                              device=device, before_training=before_training)
     finally:
-        set_backend(previous_backend)  # process-wide settings go back as they were
-        if not cfg.training.stacked_dequant:
-            from ..kernels import set_workspace_limit
+        from ..kernels import set_workspace_limit
 
-            set_workspace_limit(None)
+        set_backend(previous_backend)  # process-wide settings go back as they were (the workspace cap may have
+        set_workspace_limit(None)  # been set by the memory plan, not the config)
         shutdown(dist)
 
 
