@@ -1,7 +1,8 @@
 """GPU check of activation offloading (model/offload.py): a few decoder layers of the Llama-3-8B shape in NF4
 with LoRA r=64 on all linears (dropout 0.05), one training step under bf16 autocast with every layer's
-activations kept, recomputed (checkpointing) and recomputed from an input offloaded to pinned host memory. The
-loss and every LoRA gradient must be bit-identical across the three; then each is timed (median of steps) with
+activations kept, recomputed (checkpointing), recomputed from an input offloaded to pinned host memory, and
+kept in pinned host memory (model/offload_saved.py, training.host_activations_gib). The loss and every LoRA
+gradient must be bit-identical across the four; then each is timed (median of steps) with
 torch's peak memory, and the offload's host-link traffic per step is reported.
 
     python3 benchmarks/offload_check.py [--out DIR] [--layers 8] [--batches 1x2048,4x2048] [--steps 6]
@@ -43,10 +44,15 @@ def build(layers: int, rank: int, seed: int = 0):
 def set_mode(model, mode: str):
     from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading
 
+    from qlorakit.model.offload_saved import host_saved_activations
+
     stop_offloading(model)
     layers = decoder_layers(model)
     for layer in layers:
-        layer.gradient_checkpointing = mode != "keep"
+        layer.gradient_checkpointing = mode not in ("keep", "hosted")
+        layer.mlp.keep_gate_up = mode != "hosted"  # as the plan hosts them (training.host_activations_gib)
+    if mode == "hosted":
+        return host_saved_activations(model, list(range(len(layers))))
     return offload_layer_inputs(model, list(range(len(layers)))) if mode == "offload" else None
 
 
@@ -98,7 +104,7 @@ def check(args) -> int:
         batch = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids),
                  "position_ids": torch.arange(T, device="cuda").expand(B, T)}
         grads, row = {}, {}
-        for mode in ("keep", "keep again", "recompute", "offload"):
+        for mode in ("keep", "keep again", "recompute", "offload", "hosted"):
             offload = set_mode(model, mode.split()[0])
             loss = step(model, batch, seed=5)
             grads[mode] = (loss, {n: p.grad.clone() for n, p in params.items()})
@@ -117,7 +123,11 @@ def check(args) -> int:
             med = sorted(times[1:])[len(times[1:]) // 2]
             row[mode] = {"step_ms": round(med * 1e3, 2), "tok_per_s": round(B * T / med, 1),
                          "torch_peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 3)}
-            if offload is not None:
+            if mode == "hosted":
+                row[mode]["host_bytes_each_way"] = offload.moved_bytes
+                row[mode]["tensors_left_on_gpu"] = offload.stayed
+                row[mode]["host_GBps_needed"] = round(offload.moved_bytes / med / 1e9, 2)
+            elif offload is not None:
                 moved = B * T * H * 2 * (args.layers - 1)
                 row[mode]["host_bytes_each_way"] = moved
                 row[mode]["host_GBps_needed"] = round(moved / med / 1e9, 2)
@@ -125,7 +135,8 @@ def check(args) -> int:
         # keep against keep again: whether the kernels are deterministic at all (a first run without
         # use_deterministic_algorithms saw a step differ from the same step by 0.06); each pair is reported.
         pairs = [("offload", "recompute"), ("recompute", "keep again"), ("offload", "keep again"),
-                 ("keep again", "keep"), ("recompute", "keep"), ("offload", "keep")]
+                 ("keep again", "keep"), ("recompute", "keep"), ("offload", "keep"), ("hosted", "keep"),
+                 ("hosted", "recompute")]
         for mode, other in pairs:
             (loss, got), (ref_loss, ref) = grads[mode], grads[other]
             same = bool(torch.equal(loss, ref_loss)) and all(torch.equal(got[n], ref[n]) for n in ref)
@@ -143,7 +154,7 @@ def check(args) -> int:
     (out / "offload_check.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"\n{'batch':12s} {'mode':10s} {'ms/step':>9s} {'tok/s':>9s} {'torch GiB':>10s}")
     for key, row in results.items():
-        for mode in ("keep", "recompute", "offload"):
+        for mode in ("keep", "recompute", "offload", "hosted"):
             r = row[mode]
             print(f"{key:12s} {mode:10s} {r['step_ms']:9.1f} {r['tok_per_s']:9.0f} {r['torch_peak_GiB']:10.3f}")
         print(f"{key:12s} offload saves {row['offload_saves_GiB']:.3f} GiB at "

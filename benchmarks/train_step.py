@@ -116,16 +116,22 @@ def ours(args, peak_tflops: float) -> dict:
     runs = [(bt, g, off) for bt in args.batches.split(",") for g in keep.get(bt, [0.0])
             for off in {"": (False,), "both": (False, True), "only": (True,)}[args.offload]]
     from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading
+    from qlorakit.model import offload_saved
+    from qlorakit.model.offload_saved import host_saved_activations
+
+    if args.hosted_lag is not None:
+        offload_saved.IN_FLIGHT_LAYERS = args.hosted_lag
 
     for bt, keep_gib, offload in runs:
         B, T = (int(v) for v in bt.split("x"))
         stop_offloading(model)
-        plan = keep_activations(model, B * T, int(keep_gib * 2**30))
-        if keep_gib:
-            print(plan.line(B * T, keep_gib), flush=True)
+        plan = keep_activations(model, B * T, int(keep_gib * 2**30), int(args.host_activations * 2**30))
+        if keep_gib or args.host_activations:
+            print(plan.line(B * T, keep_gib, args.host_activations), flush=True)
+        hosted = host_saved_activations(model, list(plan.hosted_indices))  # training.host_activations_gib
         if offload:  # the recomputed layers' inputs wait in pinned host memory (training.offload_activations)
             offload_layer_inputs(model, [i for i, layer in enumerate(decoder_layers(model))
-                                         if layer.gradient_checkpointing])
+                                         if layer.gradient_checkpointing and i not in plan.hosted_indices])
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -148,10 +154,14 @@ def ours(args, peak_tflops: float) -> dict:
         step = sorted(times[3:])[len(times[3:]) // 2]
         tok_s = B * T / step
         flops_tok = 6 * n_lin + 6 * V * H + 3 * 2 * T * H * n_layers
-        key = f"B{B}xT{T}" + (f"-keep{keep_gib:g}" if keep_gib else "") + ("-offload" if offload else "")
+        key = f"B{B}xT{T}" + (f"-keep{keep_gib:g}" if keep_gib else "") + \
+            (f"-host{args.host_activations:g}" if plan.hosted else "") + ("-offload" if offload else "")
         res[key] = dict(step_s=round(step, 4), tok_per_s=round(tok_s, 1), keep_activations_gib=keep_gib,
-                        offload_activations=offload,
-                        kept_layers=plan.kept, kept_gate_up=plan.with_gate_up,
+                        offload_activations=offload, host_activations_gib=args.host_activations,
+                        kept_layers=plan.kept, kept_gate_up=plan.with_gate_up, hosted_layers=plan.hosted,
+                        hosted_moved_GiB=round(hosted.moved_bytes / 2**30, 3) if hosted else 0.0,
+                        hosted_lag=offload_saved.IN_FLIGHT_LAYERS,
+                        hosted_stayed_tensors=hosted.stayed if hosted else 0,
                                  torch_peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                                  nvml_peak_GiB=round(nv.peak / 2**30, 2), loss=round(float(loss_sum) / n, 3),
                                  mfu=round(flops_tok * tok_s / (peak_tflops * 1e12), 3))
@@ -212,6 +222,7 @@ def plan_from_peer(args, peers: dict) -> dict:
     chosen = plan.config.training
     args.keep = f"{args.batches}={chosen.keep_activations_gib}"
     args.offload = "only" if chosen.offload_activations else ""
+    args.host_activations = chosen.host_activations_gib
     args.embeddings_on_host = chosen.embeddings_on_host
     args.head_on_host = chosen.head_on_host
     args.unstacked_dequant = not chosen.stacked_dequant
@@ -236,6 +247,11 @@ def main() -> int:
     ap.add_argument("--offload", nargs="?", const="both", default="", choices=("both", "only"),
                     help="measure every run also (both) or only with the recomputed layers' inputs offloaded to "
                     "pinned host memory (training.offload_activations)")
+    ap.add_argument("--host-activations", type=float, default=0.0, metavar="GIB",
+                    help="training.host_activations_gib: GiB of activations of the layers below the kept ones that "
+                    "wait in pinned host memory instead of being recomputed")
+    ap.add_argument("--hosted-lag", type=int, default=None, metavar="N",
+                    help="model/offload_saved.IN_FLIGHT_LAYERS for this run (an experiment; default: as shipped)")
     ap.add_argument("--embeddings-on-host", action="store_true", help="training.embeddings_on_host")
     ap.add_argument("--head-on-host", action="store_true", help="training.head_on_host")
     ap.add_argument("--unstacked-dequant", action="store_true", help="training.stacked_dequant false: Q/K/V and "
@@ -243,8 +259,8 @@ def main() -> int:
     ap.add_argument("--peers", default="", help="comma-separated peers.py peers to run after ours")
     ap.add_argument("--budget-from-peer", default="", metavar="PEER",
                     help="run the peers first and plan ours as training.memory_budget_gib does, with the budget set "
-                    "to PEER's torch peak at the (single) batch of --batches: the planner's keep / offload / "
-                    "embeddings / head / stacked-dequant choices replace --keep, --offload and those flags")
+                    "to PEER's torch peak at the (single) batch of --batches: the planner's keep / host / "
+                    "offload / embeddings / head / stacked-dequant choices replace --keep, --offload and those flags")
     ap.add_argument("--peers-script", default=str(Path(__file__).resolve().parent / "peers.py"))
     args = ap.parse_args()
     out = Path(args.out)

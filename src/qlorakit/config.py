@@ -105,6 +105,12 @@ class TrainingSection(_Section):
         0.0, ge=0.0, description="with gradient_checkpointing: GiB of a micro-batch's activations (at batch_size x "
         "max_seq_length tokens) that fused Llama layers may keep for backward instead of recomputing them; the last "
         "layers that fit are not recomputed (faster), the rest are. 0 recomputes every layer (least memory)")
+    host_activations_gib: float = Field(
+        0.0, ge=0.0, description="with gradient_checkpointing: GiB of a micro-batch's activations that the fused "
+        "Llama layers right below those keep_activations_gib keeps may hold in pinned host memory instead of "
+        "being recomputed: each such layer's saved tensors are copied out on a side stream during forward and "
+        "brought back one layer ahead in backward (the same gradients as keeping them; the bytes cross the host "
+        "link twice per step, so it pays while the link keeps up with the compute); CUDA only")
     memory_budget_gib: float | None = Field(
         None, gt=0, description="GPU memory (GiB, as NVML counts it) the run may use: before the model loads, "
         "the estimator (qlorakit estimate) picks gradient checkpointing, offloaded layer inputs and as many layers "
@@ -159,6 +165,9 @@ class TrainingSection(_Section):
             raise ValueError(f"optimizer host_adamw_32bit steps each adapter inside backward, before the norm of all "
                              f"gradients exists, so it cannot clip by it: set max_grad_norm: null (it is "
                              f"{self.max_grad_norm:g}) or pick another optimizer")
+        if self.host_activations_gib > 0 and not self.gradient_checkpointing:
+            raise ValueError("host_activations_gib needs gradient_checkpointing: true (without checkpointing every "
+                             "layer keeps all its activations on the GPU); drop one of them")
         if self.offload_activations and not self.gradient_checkpointing:
             raise ValueError("offload_activations needs gradient_checkpointing: true (it moves what checkpointing "
                              "keeps, the layer inputs); drop one of them")

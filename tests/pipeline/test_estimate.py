@@ -5,6 +5,7 @@ advice; mistakes are one line."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -21,6 +22,13 @@ from qlorakit.model.lora_inject import inject_lora
 from qlorakit.nn.linear4bit import Linear4bit
 from qlorakit.nn.lora import LoraLinear
 from qlorakit.optim import OPTIMIZERS, build_optimizer
+
+
+@pytest.fixture(autouse=True)
+def _no_host_memory_to_pin(monkeypatch):
+    """These plans are made with no host memory to keep activations in (training.host_activations_gib stays 0),
+    so they do not depend on the machine; test_estimate_hosted.py plans with it."""
+    monkeypatch.setattr(importlib.import_module("qlorakit.memory.plan"), "host_available_bytes", lambda: 0)
 
 
 def _cfg(model_dir, **sections) -> object:

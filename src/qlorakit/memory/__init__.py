@@ -24,9 +24,11 @@ def estimate(cfg: QloraConfig, model_dir: str | Path) -> Estimate:
     return estimate_shape(cfg, ModelShape(model_dir))
 
 
-def plan(cfg: QloraConfig, model_dir: str | Path, budget_gib: float, cuda: bool = True) -> MemoryPlan:
-    """The activation plan (checkpointing, offloaded inputs, kept layers) that fits `budget_gib` GiB fastest."""
-    return plan_memory(cfg, ModelShape(model_dir), budget_gib, cuda)
+def plan(cfg: QloraConfig, model_dir: str | Path, budget_gib: float, cuda: bool = True,
+         host_free: int | None = None) -> MemoryPlan:
+    """The activation plan (checkpointing, kept / hosted / recomputed layers, offloaded inputs, host tables)
+    that fits `budget_gib` GiB fastest; `host_free`: host memory it may pin from (default: what is available)."""
+    return plan_memory(cfg, ModelShape(model_dir), budget_gib, cuda, host_free)
 
 
 def suggest(cfg: QloraConfig, model_dir: str | Path, budget_gib: float) -> Fit:

@@ -17,6 +17,10 @@ Activations (formulas, not measurements of this config):
   - with gradient checkpointing, each recomputed layer keeps its input, T x hidden x d; the layers that
     training.keep_activations_gib keeps (how many: fused_blocks.keep_plan, as the run plans it) keep all of
     their activations; without checkpointing every layer keeps all of its activations;
+  - the fused layers below those that training.host_activations_gib holds (fused_blocks.keep_plan) keep their
+    activations, without the gate/up output, in pinned host memory (model/offload_saved.py): on the GPU they
+    leave only their saved tensors under offload_saved.MIN_BYTES, and backward holds two such layers' worth
+    (the one being differentiated, the next one reloaded); none is recomputed;
   - a layer's activations: fused Llama layers, model/fused_blocks.layer_activation_bytes (with the gate/up
     output unless the plan drops it) plus o_proj's input, a contiguous copy of the attention output, d x hidden
     per token (found with saved-tensor hooks; layer_activation_bytes leaves it out); other layers (transformers'
@@ -59,14 +63,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..config import QloraConfig
-from ..model.fused_blocks import keep_plan, layer_activation_bytes
+from .activations import LOSS_CHUNK_ROWS, Activations, activations
 from ..optim.factory import OPTIMIZERS
 from ..optim.buckets import host_bytes, staging_bytes
 from .shapes import DTYPE_BYTES, ModelShape, OptimizerBytes, dtype_bytes, optimizer_bytes
 
 GiB = 2**30
-# train/loss.py FUSED_CHUNK_TOKENS (a test holds them equal): the fused loss's rows per chunk of logits.
-LOSS_CHUNK_ROWS = 2048
 # device_peak = torch_peak x (1 + ALLOCATOR_MARGIN) + CUDA_CONTEXT_BYTES + paged states, the whole card as NVML
 # shows it, for training's allocator setting (expandable segments, train/runtime.prefer_expandable_segments).
 # Fitted to benchmarks/results/memory_estimate-llama3-8b-h100-expandable.json (H100, torch 2.11, CUDA 13; 21 rows,
@@ -165,71 +167,6 @@ class Estimate:
         lines += [f"{m.label:<{w}}{m.weights / GiB:>7.2f}{m.grads_and_states / GiB:>17.2f}"
                   f"{m.torch_peak / GiB:>12.2f}{m.device_peak / GiB:>13.2f}" for m in self.comparisons]
         return "\n".join(lines + [""] + [f"note: {n}" for n in self.notes])
-
-
-@dataclass(frozen=True)
-class Activations:
-    saved: int  # all layers' saved activations at the end of the forward pass
-    saved_first: int  # the first layer's share (what is left when backward reaches it)
-    mask: int
-    working_set: int
-    loss: int
-    what: str
-    host: int = 0  # offloaded layer inputs in pinned host memory (training.offload_activations)
-
-
-def _unfused_layer_bytes(shape: ModelShape, tokens: int, d: int) -> int:
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    h, inter = shape.hidden, shape.intermediate
-    return tokens * (d * (5 * h + q + 2 * kv + 4 * inter) + 8 * h + 4 * shape.heads)
-
-
-def activations(shape: ModelShape, cfg: QloraConfig, adapted: list[str]) -> Activations:
-    t, d = cfg.training, dtype_bytes(cfg.quantization.compute_dtype)
-    batch, seq = t.batch_size, t.max_seq_length
-    tokens, h, layers = batch * seq, shape.hidden, shape.num_layers
-    fused = shape.fusable_layers(adapted)["layer"] if t.fused_blocks and cfg.quantization.load_in_4bit else 0
-    small, large = layer_activation_bytes(shape.config, tokens, d) if fused else (0, 0)
-    # Saved beside what layer_activation_bytes counts (measured with saved_tensors_hooks): o_proj's input, a
-    # contiguous copy of the attention output, and each adapted linear's x A^T [T, r].
-    beyond = tokens * d * (h + cfg.lora.rank * len(adapted) // max(1, layers))
-    unfused = _unfused_layer_bytes(shape, tokens, d) + beyond - tokens * d * h
-    scores = batch * shape.heads * seq * seq if cfg.model.attn_implementation == "eager" else 0
-    eager = scores * (4 + d)  # fp32 softmax output and its compute-dtype copy, saved per layer
-    full = {"fused": large + beyond + eager, "unfused": unfused + eager}
-    kinds = ["unfused"] * (layers - fused) + ["fused"] * fused  # keep_activations keeps the last fused layers
-    if t.gradient_checkpointing:
-        plan = keep_plan(layers, fused, small, large, int(t.keep_activations_gib * GiB)) if fused else None
-        kept = plan.kept if plan else 0
-        inputs = tokens * h * d
-        recomputed = layers - kept
-        # offload_activations: the recomputed layers' inputs wait in pinned host memory, but the highest one's
-        # (model/offload.py); in backward the next one is reloaded while the current one is differentiated.
-        offloaded = max(0, recomputed - 1) if t.offload_activations else 0
-        saved = (plan.bytes + kept * (beyond + eager) if plan else 0) + (recomputed - offloaded) * inputs
-        gate_up_recomputed = (large - small) if plan and plan.with_gate_up < kept else 0
-        rebuild = max([full[k] for k in set(kinds[:recomputed])] + [gate_up_recomputed])
-        # the prefetched input of the next layer down, and (measured, benchmarks/results/memory_estimate-llama3-8b-
-        # h100.json: the offload rows exceed the recompute rows by 3 layer inputs at T = 8192 and 32768, not 1)
-        # the reloaded input and its gradient while the layer's backward runs
-        rebuild += 3 * inputs if offloaded else 0
-        saved_first = inputs if recomputed else full[kinds[0]]
-        what = f"{recomputed} recomputed layers' inputs" + (f" ({offloaded} in host memory)" if offloaded else "") \
-            + (f", {kept} kept layers" if kept else "")
-        host = offloaded * inputs
-    else:
-        saved = sum(full[k] for k in kinds)
-        rebuild, saved_first, host = 0, full[kinds[0]] if kinds else 0, 0
-        what = f"all {layers} layers (no checkpointing)"
-    # The MLP backward holds four T x intermediate tensors at once, not three (measured: the recompute rows of
-    # memory_estimate-llama3-8b-h100.json were short by T x intermediate x d at T = 8192 and 32768)
-    working = rebuild + tokens * d * (4 * shape.intermediate + 3 * h) + 2 * scores * d
-    packed_mask = cfg.data.packing and cfg.model.attn_implementation != "flash_attention_2"
-    mask = batch * seq * seq * d if packed_mask else 0
-    chunk = min(batch * (seq - 1), LOSS_CHUNK_ROWS)
-    loss = chunk * shape.vocab * d + chunk * 4 + 5 * tokens * h * d
-    kind = f"{fused} fused" if fused == layers else (f"{fused} fused, {layers - fused} unfused" if fused else "unfused")
-    return Activations(saved, saved_first, mask, working, loss, f"{what}; {kind} layers", host)
 
 
 def _peaks(static: int, grads: int, act: Activations, accumulation: int, layers: int,
@@ -361,7 +298,7 @@ def _host(shape: ModelShape, opt: OptimizerBytes, act: Activations, embed_host: 
     if head_host:
         out.append(Component("lm_head", "LM head, pinned (on the GPU for the loss)", head_host, "host"))
     if act.host:
-        out.append(Component("offloaded_activations", "offloaded layer inputs, pinned", act.host, "host"))
+        out.append(Component("offloaded_activations", "activations in pinned host memory", act.host, "host"))
     if opt.pinned:
         out.append(Component("optimizer_states_pinned", "optimizer states, pinned (offloaded)", opt.pinned, "host"))
     if opt.managed:

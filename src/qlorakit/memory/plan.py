@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 from ..config import QloraConfig
 from ..errors import QloraConfigError
+from ..model.fused_blocks import layer_activation_bytes
 from .estimate import GiB, Estimate, estimate_shape
-from .shapes import ModelShape
+from .shapes import ModelShape, dtype_bytes
 from .suggest import _apply, suggest_shape
 
 # The same AdamW with its states in pinned host memory, streamed through the GPU for the update: the planner's
@@ -32,10 +33,12 @@ _PINNED = {"paged_adamw_32bit": "offload_adamw_32bit", "adamw_32bit": "offload_a
 # 0.5 GiB for what the estimate leaves out (it was within 2% of torch's peak and 10% of NVML's on the H100 grid).
 FREE_MARGIN = 0.05
 FREE_MARGIN_BYTES = 512 * 2**20
+# The share of the host's available memory the plan may pin for activations (training.host_activations_gib).
+HOST_SHARE = 0.5
 # The keys the planner sets: a config that sets any of them itself is run as written, not planned by default.
-PLANNED_KEYS = frozenset({"keep_activations_gib", "offload_activations", "gradient_checkpointing",
-                          "embeddings_on_host", "head_on_host", "stacked_dequant", "optimizer", "batch_size",
-                          "gradient_accumulation"})
+PLANNED_KEYS = frozenset({"keep_activations_gib", "host_activations_gib", "offload_activations",
+                          "gradient_checkpointing", "embeddings_on_host", "head_on_host", "stacked_dequant",
+                          "optimizer", "batch_size", "gradient_accumulation"})
 
 
 def default_budget_gib(free_bytes: int) -> float:
@@ -60,26 +63,72 @@ class MemoryPlan:
                 f"`qlorakit estimate` shows the breakdown)")
 
 
-def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bool) -> MemoryPlan:
+def host_available_bytes() -> int:
+    """The host memory the kernel says is available (MemAvailable), or 0 where it cannot be read."""
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _hostable_gib(cfg: QloraConfig, shape: ModelShape, lean: dict, host_free: int) -> float:
+    """training.host_activations_gib for as many fused layers as HOST_SHARE of the available host memory holds
+    beside what the plan already puts there (every fused layer at most); 0 when none fit."""
+    every = estimate_shape(_apply(cfg, {**lean, "training.host_activations_gib": 4096.0}), shape)
+    hosted = next((c.nbytes for c in every.host if c.key == "offloaded_activations"), 0)
+    others = sum(c.nbytes for c in every.host if c.key not in ("offloaded_activations", "loading"))
+    fused = shape.fusable_layers(shape.adapted(cfg.lora.target_modules))["layer"]
+    if hosted <= 0 or not fused:
+        return 0.0
+    fit = min(fused, int((HOST_SHARE * host_free - others) // (hosted / fused)))
+    t = cfg.training
+    small = layer_activation_bytes(shape.config, t.batch_size * t.max_seq_length,
+                                   dtype_bytes(cfg.quantization.compute_dtype))[0]
+    return round((fit * small + small // 2) / GiB, 6) if fit > 0 else 0.0
+
+
+def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bool,
+                host_free: int | None = None) -> MemoryPlan:
     """The plan for `cfg` within `budget_gib` GiB (device peak); QloraConfigError, with what would fit, when
-    nothing that keeps the result does."""
+    nothing that keeps the result does. `host_free`: host memory available for pinned activations (default:
+    MemAvailable)."""
     budget = budget_gib * GiB
-    lean = {"training.gradient_checkpointing": True, "training.keep_activations_gib": 0.0}
+    lean = {"training.gradient_checkpointing": True, "training.keep_activations_gib": 0.0,
+            "training.host_activations_gib": 0.0}
     if cuda:
         lean["training.offload_activations"] = True
 
-    def peak(keep_gib: float) -> int:
-        return estimate_shape(_apply(cfg, {**lean, "training.keep_activations_gib": keep_gib}), shape).device_peak
+    def peak_of(changes: dict) -> int:
+        return estimate_shape(_apply(cfg, changes), shape).device_peak
 
-    if peak(0.0) > budget and cuda:  # then also the tables that change no number: embeddings and the workspace
-        lean["training.stacked_dequant"] = False
-        if shape.movable_embedding_bytes(2):
-            lean["training.embeddings_on_host"] = True
-    if peak(0.0) > budget and cuda and shape.movable_head_bytes(2):  # costs a copy of the head per micro-batch
-        lean["training.head_on_host"] = True
-    name = cfg.training.optimizer
-    if peak(0.0) > budget and cuda and name in _PINNED:  # the same AdamW, its states in pinned host memory
-        lean["training.optimizer"] = _PINNED[name]
+    def peak(keep_gib: float) -> int:
+        return peak_of({**lean, "training.keep_activations_gib": keep_gib})
+
+    def lean_tables(base: dict) -> dict:
+        """`base` with the placements that change no number added while the lean peak is over the budget."""
+        lean = dict(base)
+        if not cuda:
+            return lean
+        over = lambda: estimate_shape(_apply(cfg, lean), shape).device_peak > budget  # noqa: E731
+        if over():  # the tables: embeddings and the workspace
+            lean["training.stacked_dequant"] = False
+            if shape.movable_embedding_bytes(2):
+                lean["training.embeddings_on_host"] = True
+        if over() and shape.movable_head_bytes(2):  # costs a copy of the head per micro-batch
+            lean["training.head_on_host"] = True
+        if over() and cfg.training.optimizer in _PINNED:  # the same AdamW, its states in pinned host memory
+            lean["training.optimizer"] = _PINNED[cfg.training.optimizer]
+        return lean
+
+    # Layers kept in host memory run nearly as fast as kept ones (the copies overlap the compute) and far faster
+    # than recomputed ones: worth moving the tables for. Without room for them, the layers are recomputed.
+    host_gib = _hostable_gib(cfg, shape, lean, host_available_bytes() if host_free is None else host_free) \
+        if cuda else 0.0
+    hosted = lean_tables({**lean, "training.host_activations_gib": host_gib}) if host_gib else None
+    lean = hosted if hosted is not None and peak_of(hosted) <= budget else lean_tables(lean)
     b, acc = cfg.training.batch_size, cfg.training.gradient_accumulation
     while peak(0.0) > budget and b > 1:  # smaller micro-batches, more of them: the same effective batch
         b = max(d for d in range(1, b) if cfg.training.batch_size % d == 0)

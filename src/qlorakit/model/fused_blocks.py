@@ -272,32 +272,43 @@ def layer_activation_bytes(config, tokens: int, dtype_bytes: int = 2) -> tuple[i
 
 @dataclass
 class KeepPlan:
-    kept: int  # layers whose activations are kept (not recomputed in backward)
+    kept: int  # layers whose activations are kept on the GPU (not recomputed in backward)
     with_gate_up: int  # of those, layers that keep the MLP's gate/up output too
     layers: int
     bytes: int
+    hosted: int = 0  # layers below the kept ones whose activations wait in pinned host memory (no gate/up output)
+    host_bytes: int = 0
+    hosted_indices: tuple[int, ...] = ()  # their indices in the decoder (keep_activations fills it)
 
-    def line(self, tokens: int, budget_gib: float) -> str:
+    def line(self, tokens: int, budget_gib: float, host_gib: float = 0.0) -> str:
+        host = (f", {self.hosted} keep theirs in pinned host memory (about {self.host_bytes / 2**30:.1f} GiB, "
+                f"training.host_activations_gib={host_gib:g})") if self.hosted or host_gib else ""
         return (f"qlorakit: activations: {self.kept} of {self.layers} layers keep theirs for backward "
-                f"({self.with_gate_up} with the MLP's gate/up output), {self.layers - self.kept} are recomputed; "
-                f"about {self.bytes / 2**30:.1f} GiB at {tokens} tokens per micro-batch "
-                f"(training.keep_activations_gib={budget_gib:g})")
+                f"({self.with_gate_up} with the MLP's gate/up output){host}, "
+                f"{self.layers - self.kept - self.hosted} are recomputed; about {self.bytes / 2**30:.1f} GiB on the "
+                f"GPU at {tokens} tokens per micro-batch (training.keep_activations_gib={budget_gib:g})")
 
 
-def keep_plan(layers: int, fused_layers: int, small: int, large: int, budget_bytes: int) -> KeepPlan:
-    """How many of `fused_layers` (of `layers`) keep their activations within `budget_bytes`, given the bytes one
-    layer keeps without and with its MLP's gate/up output (layer_activation_bytes). Pure arithmetic: the memory
-    estimator (qlorakit.memory) plans with it exactly as keep_activations does."""
+def keep_plan(layers: int, fused_layers: int, small: int, large: int, budget_bytes: int,
+              host_budget_bytes: int = 0) -> KeepPlan:
+    """How many of `fused_layers` (of `layers`) keep their activations within `budget_bytes` on the GPU, and how
+    many of the rest within `host_budget_bytes` in host memory, given the bytes one layer keeps without and with
+    its MLP's gate/up output (layer_activation_bytes). Pure arithmetic: the memory estimator (qlorakit.memory)
+    plans with it exactly as keep_activations does."""
     kept = min(fused_layers, budget_bytes // small)
     with_gu = min(kept, (budget_bytes - kept * small) // (large - small)) if kept else 0
-    return KeepPlan(kept, with_gu, layers, kept * small + with_gu * (large - small))
+    hosted = min(fused_layers - kept, host_budget_bytes // small)
+    return KeepPlan(kept, with_gu, layers, kept * small + with_gu * (large - small), hosted, hosted * small)
 
 
-def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPlan:
+def keep_activations(model: nn.Module, tokens: int, budget_bytes: int, host_budget_bytes: int = 0) -> KeepPlan:
     """Turn activation checkpointing off for the last fused decoder layers that `budget_bytes` of kept
     activations at `tokens` tokens per micro-batch can hold (layer_activation_bytes), and on for the other fused
-    layers (call it on a model whose checkpointing is enabled; calling it again re-plans). Layers that are not
-    fully fused are never chosen (their unfused modules keep far more) and are left as they are."""
+    layers (call it on a model whose checkpointing is enabled; calling it again re-plans). The fused layers right
+    below the kept ones that `host_budget_bytes` holds (without their gate/up output) are planned to keep theirs
+    in host memory: they are left unchecked like kept layers and listed in the plan's `hosted_indices` for
+    offload_saved.host_saved_activations. Layers that are not fully fused are never chosen (their unfused modules
+    keep far more) and are left as they are."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = list(getattr(decoder, "layers", []))
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -306,13 +317,19 @@ def keep_activations(model: nn.Module, tokens: int, budget_bytes: int) -> KeepPl
     fused = [layer for layer in layers if type(layer) is fused_layer]
     if not fused:
         return KeepPlan(0, 0, len(layers), 0)
-    plan = keep_plan(len(layers), len(fused), *layer_activation_bytes(model.config, tokens), budget_bytes)
-    kept, with_gu = plan.kept, plan.with_gate_up
+    plan = keep_plan(len(layers), len(fused), *layer_activation_bytes(model.config, tokens), budget_bytes,
+                     host_budget_bytes)
+    kept, with_gu, hosted = plan.kept, plan.with_gate_up, plan.hosted
     chosen = fused[len(fused) - kept:]
     for i, layer in enumerate(chosen):
         layer.gradient_checkpointing = False
         layer.mlp.keep_gate_up = i >= kept - with_gu
-    for layer in fused[:len(fused) - kept]:
+    below = fused[:len(fused) - kept]
+    for layer in below[len(below) - hosted:]:
+        layer.gradient_checkpointing = False
+        layer.mlp.keep_gate_up = False
+    for layer in below[:len(below) - hosted]:
         layer.gradient_checkpointing = True
         layer.mlp.keep_gate_up = True  # a checkpointed layer recomputes everything anyway; keep its backward lean
+    plan.hosted_indices = tuple(layers.index(layer) for layer in below[len(below) - hosted:])
     return plan

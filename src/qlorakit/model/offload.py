@@ -185,8 +185,11 @@ def offload_layer_inputs(model: nn.Module, which: list[int], mover: object | Non
 
 
 def stop_offloading(model: nn.Module) -> None:
-    """Give every offloaded layer its checkpoint function back."""
+    """Give every offloaded or hosted layer (offload_saved.py) its checkpointing as it was."""
     for layer in decoder_layers(model):
         if hasattr(layer, "_qlorakit_recompute_func"):
             layer._gradient_checkpointing_func = layer._qlorakit_recompute_func
             del layer._qlorakit_recompute_func
+        if hasattr(layer, "_qlorakit_checkpointing"):  # a hosted layer (offload_saved.py) ran without checkpointing
+            layer.gradient_checkpointing = layer._qlorakit_checkpointing
+            del layer._qlorakit_checkpointing

@@ -20,6 +20,7 @@ from ..model.build import load_tokenizer, resolve_model_dir
 from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, planned_steps, train_loop
+from .placement import place_activations, place_tables
 from .run_state import OutputLock, examples_fingerprint, plan_resume
 from .runtime import DTYPES, Runtime, pick_runtime, seed_everything
 
@@ -91,7 +92,7 @@ def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str,
     free = {"max_steps": t.max_steps, "epochs": t.epochs, "eval_every": t.eval_every, "save_every": t.save_every,
             "log_every": t.log_every, "keep_checkpoints": t.keep_checkpoints, "fused_blocks": t.fused_blocks,
             "gradient_checkpointing": t.gradient_checkpointing, "keep_activations_gib": t.keep_activations_gib,
-            "offload_activations": t.offload_activations}
+            "host_activations_gib": t.host_activations_gib, "offload_activations": t.offload_activations}
     return {"exact": exact, "free": free}
 
 
@@ -165,46 +166,6 @@ def _claim_output_dir(cfg: QloraConfig) -> OutputLock:
             log.warning("qlorakit: training.resume is false: deleted the earlier run's checkpoints in %s (%s)",
                         out / "checkpoints", ", ".join(gone))
     return lock
-
-
-def _offload_activations(model: nn.Module, runtime: Runtime, dist: DistContext) -> None:
-    """training.offload_activations: the recomputed layers' inputs go to pinned host memory (model/offload.py)."""
-    from ..model.offload import decoder_layers, offload_layer_inputs
-
-    if runtime.device.type != "cuda":
-        log.warning("qlorakit: training.offload_activations needs a CUDA device (it moves layer inputs between "
-                    "the GPU and pinned host memory); on %s every checkpointed layer keeps its input", runtime.device)
-        return
-    if dist.sharded:
-        log.warning("qlorakit: training.offload_activations is not supported with distributed: fsdp yet; the "
-                    "layers are recomputed with their inputs kept on the GPU")
-        return
-    layers = decoder_layers(model)
-    chosen = [i for i, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False)]
-    offload_layer_inputs(model, chosen)
-    log.info("qlorakit: activations: the inputs of %d of %d decoder layers wait for backward in pinned host "
-             "memory (the highest one stays on the GPU)", len(chosen), len(layers))
-
-
-def _embeddings_to_host(cfg: QloraConfig, model: nn.Module, runtime: Runtime) -> None:
-    """training.embeddings_on_host / head_on_host: the frozen input embedding table / LM head to pinned host memory
-    (model/host_embedding)."""
-    from ..model.host_embedding import host_embedding_bytes, move_embeddings_to_host, move_head_to_host
-
-    if runtime.device.type != "cuda":
-        log.warning("qlorakit: training.embeddings_on_host / head_on_host need a CUDA device; on %s the tables "
-                    "stay where they are", runtime.device)
-        return
-    reason = move_embeddings_to_host(model) if cfg.training.embeddings_on_host else None
-    if reason is not None:
-        log.warning("qlorakit: training.embeddings_on_host: the input embeddings stay on the GPU: %s", reason)
-    reason = move_head_to_host(model) if cfg.training.head_on_host else None
-    if reason is not None:
-        log.warning("qlorakit: training.head_on_host: the LM head stays on the GPU: %s", reason)
-    if host_embedding_bytes(model):
-        log.info("qlorakit: embeddings in pinned host memory (%.2f GiB): the batch's tokens are looked up on the "
-                 "CPU; the LM head (if moved) is copied in for each loss and freed after its backward",
-                 host_embedding_bytes(model) / 2**30)
 
 
 def _plan_memory(cfg: QloraConfig, model_dir: Path, runtime: Runtime, several_ranks: bool = False):
@@ -304,27 +265,10 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         _check_disk(cfg, est)
         write_text(out / "config.yaml", dump_config(cfg))
     model = build_model(cfg, model_dir, runtime, progress)
-    if cfg.training.gradient_checkpointing:
-        from ..model.lora_inject import enable_activation_checkpointing
-
-        enable_activation_checkpointing(model)
-        if cfg.training.keep_activations_gib > 0:
-            from ..model.fused_blocks import keep_activations
-
-            tokens = cfg.training.batch_size * cfg.training.max_seq_length
-            plan = keep_activations(model, tokens, int(cfg.training.keep_activations_gib * 2**30))
-            log.info(plan.line(tokens, cfg.training.keep_activations_gib))
-        if cfg.training.offload_activations:
-            _offload_activations(model, runtime, dist)
+    place_activations(cfg, model, runtime, dist.sharded)
     if before_training is not None:
         before_training(model, tokenizer)
-    if cfg.training.embeddings_on_host or cfg.training.head_on_host:
-        _embeddings_to_host(cfg, model, runtime)
-    if not cfg.training.stacked_dequant:
-        from ..kernels import set_workspace_limit
-
-        set_workspace_limit(0)  # grouped weights one at a time: the workspace holds the largest single weight
-        log.info("qlorakit: training.stacked_dequant false: Q/K/V and gate/up weights are dequantized one at a time")
+    place_tables(cfg, model, runtime)
     dist.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
     if dist.sharded:
         from .fsdp import shard_model
