@@ -37,11 +37,14 @@ from bench_common import NvmlPeak  # noqa: E402
 #   keep      every layer's activations stay on the GPU (no checkpointing)
 #   offload   every layer recomputed in backward, its input waiting in pinned host memory (the top one stays)
 #   recompute every layer recomputed in backward, its input kept on the GPU
+#   hosted    every layer's activations (without the gate/up output) in pinned host memory, nothing recomputed
+#             (training.host_activations_gib; 8B shape, B1 and B4 only: run with --only to include it)
 # plus, for the 8B shape, the optimizer / accumulation / packing variants below. Every case: r=64 on all linears,
 # bf16, paged 32-bit Adam unless it says otherwise, data.packing false (random unpacked rows) unless it says so.
 POLICIES = {"keep": {"gradient_checkpointing": False},
             "offload": {"gradient_checkpointing": True, "offload_activations": True},
             "recompute": {"gradient_checkpointing": True}}
+HOSTED = {"gradient_checkpointing": True, "host_activations_gib": 4096.0}
 VARIANTS: dict[str, dict] = {
     "4x2048-accum2-recompute": {"training": {"batch_size": 4, "max_seq_length": 2048, "gradient_accumulation": 2}},
     "1x8192-adamw8-packed-recompute": {"training": {"batch_size": 1, "max_seq_length": 8192,
@@ -65,12 +68,15 @@ def cases(shape: str) -> dict[str, dict]:
             for t in (512, 2048, 8192) for b in (1, 4) for name, policy in POLICIES.items()}
     lean = {f"{b}x{t}-host-lean": {"training": {"batch_size": b, "max_seq_length": t, **LEAN}}
             for t, b in ((2048, 1), (8192, 1), (2048, 4))}
-    return {**grid, **VARIANTS, **lean} if shape == "llama3-8b" else {**grid, **lean}
+    hosted = {f"{b}x{t}-hosted": {"training": {"batch_size": b, "max_seq_length": t, **HOSTED}}
+              for t in (512, 2048, 8192) for b in (1, 4)}
+    return {**grid, **VARIANTS, **hosted, **lean} if shape == "llama3-8b" else {**grid, **hosted, **lean}
 
 
 DEFAULTS = {"lora": {"rank": 64, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"},
             "training": {"optimizer": "paged_adamw_32bit", "gradient_checkpointing": True, "fused_blocks": True,
-                         "keep_activations_gib": 0.0, "offload_activations": False, "gradient_accumulation": 1,
+                         "keep_activations_gib": 0.0, "host_activations_gib": 0.0, "offload_activations": False,
+                         "gradient_accumulation": 1,
                          "embeddings_on_host": False, "head_on_host": False, "stacked_dequant": True,
                          "max_grad_norm": 0.3},
             "data": {"packing": False}}
@@ -110,6 +116,7 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
     from qlorakit.model.host_embedding import (move_embeddings_to_host, move_head_to_host, restore_embeddings,
                                                restore_head)
     from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading
+    from qlorakit.model.offload_saved import host_saved_activations
     from qlorakit.model.synthetic import synthetic_llama
     from qlorakit.optim import build_optimizer
     from qlorakit.train.loop import accumulate_gradients
@@ -143,10 +150,13 @@ def measure(out: Path, steps: int, shape: str, only: list[str]) -> None:
             enable_fused_blocks(model)
         if t["gradient_checkpointing"]:
             enable_activation_checkpointing(model)
-            keep_activations(model, t["batch_size"] * t["max_seq_length"], int(t["keep_activations_gib"] * 2**30))
+            plan = keep_activations(model, t["batch_size"] * t["max_seq_length"],
+                                    int(t["keep_activations_gib"] * 2**30), int(t["host_activations_gib"] * 2**30))
+            host_saved_activations(model, list(plan.hosted_indices))
             if t["offload_activations"]:
                 layers = decoder_layers(model)
-                offload_layer_inputs(model, [i for i, x in enumerate(layers) if x.gradient_checkpointing])
+                offload_layer_inputs(model, [i for i, x in enumerate(layers)
+                                             if x.gradient_checkpointing and i not in plan.hosted_indices])
         else:
             (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         if t["embeddings_on_host"]:
