@@ -131,3 +131,31 @@ def test_host_activations_need_checkpointing():
     with pytest.raises(QloraConfigError, match="host_activations_gib needs gradient_checkpointing"):
         config_from_dict({"model": {"name": "x"}, "training": {"gradient_checkpointing": False,
                                                                "host_activations_gib": 1.0}})
+
+
+@pytest.mark.parametrize("dense_copies", [False, True], ids=["fused-layers", "dense-copies"])
+def test_a_cpu_run_asked_to_host_says_why_not_and_trains_the_same(tiny_model_dir, pattern_data, tmp_path, caplog,
+                                                                   dense_copies):
+    """On a CPU there is no host link to cross: with fused layers (no dense weight copies) those the plan would
+    host keep their activations where they are; with a CPU run's dense copies no layer is fused, so none can be
+    hosted. Either way the log says why, once, and the losses equal a run that recomputes every layer."""
+    import logging
+
+    from pipeline_helpers import run_tree
+
+    from qlorakit.train.run import run_training
+
+    def tree(name, **training):
+        return config_from_dict(run_tree(tiny_model_dir, pattern_data, tmp_path / name,
+                                         model={"name": str(tiny_model_dir), "cpu_dense_copies": dense_copies},
+                                         training={"max_steps": 2, "gradient_checkpointing": True, **training}))
+
+    plain = run_training(tree("plain"), progress=False)
+    with caplog.at_level(logging.INFO, logger="qlorakit.train"):
+        hosted = run_training(tree("hosted", host_activations_gib=1.0), progress=False)
+    why = ("no layer keeps its activations in host memory: only fully fused Llama decoder layers can" if dense_copies
+           else "host_activations_gib needs a CUDA device")
+    said = [r.getMessage() for r in caplog.records if "host_activations_gib" in r.getMessage()
+            and r.levelno == logging.WARNING]
+    assert len(said) == 1 and why in said[0], said
+    assert hosted.result.losses == plain.result.losses and len(plain.result.losses) == 2

@@ -29,6 +29,10 @@ def place_activations(cfg: QloraConfig, model: nn.Module, runtime: Runtime, shar
         tokens = t.batch_size * t.max_seq_length
         plan = keep_activations(model, tokens, int(t.keep_activations_gib * 2**30), int(t.host_activations_gib * 2**30))
         log.info(plan.line(tokens, t.keep_activations_gib, t.host_activations_gib))
+        if t.host_activations_gib > 0 and not plan.hosted and plan.kept < plan.layers:
+            log.warning("qlorakit: training.host_activations_gib: no layer keeps its activations in host memory: "
+                        "only fully fused Llama decoder layers can (see the fused block paths line above), and "
+                        "%s", "none is left below the kept ones" if plan.kept else "none of these is")
         if plan.hosted_indices:
             _host_saved(model, list(plan.hosted_indices), runtime, sharded)
     if t.offload_activations:
