@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 
 import pytest
 
@@ -166,3 +167,28 @@ def test_help_shows_every_default_and_what_each_switch_turns_off():
             if is_switch_off(field):
                 assert text.endswith(f"(default: {field.description})"), (command, name)
 
+
+def test_serve_prints_the_device_and_dtype_it_derives(monkeypatch, caplog):
+    from qlorakit.infer import serve
+
+    seen = []
+    monkeypatch.setattr(serve, "serve_command", lambda opts: seen.append(opts) or 0)
+    caplog.set_level(logging.INFO)
+    assert cli.main(["serve", "--device", "cpu", "--port", "0", "--adapter", "a=x"]) == 0
+    assert seen == [ServeOptions(device="cpu", port=0, adapter=["a=x"])]
+    assert "device cpu, compute dtype float32 (derived from the device: bfloat16 on CUDA, float32 elsewhere)" \
+        in caplog.text
+
+
+def test_generate_prints_the_device_and_dtype_it_derives(monkeypatch, caplog, tmp_path):
+    from qlorakit.errors import QlorakitError
+    from qlorakit.model import build
+
+    def stop(*args, **kwargs):
+        raise QlorakitError("stopped before the tokenizer")
+
+    monkeypatch.setattr(build, "resolve_model_dir", lambda name: tmp_path)
+    monkeypatch.setattr(build, "load_tokenizer", stop)
+    caplog.set_level(logging.INFO)
+    assert cli.main(["generate", "--prompt", "hi", "--device", "cpu"]) == 2
+    assert "qlorakit: device cpu, compute dtype float32 (derived from the device" in caplog.text

@@ -30,7 +30,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_serve(opts: ServeOptions) -> int:
     from .infer.serve import serve_command
+    from .model.build import inference_dtype, resolve_device, runtime_line
 
+    device = resolve_device(opts.device)
+    logging.getLogger("qlorakit.cli").info("qlorakit: %s", runtime_line(device, inference_dtype(device)))
     return serve_command(opts)
 
 

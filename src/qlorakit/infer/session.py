@@ -41,13 +41,15 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
     from ..adapters.fingerprint import base_fingerprint
     from ..adapters.peft_format import adapter_modules, check_adapter_fits, load_adapter, read_adapter
     from ..model.build import (inference_dtype, load_tokenizer, resolve_device, resolve_model_dir,
-                                   trained_quantization)
+                               runtime_line, trained_quantization)
     from ..model.loader import load_model
     from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
 
     model_dir = resolve_model_dir(model)
     dev = resolve_device(device)
     dtype = compute_dtype or inference_dtype(dev)
+    if compute_dtype is None:
+        log.info("qlorakit: %s", runtime_line(dev, dtype))
     tokenizer = load_tokenizer(model_dir)
     records = {}
     if adapter:
