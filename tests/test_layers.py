@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "qlorakit"
 
 # Bottom to top; a unit is a subpackage or a top-level module. The same order as docs/design.md's table.
 LAYERS = ["errors", "logs", "atomic", "sharding", "assets", "quant", "kernels", "nn", "model", "data", "adapters",
-          "optim", "config", "memory", "infer", "train", "cli"]
+          "optim", "config", "options", "memory", "infer", "train", "cli"]
 ROOT_FILES = {"__init__", "__main__"}
 
 

@@ -8,23 +8,13 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import OptionValueError, QlorakitError
+from .options import ChatOptions, CommandOptions, GenerateOptions, QuantizeOptions, ServeOptions, add_flags, read_flags
 
-Command = Callable[[argparse.Namespace], int | None]
 
-
-def _cmd_quantize(args: argparse.Namespace) -> int:
+def _cmd_quantize(opts: QuantizeOptions) -> int:
     from .model.quantize_checkpoint import quantize_checkpoint
 
-    quantize_checkpoint(
-        args.model_dir,
-        args.out_dir,
-        blocksize=args.blocksize,
-        quant_type=args.quant_type,
-        double_quant=not args.no_double_quant,
-        compute_dtype=args.compute_dtype,
-        overwrite=args.overwrite,
-        trust_remote_code=args.trust_remote_code,
-    )
+    quantize_checkpoint(**opts.model_dump())
     return 0
 
 
@@ -38,10 +28,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _cmd_serve(opts: ServeOptions) -> int:
     from .infer.serve import serve_command
+    from .model.build import inference_dtype, resolve_device, runtime_line
 
-    return serve_command(args)
+    device = resolve_device(opts.device)
+    logging.getLogger("qlorakit.cli").info("qlorakit: %s", runtime_line(device, inference_dtype(device)))
+    return serve_command(opts)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -96,35 +89,23 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
+def _cmd_generate(opts: GenerateOptions) -> int:
     from .infer.session import generate_command
 
-    return generate_command(args)
+    return generate_command(opts)
 
 
-def _cmd_chat(args: argparse.Namespace) -> int:
+def _cmd_chat(opts: ChatOptions) -> int:
     from .infer.session import chat_command
 
-    return chat_command(args)
+    return chat_command(opts)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default",
-                   help="base model: a local folder, a hub id in the local cache, or 'default' (SmolLM2-135M-Instruct)")
-    p.add_argument("--adapter", help="a PEFT-format adapter folder (e.g. runs/quickstart/adapter)")
-    p.add_argument("--force", action="store_true", help="load an adapter even if it was trained on another base")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="P",
-                   help="divide the positive logits (multiply the negative ones) of the tokens the reply already "
-                   "holds by P, as transformers' repetition penalty does (the prompt is not counted): 1 = off; "
-                   "1.1 breaks the loops small models fall into when decoding greedily")
-    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    p.add_argument("--no-quantize", action="store_true",
-                   help="run a 16-bit model folder (e.g. a merge) as stored, in 16/32 bits, instead of quantizing "
-                   "it to NF4 while loading")
+def _with_options(parser: argparse.ArgumentParser, options: type[CommandOptions],
+                  func: Callable[..., int]) -> None:
+    """The flags of `parser` are the fields of `options`; main reads them back into it and calls func with it."""
+    add_flags(parser, options)
+    parser.set_defaults(func=func, options=options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,17 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize the linear layers of the transformer blocks to 4 bits and write a checkpoint that "
         "transformers + bitsandbytes load with from_pretrained. Embeddings, norms and the head keep their dtype.",
     )
-    q.add_argument("model_dir", help="a local Hugging Face causal-LM folder (config.json + *.safetensors)")
-    q.add_argument("out_dir", help="where to write the quantized checkpoint (must not exist unless --overwrite)")
-    q.add_argument("--quant-type", choices=("nf4", "fp4"), default="nf4")
-    q.add_argument("--blocksize", type=int, default=64, help="4-bit block size, a power of two in 32..4096")
-    q.add_argument("--no-double-quant", action="store_true", help="keep fp32 absmax constants")
-    q.add_argument("--compute-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    q.add_argument("--overwrite", action="store_true",
-                   help="replace out_dir if it is empty or a previous `qlorakit quantize` output (nothing else)")
-    q.add_argument("--trust-remote-code", action="store_true",
-                   help="also copy the source's custom code (*.py files, config.json's auto_map); left out otherwise")
-    q.set_defaults(func=_cmd_quantize)
+    _with_options(q, QuantizeOptions, _cmd_quantize)
 
     t = sub.add_parser("train", help="fine-tune with QLoRA from a YAML config",
                        description="Fine-tune a 4-bit base model with LoRA. Resumes from the newest checkpoint in "
@@ -183,14 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_estimate)
 
     g = sub.add_parser("generate", help="generate a reply on the 4-bit base (+ adapter)")
-    _add_model_args(g)
-    g.add_argument("--prompt", required=True, action="append", help="prompt text (repeatable)")
-    g.set_defaults(func=_cmd_generate)
+    _with_options(g, GenerateOptions, _cmd_generate)
 
     c = sub.add_parser("chat", help="chat on the 4-bit base (+ adapter), streaming tokens; /exit to leave")
-    _add_model_args(c)
-    c.add_argument("--system", help="a system message")
-    c.set_defaults(func=_cmd_chat)
+    _with_options(c, ChatOptions, _cmd_chat)
 
     m = sub.add_parser(
         "merge", help="fold a LoRA adapter into its 16-bit base and write a standalone model folder",
@@ -226,18 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "> 0; `stream: true` sends server-sent events. Requests beyond the model's context or 1 MiB are refused "
         "with a 4xx; SIGTERM finishes the requests in flight.",
     )
-    s.add_argument("--model", default="default",
-                   help="base model: a local folder, a hub id in the local cache, or 'default' (SmolLM2-135M-Instruct)")
-    s.add_argument("--adapter", action="append", metavar="NAME=DIR",
-                   help="serve the PEFT adapter in DIR under the model name NAME (repeatable)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
-    s.add_argument("--force", action="store_true", help="serve adapters even if they were trained on another base")
-    s.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
-    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most (1 to 64)")
-    s.add_argument("--batch-window-ms", type=float, default=5.0,
-                   help="how long the first waiting request waits for others to join its batch")
-    s.set_defaults(func=_cmd_serve)
+    _with_options(s, ServeOptions, _cmd_serve)
 
     d = sub.add_parser("demo", help="prepare the bundled default model and data in the user cache (idempotent)")
     d.set_defaults(func=_cmd_demo)
@@ -261,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        options = getattr(args, "options", None)
+        return int(args.func(read_flags(options, args) if options else args) or 0)
     except QlorakitError as err:
         if args.verbose:
             raise

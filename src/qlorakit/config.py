@@ -9,10 +9,10 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import QloraConfigError
 
@@ -40,19 +40,27 @@ class ModelSection(_Section):
         "slow)")
 
 
+def _power_of_two_block(v: int) -> int:
+    if v < 32 or v > 4096 or v & (v - 1):
+        raise ValueError("must be a power of two from 32 to 4096")
+    return v
+
+
+# The 4-bit settings' types, shared with `qlorakit quantize`'s options (options/commands.py).
+QuantType = Literal["nf4", "fp4"]
+ComputeDtypeName = Literal["bfloat16", "float16", "float32"]
+Blocksize = Annotated[int, AfterValidator(_power_of_two_block)]
+
+
 class QuantizationSection(_Section):
     load_in_4bit: bool = True
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    double_quant: bool = True
-    blocksize: int = 64
-
-    @field_validator("blocksize")
-    @classmethod
-    def _blocksize(cls, v: int) -> int:
-        if v < 32 or v > 4096 or v & (v - 1):
-            raise ValueError("must be a power of two from 32 to 4096")
-        return v
+    quant_type: QuantType = Field("nf4", description="the 4-bit code: NF4 (for normally distributed weights) or FP4")
+    compute_dtype: ComputeDtypeName = Field(
+        "bfloat16", description="the dtype the 4-bit layers dequantize to and compute in")
+    double_quant: bool = Field(
+        True, description="quantize the fp32 absmax constants again, to 8 bits: about 0.37 bits less per weight "
+        "at blocksize 64")
+    blocksize: Blocksize = Field(64, description="4-bit block size, a power of two in 32..4096")
 
 
 class LoraSection(_Section):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -10,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import OptionValueError, QlorakitError
+from ..options import ChatOptions, GenerateOptions
 
 log = logging.getLogger("qlorakit.infer")
 
@@ -41,13 +41,15 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
     from ..adapters.fingerprint import base_fingerprint
     from ..adapters.peft_format import adapter_modules, check_adapter_fits, load_adapter, read_adapter
     from ..model.build import (inference_dtype, load_tokenizer, resolve_device, resolve_model_dir,
-                                   trained_quantization)
+                               runtime_line, trained_quantization)
     from ..model.loader import load_model
     from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu
 
     model_dir = resolve_model_dir(model)
     dev = resolve_device(device)
     dtype = compute_dtype or inference_dtype(dev)
+    if compute_dtype is None:
+        log.info("qlorakit: %s", runtime_line(dev, dtype))
     tokenizer = load_tokenizer(model_dir)
     records = {}
     if adapter:
@@ -72,35 +74,31 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
     return net, tokenizer
 
 
-def generate_command(args: argparse.Namespace) -> int:
-    from .decode import check_repetition_penalty
+def generate_command(opts: GenerateOptions) -> int:
+    """`qlorakit generate`: each prompt's reply streamed to stdout (the options were checked when built)."""
     from .generate import generate
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
-    check_repetition_penalty(args.repetition_penalty)
-    net, tok = load_for_inference(args.model, args.adapter, force=args.force, device=args.device,
-                                  quantize=not args.no_quantize)
-    for prompt in args.prompt:
-        if len(args.prompt) > 1:
+    net, tok = load_for_inference(opts.model, opts.adapter, force=opts.force, device=opts.device,
+                                  quantize=opts.quantize)
+    for prompt in opts.prompt:
+        if len(opts.prompt) > 1:
             print(f">>> {prompt}")
-        generate(net, tok, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                 use_chat_template=not args.no_chat_template, stream=sys.stdout)
+        generate(net, tok, prompt, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                 top_p=opts.top_p, repetition_penalty=opts.repetition_penalty,
+                 use_chat_template=opts.chat_template, stream=sys.stdout)
         print()
     return 0
 
 
-def chat_command(args: argparse.Namespace) -> int:
-    from .decode import check_repetition_penalty
+def chat_command(opts: ChatOptions) -> int:
+    """`qlorakit chat`: read a message, stream the reply, keep the history, until /exit or end of input."""
     from .generate import generate
 
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
-    check_repetition_penalty(args.repetition_penalty)
-    net, tok = load_for_inference(args.model, args.adapter, force=args.force, device=args.device,
-                                  quantize=not args.no_quantize)
+    net, tok = load_for_inference(opts.model, opts.adapter, force=opts.force, device=opts.device,
+                                  quantize=opts.quantize)
     if not getattr(tok, "chat_template", None):
-        raise QlorakitError(f"{args.model}: the tokenizer has no chat template; use `qlorakit generate` instead")
-    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+        raise QlorakitError(f"{opts.model}: the tokenizer has no chat template; use `qlorakit generate` instead")
+    history: list[dict[str, str]] = [{"role": "system", "content": opts.system}] if opts.system else []
     print("chat: type a message, /reset to clear the history, /exit to leave", file=sys.stderr)
     while True:
         try:
@@ -113,11 +111,11 @@ def chat_command(args: argparse.Namespace) -> int:
         if line in ("/exit", "/quit"):
             return 0
         if line == "/reset":
-            history = history[:1] if args.system else []
+            history = history[:1] if opts.system else []
             continue
         print("model> ", end="", flush=True)
-        reply = generate(net, tok, line, history=history, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_p=args.top_p,
-                         repetition_penalty=args.repetition_penalty, stream=sys.stdout)
+        reply = generate(net, tok, line, history=history, max_new_tokens=opts.max_new_tokens,
+                         temperature=opts.temperature, top_p=opts.top_p,
+                         repetition_penalty=opts.repetition_penalty, stream=sys.stdout)
         print()
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": reply}]

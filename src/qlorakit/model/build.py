@@ -22,6 +22,13 @@ def inference_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def runtime_line(device: torch.device, dtype: torch.dtype) -> str:
+    """What `generate`, `chat` and `serve` derive instead of taking it as an option, said once before loading:
+    the device they resolved and the compute dtype it implies (inference_dtype)."""
+    return (f"device {device}, compute dtype {str(dtype).removeprefix('torch.')} (derived from the device: "
+            "bfloat16 on CUDA, float32 elsewhere)")
+
+
 def trained_quantization(records: dict[str, dict[str, Any]], quant_type: str | None = None) -> dict[str, Any]:
     """load_model's quantization arguments for a base that serves the adapters whose qlorakit records are
     `records` (name -> record; {} for an adapter saved without one): each adapter's LoRA weights compensate the

@@ -1,0 +1,97 @@
+"""The options of `qlorakit quantize`, `generate`, `chat` and `serve`: one model per command, one field per flag,
+each with its type, default, allowed values and help. cli.py generates the commands' flags from these
+(options/flags.py), and Python callers build the same models, so a value is checked alike wherever it comes from.
+
+`quantize`'s 4-bit settings are the training config's (config.py QuantizationSection): the YAML key, its `--set`
+override and the flag share one type, default and description. `train` and `estimate` take the config itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Blocksize, ComputeDtypeName, QuantizationSection, QuantType
+from .base import CommandOptions, option
+
+# Rows of one decoding batch; infer/serve.py's MAX_ROWS, which the tests hold equal to it (infer/ is a layer above).
+MAX_BATCH = 64
+
+
+def _quantization(name: str, **shown: Any) -> Any:
+    """The training config's `quantization.<name>` as an option: its default and description."""
+    field = QuantizationSection.model_fields[name]
+    return option(field.default, field.description or "", **shown)
+
+
+def _model() -> Any:
+    return option("default", "base model: a local folder, a hub id in the local cache, or 'default' "
+                  "(SmolLM2-135M-Instruct)")
+
+
+def _device() -> Any:
+    return option(None, "cuda, cpu, ... (default: cuda when available)")
+
+
+class QuantizeOptions(CommandOptions):
+    """`qlorakit quantize MODEL_DIR OUT_DIR`; the fields are model/quantize_checkpoint.py's arguments."""
+
+    model_dir: str = option(description="a local Hugging Face causal-LM folder (config.json + *.safetensors)",
+                            positional=True)
+    out_dir: str = option(description="where to write the quantized checkpoint (must not exist unless --overwrite)",
+                          positional=True)
+    quant_type: QuantType = _quantization("quant_type")
+    blocksize: Blocksize = _quantization("blocksize")
+    double_quant: bool = _quantization("double_quant", off="keep fp32 absmax constants")
+    compute_dtype: ComputeDtypeName = _quantization("compute_dtype")
+    overwrite: bool = option(False, "replace out_dir if it is empty or a previous `qlorakit quantize` output "
+                             "(nothing else)")
+    trust_remote_code: bool = option(False, "also copy the source's custom code (*.py files, config.json's "
+                                     "auto_map); left out otherwise")
+
+
+class DecodeOptions(CommandOptions):
+    """What `generate` and `chat` share: the base, its adapter, the device and how replies are decoded."""
+
+    model: str = _model()
+    adapter: str | None = option(None, "a PEFT-format adapter folder (e.g. runs/quickstart/adapter)")
+    force: bool = option(False, "load an adapter even if it was trained on another base")
+    max_new_tokens: int = option(256, "the reply's length at most, in tokens", ge=1)
+    temperature: float = option(0.0, "sampling temperature", ge=0, allow_inf_nan=False, note="0: greedy")
+    top_p: float = option(1.0, "sample from the fewest most likely tokens whose probabilities add up to at least "
+                          "this (nucleus sampling; 1: all tokens)", gt=0, le=1)
+    repetition_penalty: float = option(
+        1.0, "divide the positive logits (multiply the negative ones) of the tokens the reply already holds by P, "
+        "as transformers' repetition penalty does (the prompt is not counted); 1.1 breaks the loops small models "
+        "fall into when decoding greedily", gt=0, allow_inf_nan=False, metavar="P", note="1: off")
+    chat_template: bool = option(True, "wrap the prompt in the tokenizer's chat template",
+                                 off="feed the prompt as raw text")
+    device: str | None = _device()
+    quantize: bool = option(True, "quantize the base to NF4 while loading",
+                            off="run a 16-bit model folder (e.g. a merge) as stored, in 16/32 bits")
+
+
+class GenerateOptions(DecodeOptions):
+    """`qlorakit generate`: one reply per prompt."""
+
+    prompt: list[str] = option(description="prompt text (repeatable)")
+
+
+class ChatOptions(DecodeOptions):
+    """`qlorakit chat`: a conversation on the terminal."""
+
+    system: str | None = option(None, "a system message")
+
+
+class ServeOptions(CommandOptions):
+    """`qlorakit serve`; infer/serve.py's serve_command reads these fields."""
+
+    model: str = _model()
+    adapter: list[str] | None = option(None, "serve the PEFT adapter in DIR under the model name NAME (repeatable)",
+                                       metavar="NAME=DIR")
+    host: str = option("127.0.0.1", "address to listen on; 127.0.0.1 is this machine only")
+    port: int = option(8000, "port to listen on", ge=0, le=65535, note="0: any free port")
+    force: bool = option(False, "serve adapters even if they were trained on another base")
+    device: str | None = _device()
+    max_batch: int = option(16, "requests decoded together at most", ge=1, le=MAX_BATCH)
+    batch_window_ms: float = option(5.0, "how long the first waiting request waits for others to join its batch, "
+                                    "in milliseconds", ge=0, allow_inf_nan=False)
