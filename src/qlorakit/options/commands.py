@@ -63,8 +63,6 @@ class DecodeOptions(CommandOptions):
         1.0, "divide the positive logits (multiply the negative ones) of the tokens the reply already holds by P, "
         "as transformers' repetition penalty does (the prompt is not counted); 1.1 breaks the loops small models "
         "fall into when decoding greedily", gt=0, allow_inf_nan=False, metavar="P", note="1: off")
-    chat_template: bool = option(True, "wrap the prompt in the tokenizer's chat template",
-                                 off="feed the prompt as raw text")
     device: str | None = _device()
     quantize: bool = option(True, "quantize the base to NF4 while loading",
                             off="run a 16-bit model folder (e.g. a merge) as stored, in 16/32 bits")
@@ -74,6 +72,8 @@ class GenerateOptions(DecodeOptions):
     """`qlorakit generate`: one reply per prompt."""
 
     prompt: list[str] = option(description="prompt text (repeatable)")
+    chat_template: bool = option(True, "wrap the prompt in the tokenizer's chat template",
+                                 off="feed the prompt as raw text")
 
 
 class ChatOptions(DecodeOptions):
