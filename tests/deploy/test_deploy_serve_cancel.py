@@ -1,5 +1,5 @@
-"""`qlorakit serve` stops decoding a streamed request whose client went away: the request is cancelled and its
-row leaves the batch at the next decoding step, instead of taking rounds until max_tokens. The server's
+"""`qlorakit serve` stops decoding a request whose client went away, streamed or not: the request is cancelled and
+its row leaves the batch at the next decoding step, instead of taking rounds until max_tokens. The server's
 counters (AdapterServer.stats: tokens made, requests cancelled) show it. Each decoding step is slowed to 20 ms,
 so the client leaves long before the 80th token whatever this machine's speed."""
 
@@ -58,6 +58,20 @@ def _answered(url: str) -> dict:
         return json.loads(resp.read())
 
 
+def test_a_non_streamed_request_whose_client_went_away_stops_decoding(app):
+    full = _full_reply_tokens(app)
+    before = dict(app.stats)
+    with serving(app) as url:
+        conn = _send(url, {"model": "alpha", "prompt": PROMPT, "max_tokens": MAX_TOKENS})
+        time.sleep(0.5)  # decoding is under way (about 20 of 80 steps)
+        conn.close()
+        _until_cancelled(app, before["cancelled"])
+        made = app.stats["tokens"] - before["tokens"]
+        assert 0 < made < full / 2  # it stopped soon after the client left
+        assert _answered(url)["usage"]["completion_tokens"] <= 2  # and the server goes on answering
+    assert app.stats["cancelled"] == before["cancelled"] + 1  # the request that stayed was not cancelled
+
+
 def test_a_stream_whose_client_went_away_stops_decoding(app):
     full = _full_reply_tokens(app)
     before = dict(app.stats)
@@ -73,3 +87,15 @@ def test_a_stream_whose_client_went_away_stops_decoding(app):
         assert 0 < made < full / 2
         assert _answered(url)["usage"]["completion_tokens"] <= 2
 
+
+def test_a_request_whose_client_left_while_it_waited_takes_no_round(app):
+    """Cancelled before the decoding thread took it (the thread busy with another request): it is dropped, no
+    round decodes it."""
+    long = app.submit(app._job("alpha", PROMPT, None, False, MAX_TOKENS, 0.0, 1.0))
+    time.sleep(0.1)
+    waiting = app._job("alpha", "Hi", None, False, MAX_TOKENS, 0.0, 1.0)
+    waiting.cancelled.set()
+    app.submit(waiting)
+    assert waiting.done.wait(30) and waiting.error is None and waiting.result[2] == 0
+    assert long.done.wait(60) and long.result[2] > 40 and not long.cancelled.is_set()
+    assert app.stats["cancelled"] == 1

@@ -3,7 +3,10 @@
 GET /v1/models, GET /health, POST /v1/completions and /v1/chat/completions; a trailing slash is ignored, any
 other route or method is a JSON 404. Every error body is OpenAI's {"error": {"message", "type", "code"}} with a
 one-line message. The event loop never decodes: a request is tokenized in a worker thread, queued for the
-decoding thread, and awaited; a streaming client that goes away cancels its request (streaming.py).
+decoding thread, and awaited; a client that goes away before its reply is ready cancels it (its job takes no
+further decoding rounds), streamed (streaming.py) or not. Going away is the end of the client's side of the
+connection: TCP cannot tell a client that closed its socket from one that only shut down its sending side, so
+both count as gone.
 """
 
 from __future__ import annotations
@@ -47,6 +50,25 @@ class _IgnoreTrailingSlash:
         if scope["type"] == "http" and scope["path"] != "/":
             scope = dict(scope, path=scope["path"].rstrip("/") or "/")
         await self.app(scope, receive, send)
+
+
+async def _client_left(request: Request) -> None:
+    """Return once the client has gone away (its body was read already, so the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _reply_or_cancel(request: Request, job: Any, done: asyncio.Future) -> bool:
+    """Wait for `job`; True when it finished, False when the client left first (the job is then cancelled)."""
+    gone = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if done.done():
+        return True
+    job.cancelled.set()
+    return False
 
 
 def build_app(server: AdapterServer) -> FastAPI:
@@ -114,7 +136,8 @@ async def _complete(server: AdapterServer, request: Request, chat: bool) -> Resp
     done = loop.create_future()
     job.on_done = lambda: call_in_loop(loop, _resolve, done)
     server.submit(job)
-    await done
+    if not await _reply_or_cancel(request, job, done):
+        return Response(status_code=499)  # nobody reads it: the client is gone
     if job.error is not None:
         raise job.error
     text, n_prompt, n_reply = job.result

@@ -14,8 +14,8 @@ from their prompt and reply so far).
 `AdapterServer.generate_batch` does the same for a list of prompts from Python. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
 so that replies are reproducible; pass `temperature` to sample. The web layer (FastAPI on uvicorn: app.py,
 http_server.py) hands each request to the decoding thread and awaits it; `stream: true` sends server-sent events
-in OpenAI's chunk format as tokens are made (streaming.py); a streaming client that goes away cancels its
-request. What a request may hold is checked before it is queued
+in OpenAI's chunk format as tokens are made (streaming.py). A client that goes away, streaming or not, cancels
+its request: it takes no further decoding rounds. What a request may hold is checked before it is queued
 (requests.py: 4xx with one line); SIGTERM stops accepting and lets the requests in flight finish.
 """
 
@@ -188,9 +188,13 @@ class AdapterServer:
                     active.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
+            for job in active:
+                if job.cancelled.is_set() and not job.finished:
+                    self._end(job)  # its client left while it waited: no round for it
             groups: dict[tuple[float, float], list[_Job]] = {}
             for job in active:
-                groups.setdefault((job.temperature, job.top_p), []).append(job)
+                if not job.finished:
+                    groups.setdefault((job.temperature, job.top_p), []).append(job)
             for jobs in groups.values():
                 try:
                     self._round(jobs)
