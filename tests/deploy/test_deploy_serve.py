@@ -90,6 +90,16 @@ def test_unknown_model_and_route_are_json_404s(server):
     assert status == 400
 
 
+def test_health_answers_and_a_trailing_slash_or_a_wrong_method_changes_nothing(server):
+    url, base = server
+    status, body = _call(url + "/health")
+    assert status == 200 and body == {"status": "ok", "models": [base, "alpha", "beta"]}
+    status, body = _call(url + "/v1/models/")
+    assert status == 200 and [m["id"] for m in body["data"]] == [base, "alpha", "beta"]
+    status, body = _call(url + "/v1/completions")  # GET of a POST route: no such route, as before
+    assert status == 404 and body["error"]["code"] == "not_found" and "/v1/completions" in body["error"]["message"]
+
+
 def test_adapter_specs_are_name_equals_dir():
     assert parse_adapter_specs(["a=x/y", "b=z"]) == {"a": Path("x/y"), "b": Path("z")}
     with pytest.raises(QlorakitError, match="expected NAME=DIR"):

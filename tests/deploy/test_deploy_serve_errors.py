@@ -97,6 +97,9 @@ BAD_FIELDS = [
     ({"temperature": float("nan")}, "temperature nan: allowed a finite number >= 0"),
     ({"top_p": 0}, "top_p 0: allowed a number > 0 and <= 1"),
     ({"top_p": 1.5}, "top_p 1.5: allowed a number > 0 and <= 1"),
+    ({"top_p": True}, "top_p True: allowed a number > 0 and <= 1"),
+    ({"stream": "maybe"}, "stream 'maybe': allowed true or false"),
+    ({"prompt": ["hi", "yo"]}, "'prompt' must be a string (one prompt per request)"),
 ]
 
 
@@ -110,6 +113,15 @@ def test_out_of_range_request_fields_are_400s(url, fields, words):
 def test_max_tokens_1_gives_one_token_and_null_fields_take_defaults(url):
     status, body = _post(url, {"model": "alpha", "prompt": "hi", "max_tokens": 1, "temperature": None,
                                "top_p": None})
+    assert status == 200 and body["usage"]["completion_tokens"] <= 1
+
+
+def test_a_list_of_one_prompt_is_that_prompt_and_max_tokens_wins_over_max_completion_tokens(url):
+    status, listed = _post(url, {"model": "alpha", "prompt": ["hi"], "max_tokens": 2, "max_completion_tokens": 0})
+    assert status == 200
+    status, plain = _post(url, {"model": "alpha", "prompt": "hi", "max_tokens": 2})
+    assert status == 200 and listed["choices"][0]["text"] == plain["choices"][0]["text"]
+    status, body = _post(url, {"model": "alpha", "prompt": "hi", "max_completion_tokens": 1})
     assert status == 200 and body["usage"]["completion_tokens"] <= 1
 
 
@@ -166,6 +178,12 @@ def test_bad_or_huge_content_lengths_are_4xx_not_a_hang(url):
     assert status == 411
     status, body = _raw(url, "Content-Length: 3\r\n", b"{x}")
     assert status == 400 and body["error"]["code"] == "invalid_json"
+
+
+def test_a_request_http_cannot_parse_is_a_json_400(url):
+    status, body = _raw(url, "Content-Length: 2\r\nno colon in this header\r\n", b"{}")
+    assert status == 400 and body["error"]["message"].startswith("malformed HTTP request")
+    assert "\n" not in body["error"]["message"]
 
 
 def test_a_burst_of_200_requests_from_20_clients_all_get_answers_with_memory_bounded(url):

@@ -1,8 +1,8 @@
 """`qlorakit serve`: an OpenAI-compatible HTTP server for one 4-bit base and several LoRA adapters.
 
-Endpoints (JSON in, JSON out): GET /v1/models, POST /v1/completions (raw prompt), POST /v1/chat/completions
-(the tokenizer's chat template). The request's `model` names an adapter (NAME of --adapter NAME=DIR) or the base
-(its --model value); any other name is a 404 JSON error.
+Endpoints (JSON in, JSON out; app.py): GET /v1/models, GET /health, POST /v1/completions (raw prompt), POST
+/v1/chat/completions (the tokenizer's chat template). The request's `model` names an adapter (NAME of --adapter
+NAME=DIR) or the base (its --model value); any other name is a 404 JSON error.
 
 The base is loaded once; every module that any adapter targets gets one LoraLinear holding all adapters' A/B
 tensors stacked (nn.lora.AdapterBankSlot); each row of a batch takes the adapter its request named, and modules
@@ -12,32 +12,30 @@ the same sampling settings are decoded together in one batch, whatever adapters 
 ROUND_TOKENS tokens; requests that arrive meanwhile join at the next round (continuing rows are prefilled again
 from their prompt and reply so far).
 `AdapterServer.generate_batch` does the same for a list of prompts from Python. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
-so that replies are reproducible; pass `temperature` to sample. `stream: true` sends server-sent events in
-OpenAI's chunk format as tokens are made (streaming.py); a streaming client that goes away cancels its request.
-What a request may hold is checked before it is queued (requests.py: 4xx with one line); SIGTERM stops accepting
-and lets the requests in flight finish.
+so that replies are reproducible; pass `temperature` to sample. The web layer (FastAPI on uvicorn: app.py,
+http_server.py) hands each request to the decoding thread and awaits it; `stream: true` sends server-sent events
+in OpenAI's chunk format as tokens are made (streaming.py). A client that goes away, streaming or not, cancels
+its request: it takes no further decoding rounds. What a request may hold is checked before it is queued
+(requests.py: 4xx with one line); SIGTERM stops accepting and lets the requests in flight finish.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 import time
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import QlorakitError, ServeAddressError
-from .requests import MAX_BODY_BYTES, RequestError, check_fits, prompt_of, read_body, sampling_of
+from ..errors import QlorakitError
+from .http_server import attach_app, bind_server, make_server  # noqa: F401 (make_server: for callers of serve)
+from .requests import MAX_BODY_BYTES, check_fits
 from .served_adapters import AdapterWeights, _read_adapter_weights, parse_adapter_specs  # noqa: F401
-from .streaming import stream_reply
 
 log = logging.getLogger("qlorakit.infer")
 
@@ -94,7 +92,8 @@ class AdapterServer:
         self._jobs: queue.Queue = queue.Queue()
         self._queue_lock = threading.Lock()
         self._worker: threading.Thread | None = None
-        self.stats = {"batches": 0, "rows": 0}
+        # decoding rounds, rows over all rounds, tokens made, requests ended because their client went away
+        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "cancelled": 0}
 
     @property
     def model_ids(self) -> list[str]:
@@ -189,9 +188,13 @@ class AdapterServer:
                     active.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
+            for job in active:
+                if job.cancelled.is_set() and not job.finished:
+                    self._end(job)  # its client left while it waited: no round for it
             groups: dict[tuple[float, float], list[_Job]] = {}
             for job in active:
-                groups.setdefault((job.temperature, job.top_p), []).append(job)
+                if not job.finished:
+                    groups.setdefault((job.temperature, job.top_p), []).append(job)
             for jobs in groups.values():
                 try:
                     self._round(jobs)
@@ -203,6 +206,8 @@ class AdapterServer:
                     job.done.set()
                     if job.stream is not None:
                         job.stream.put(None)  # the end of the stream, whatever happened
+                    if job.on_done is not None:
+                        job.on_done()
             active = [job for job in active if not job.finished]
 
     def _decode(self, jobs: list[_Job]) -> None:
@@ -238,12 +243,19 @@ class AdapterServer:
                               temperature=jobs[0].temperature, top_p=jobs[0].top_p, on_step=on_step)
         self.stats["batches"] += 1
         self.stats["rows"] += len(jobs)
+        self.stats["tokens"] += sum(len(ids) for ids in new)
         for job, ids, limit in zip(jobs, new, limits):
             job.generated += ids
             if len(ids) < limit or len(job.generated) >= job.max_tokens or job.cancelled.is_set():
-                job.finished = True
-                job.result = (self.tokenizer.decode(job.generated, skip_special_tokens=True), len(job.ids),
-                              len(job.generated))
+                self._end(job)
+
+    def _end(self, job: _Job) -> None:
+        """Mark `job` finished with its reply so far (the decoding thread then wakes whoever waits for it)."""
+        job.finished = True
+        job.result = (self.tokenizer.decode(job.generated, skip_special_tokens=True), len(job.ids),
+                      len(job.generated))
+        if job.cancelled.is_set():
+            self.stats["cancelled"] += 1
 
 
 @dataclass
@@ -258,137 +270,23 @@ class _Job:
     done: threading.Event = field(default_factory=threading.Event)
     result: tuple[str, int, int] | None = None
     error: BaseException | None = None
-    stream: queue.Queue | None = None  # streaming: each new token id as it is made, then None
+    stream: Any = None  # streaming: something with put(), given each new token id as it is made, then None
+    on_done: Callable[[], None] | None = None  # called by the decoding thread once done is set
     cancelled: threading.Event = field(default_factory=threading.Event)  # its client went away
     generated: list[int] = field(default_factory=list)  # the reply's token ids so far (rounds of ROUND_TOKENS)
     finished: bool = False
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "qlorakit"
-    app: AdapterServer  # set on the subclass that make_server builds
-
-    def log_message(self, fmt: str, *args: Any) -> None:
-        log.debug("qlorakit serve: " + fmt, *args)
-
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status: HTTPStatus, message: str, code: str) -> None:
-        self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": code}})
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path.rstrip("/") == "/v1/models":
-            data = [{"id": m, "object": "model", "created": 0, "owned_by": "qlorakit"} for m in self.app.model_ids]
-            self._send(HTTPStatus.OK, {"object": "list", "data": data})
-        else:
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}", "not_found")
-
-    def do_POST(self) -> None:  # noqa: N802
-        route = self.path.rstrip("/")
-        if route not in ("/v1/completions", "/v1/chat/completions"):
-            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}", "not_found")
-            return
-        try:
-            self._complete(route)
-        except RequestError as err:
-            self._error(err.status, str(err), err.code)
-        except Exception as err:  # noqa: BLE001 - the client gets one line, the log the traceback
-            log.exception("qlorakit serve: %s failed", route)
-            first = (str(err).splitlines() or [type(err).__name__])[0]
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR,
-                       {"error": {"message": f"{type(err).__name__}: {first}", "type": "server_error",
-                                  "code": "internal_error"}})
-
-    def _complete(self, route: str) -> None:
-        body = read_body(self.headers, self.rfile, self.app.max_body_bytes)
-        model = body.get("model")
-        if model not in self.app.model_ids:
-            self._error(HTTPStatus.NOT_FOUND, f"model {model!r} does not exist; served: "
-                        f"{', '.join(self.app.model_ids)}", "model_not_found")
-            return
-        chat = route == "/v1/chat/completions"
-        prompt, history = prompt_of(body, chat)
-        max_tokens, temperature, top_p = sampling_of(body)
-        if body.get("stream"):
-            job = self.app._job(model, prompt, history, chat, max_tokens, temperature, top_p)
-            job.stream = queue.Queue()
-            stream_reply(self, self.app.submit(job), model, chat)
-            return
-        text, n_prompt, n_reply = self.app.generate(model, prompt, chat_history=history, chat=chat,
-                                                    max_tokens=max_tokens, temperature=temperature, top_p=top_p)
-        finish = "length" if n_reply >= max_tokens else "stop"
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        self._send(HTTPStatus.OK, {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [choice],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": n_reply, "total_tokens": n_prompt + n_reply},
-        })
-
-
-class _Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a listen backlog for bursts (the default 5 reset connections when 20 clients
-    sent at once) and request threads that are joined, not killed, when the server closes: a SIGTERM lets the
-    requests in flight finish (serve_command)."""
-
-    request_queue_size = 1024
-    daemon_threads = False
-    block_on_close = True
-
-
-def bind_server(host: str, port: int) -> ThreadingHTTPServer:
-    """A ThreadingHTTPServer listening on host:port (port 0: an ephemeral port, see server.server_address) that
-    answers nothing until attach_app. ServeAddressError (one line) when it cannot listen there: serve binds before
-    it loads anything, so a busy port fails at once rather than after the model load."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ServeAddressError(f"--port {port}: allowed 0 to 65535 (0: any free port)")
-    try:
-        return _Server((host, port), _Handler)
-    except OSError as err:
-        raise ServeAddressError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); choose "
-                                "another --port (0: any free port) or --host") from None
-
-
-def attach_app(server: ThreadingHTTPServer, app: AdapterServer) -> ThreadingHTTPServer:
-    server.RequestHandlerClass = type("Handler", (_Handler,), {"app": app})
-    return server
-
-
-def make_server(app: AdapterServer, host: str = "127.0.0.1", port: int = 8000) -> ThreadingHTTPServer:
-    """A ThreadingHTTPServer bound to host:port (port 0: an ephemeral port, see server.server_address)."""
-    return attach_app(bind_server(host, port), app)
-
-
 def serve_command(args) -> int:
-    import signal
-
     server = bind_server(args.host, args.port)
     try:
         app = AdapterServer(args.model, parse_adapter_specs(args.adapter or []), force=args.force,
                             device=args.device, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms)
         attach_app(server, app)
         host, port = server.server_address[:2]
-
-        def drain(signum, frame):  # stop accepting; server_close below waits for the requests in flight
-            log.warning("qlorakit serve: SIGTERM: finishing the requests in flight, then stopping")
-            threading.Thread(target=server.shutdown, daemon=True).start()
-
-        signal.signal(signal.SIGTERM, drain)
         print(f"qlorakit: serving {', '.join(app.model_ids)} on http://{host}:{port}/v1 (concurrent requests "
               f"decoded together, up to {app.max_batch} per batch)", flush=True)
-        server.serve_forever()
+        server.serve_forever(drain_on_signals=True)
     finally:
         server.server_close()
     return 0

@@ -16,10 +16,10 @@ log = logging.getLogger("qlorakit.infer")
 SAMPLING_OPTIONS = ("--max-new-tokens", "--temperature", "--top-p")
 
 
-def check_sampling(max_new_tokens: object, temperature: object, top_p: object, *,
-                   names: tuple[str, str, str] = SAMPLING_OPTIONS) -> None:
-    """Refuse, with an OptionValueError naming the option (`names`), what decoding cannot do: max_new_tokens an
-    integer >= 1, temperature a finite number >= 0 (0: greedy), top_p a number in (0, 1]."""
+def check_sampling(max_new_tokens: object, temperature: object, top_p: object) -> None:
+    """Refuse, with an OptionValueError naming the option, what decoding cannot do: max_new_tokens an integer >= 1,
+    temperature a finite number >= 0 (0: greedy), top_p a number in (0, 1]. (serve's requests: requests.py.)"""
+    names = SAMPLING_OPTIONS
     def number(x: object) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool)
 
