@@ -54,6 +54,8 @@ def _why_not_fusable(owner: nn.Module, names: tuple[str, ...]) -> str | None:
             return f"{n} keeps a dense copy of its weight (CPU run)"
         if layer.__dict__.get("_bank") is not None:
             return f"{n} serves several adapters"
+        if layer.__dict__.get("_off"):
+            return f"{n}'s adapter is switched off (a reference forward)"
     if len({_dropout_p(layer) for layer in layers}) > 1:
         return "its projections have different LoRA dropout"
     return None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import math
 import numbers
 
@@ -68,6 +71,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
+        if self.__dict__.get("_off"):  # adapters_disabled(): the base alone, as a model without the adapter
+            return base(x)
         bank = self.__dict__.get("_bank")
         if bank is not None:
             return bank.forward(base(x), x)
@@ -132,3 +137,17 @@ def _device_of(module: nn.Module) -> torch.device:
 
 
 __all__ = ["AdapterBankSlot", "Linear4bit", "LoraLinear", "lora_scaling"]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside: every LoraLinear of `model` computes its base layer alone (the model as it was before LoRA: a
+    preference objective's reference). Nothing is copied; the adapters come back on exit, also after an error."""
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+    for layer in layers:
+        layer.__dict__["_off"] = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("_off", None)

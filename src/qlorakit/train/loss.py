@@ -47,6 +47,50 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         return grad_h * grad_total.to(grad_h.dtype), None, None, None
 
 
+def _rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+          grad_h: torch.Tensor | None) -> torch.Tensor:
+    """Each row's cross-entropy (fp32 [M]) by chunks of logits; with `grad_h`, each row's hidden-state gradient
+    written into it."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(hidden.dtype)
+        rows = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            logits = hidden[start:start + chunk] @ w.t()
+            rows[start:start + chunk] = kernels.call("cross_entropy_grad", logits, targets[start:start + chunk])
+            if grad_h is not None:
+                torch.mm(logits, w, out=grad_h[start:start + chunk])
+            del logits
+    return rows
+
+
+class _LinearCrossEntropyRowsFn(torch.autograd.Function):
+    """As _LinearCrossEntropyFn, but each row's loss is an output: backward scales each row's hidden-state
+    gradient by its own incoming gradient (a preference loss weighs every sequence differently)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
+        grad_h = torch.empty_like(hidden)
+        rows = _rows(hidden, weight, targets, chunk, grad_h)
+        ctx.save_for_backward(grad_h)
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_rows.to(grad_h.dtype).unsqueeze(1), None, None, None
+
+
+def linear_cross_entropy_rows(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                              chunk_tokens: int = FUSED_CHUNK_TOKENS) -> torch.Tensor:
+    """cross_entropy(hidden W^T, targets) of each row: hidden [M, H], weight [V, H] (frozen), targets [M] in
+    [0, V); fp32 [M], the same numbers with and without gradients (a reference forward equals the policy's)."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy_rows: the LM head weight must be frozen (it gets no gradient here)")
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        return _LinearCrossEntropyRowsFn.apply(hidden.contiguous(), weight, targets, chunk_tokens)
+    return _rows(hidden.contiguous(), weight, targets, chunk_tokens, None)
+
+
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                              chunk_tokens: int = 4096) -> torch.Tensor:
     """Sum over rows of cross_entropy(hidden W^T, targets): hidden [M, H] (compute dtype), weight [V, H] (frozen),

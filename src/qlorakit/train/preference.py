@@ -1,0 +1,130 @@
+"""Preference objectives on the 4-bit base: DPO (sigmoid), IPO, ORPO and SimPO, from per-sequence log-probs.
+
+A preference batch holds each pair's chosen rows first and its rejected rows after them (as TRL's DPOTrainer
+concatenates them), so both run in one forward: input_ids, attention_mask and completion_mask [2N, T] (the
+completion mask marks the response tokens, EOS included). Log-probs come from the decoder's hidden states and the
+frozen LM head through `loss.linear_cross_entropy_rows` (chunks of logits, no full-vocabulary fp32 tensor).
+
+The reference of DPO and IPO is the policy with its adapters switched off (`nn.lora.adapters_disabled`): the 4-bit
+base itself, never a second copy of it. ORPO and SimPO need no reference. The formulas follow TRL's trainers, whose
+names the metrics keep (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
+logps/rejected):
+  dpo    -log sigmoid(beta * ((c - c_ref) - (r - r_ref)))                    c, r: summed response log-probs
+  ipo    ((c - c_ref) / n_c - (r - r_ref) / n_r - 1 / (2 beta))^2           n: response tokens
+  orpo   nll(chosen, prompt and response) - beta * log sigmoid(log odds(c/n_c) - log odds(r/n_r))
+  simpo  -(1 - eps) log sigmoid(beta * (c/n_c - r/n_r) - gamma) - eps log sigmoid(-(...))
+each averaged over the pairs of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..nn.lora import adapters_disabled
+from .loss import linear_cross_entropy_rows
+
+OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
+NEEDS_REFERENCE = ("dpo", "ipo")
+
+
+@dataclass(frozen=True)
+class PreferenceSettings:
+    objective: str
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # simpo: TRL's CPO trainer's conservative form
+    simpo_gamma: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: allowed {', '.join(OBJECTIVES)}")
+
+
+@dataclass
+class SequenceLogps:
+    """Per pair: summed response log-probs and response token counts of the chosen and rejected rows; with
+    `nll`, the mean negative log-likelihood of the chosen rows' every token (prompt and response: ORPO's)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
+    nll: torch.Tensor | None = None
+
+
+def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll: bool = False) -> SequenceLogps:
+    """The log-probs of `batch`'s responses under `lm` (a causal LM; its head frozen)."""
+    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    hidden = lm.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    weight = lm.get_output_embeddings().weight
+    if weight.device != hidden.device:  # a head kept in host memory: in for the loss
+        weight = weight.to(hidden.device, non_blocking=True)
+    # position t predicts token t + 1; the rows that count are those of response tokens (and, for ORPO's NLL,
+    # every attended token of the chosen rows)
+    wanted = (attention[:, 1:] if with_nll else completion[:, 1:]).bool()
+    row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(wanted)[wanted]
+    h = hidden[:, :-1][wanted]
+    if torch.is_autocast_enabled(h.device.type):
+        h = h.to(torch.get_autocast_dtype(h.device.type))
+    ce = linear_cross_entropy_rows(h, weight, ids[:, 1:][wanted])
+    in_response = completion[:, 1:].bool()[wanted]
+    sums = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
+    sums = sums.index_add(0, row_of[in_response], -ce[in_response])
+    counts = completion[:, 1:].sum(dim=1).float()
+    n = ids.shape[0] // 2
+    nll = None
+    if with_nll:
+        chosen_rows = row_of < n
+        nll = ce[chosen_rows].sum() / chosen_rows.sum().clamp(min=1)
+    return SequenceLogps(sums[:n], sums[n:], counts[:n], counts[n:], nll)
+
+
+def reference_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
+    """sequence_logps of the base: `lm` with its adapters off, without gradients."""
+    with torch.no_grad(), adapters_disabled(lm):
+        return sequence_logps(lm, batch)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, in the numerically careful split."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def preference_loss(s: PreferenceSettings, policy: SequenceLogps,
+                    reference: SequenceLogps | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch's loss (a scalar, mean over pairs) and its metrics under TRL's names."""
+    c, r = policy.chosen, policy.rejected
+    if s.objective in NEEDS_REFERENCE:
+        if reference is None:
+            raise ValueError(f"objective {s.objective} needs the reference log-probs")
+        chosen_ratio, rejected_ratio = c - reference.chosen, r - reference.rejected
+        if s.objective == "dpo":
+            losses = -F.logsigmoid(s.beta * (chosen_ratio - rejected_ratio))
+        else:
+            delta = chosen_ratio / policy.chosen_tokens.clamp(min=1) - rejected_ratio / policy.rejected_tokens.clamp(min=1)
+            losses = (delta - 1 / (2 * s.beta)) ** 2
+        chosen_rewards, rejected_rewards = s.beta * chosen_ratio.detach(), s.beta * rejected_ratio.detach()
+        extra: dict[str, float] = {}
+    else:
+        c_avg, r_avg = c / policy.chosen_tokens.clamp(min=1), r / policy.rejected_tokens.clamp(min=1)
+        if s.objective == "orpo":
+            if policy.nll is None:
+                raise ValueError("objective orpo needs the chosen rows' NLL (sequence_logps(..., with_nll=True))")
+            log_odds = (c_avg - r_avg) - (_log1mexp(c_avg) - _log1mexp(r_avg))
+            ratio = F.logsigmoid(log_odds)
+            losses = policy.nll - s.beta * ratio
+            extra = {"nll_loss": float(policy.nll.detach()), "log_odds_ratio": float(ratio.detach().mean()),
+                     "log_odds_chosen": float(log_odds.detach().mean())}
+        else:
+            logits = s.beta * (c_avg - r_avg) - s.simpo_gamma
+            losses = -F.logsigmoid(logits) * (1 - s.label_smoothing) - F.logsigmoid(-logits) * s.label_smoothing
+            extra = {}
+        chosen_rewards, rejected_rewards = s.beta * c_avg.detach(), s.beta * r_avg.detach()
+    metrics = {
+        "rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
+        "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
+        "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
+        "logps/chosen": float(c.detach().mean()), "logps/rejected": float(r.detach().mean()), **extra}
+    return losses.mean(), metrics
