@@ -91,6 +91,15 @@ class TrainingSection(_Section):
         "must agree")
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
+    objective: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
+        "sft", description="sft: next-token loss on the responses; dpo, ipo (with the base, adapters off, as the "
+        "reference), orpo, simpo (no reference): preference tuning on prompt/chosen/rejected records, as TRL computes "
+        "them (train/preference.py)")
+    beta: float = Field(0.1, gt=0, description="preference objectives: TRL's beta (dpo/ipo: the KL strength; orpo: "
+                        "the odds-ratio weight; simpo: the reward scale)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="simpo: TRL's label_smoothing (the conservative "
+                                   "loss); 0 elsewhere")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "offload_adamw_32bit",
@@ -207,6 +216,8 @@ class DataSection(_Section):
     max_eval_examples: int | None = Field(None, gt=0)
     template: Literal["auto", "chat_template", "alpaca"] = "auto"
     cache_dir: str | None = None
+    max_prompt_length: int | None = Field(None, gt=0, description="preference objectives: a prompt longer than "
+                                          "this keeps its last tokens (then responses are cut to max_seq_length)")
 
 
 class QloraConfig(_Section):
@@ -221,6 +232,15 @@ class QloraConfig(_Section):
         q = self.quantization
         if not q.load_in_4bit and q.quant_type == "fp4":
             raise ValueError("quantization.quant_type 'fp4' needs quantization.load_in_4bit: true")
+        t, d = self.training, self.data
+        if t.objective != "sft":
+            clash = [k for k, bad in (("data.format", "format" in d.model_fields_set), ("data.packing", d.packing
+                     and "packing" in d.model_fields_set), ("training.distributed", t.distributed == "fsdp")) if bad]
+            if clash:
+                raise ValueError(f"training.objective {t.objective} reads prompt/chosen/rejected records, one pair "
+                                 f"per row, without FSDP: drop {', '.join(clash)}")
+        if t.label_smoothing and t.objective != "simpo":
+            raise ValueError(f"training.label_smoothing applies to objective simpo, not {t.objective}")
         if self.training.bf16 is not None and self.training.bf16 != (q.compute_dtype == "bfloat16"):
             raise ValueError(
                 f"training.bf16 is {str(self.training.bf16).lower()} but quantization.compute_dtype is "

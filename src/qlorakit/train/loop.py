@@ -25,8 +25,12 @@ from .forward import evaluate, forward_loss_sum
 from .fsdp import grad_norm_value, set_gradient_sync
 from .loss import count_targets
 from .metrics import MetricsWriter, NoMetrics, plot_losses
+from .preference import PreferenceSettings
+from .preference_step import accumulate_preference, evaluate_preference
 from .runtime import Runtime
 from .schedule import lr_factor, warmup_steps_for
+from .steps import Cursor as _Cursor
+from .steps import planned_steps
 
 log = logging.getLogger("qlorakit.train")
 
@@ -58,6 +62,7 @@ class LoopSettings:
     log_every: int
     keep_checkpoints: int
     attn_implementation: str
+    preference: PreferenceSettings | None  # training.objective other than sft: its loss settings
     stop_after_steps: int | None = None  # stop (as if killed) after this many steps; for tests and demos
     run_settings: dict[str, Any] | None = None  # recorded in every checkpoint, compared on resume (run_state.py)
 
@@ -69,8 +74,10 @@ class LoopSettings:
             gradient_accumulation=t.gradient_accumulation, epochs=t.epochs, max_steps=t.max_steps,
             learning_rate=t.learning_rate, weight_decay=t.weight_decay, scheduler=t.scheduler,
             warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, max_seq_length=t.max_seq_length,
-            packing=cfg.data.packing, eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
+            packing=cfg.data.packing and t.objective == "sft", eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
             keep_checkpoints=t.keep_checkpoints, attn_implementation=cfg.model.attn_implementation,
+            preference=None if t.objective == "sft" else PreferenceSettings(
+                t.objective, t.beta, t.label_smoothing, t.simpo_gamma),
             stop_after_steps=stop_after_steps)
 
 
@@ -83,22 +90,6 @@ class TrainResult:
     resumed_from: int = 0
     interrupted: bool = False
     checkpoint: Path | None = None
-
-
-class _Cursor:
-    """Position in the stream of micro-batches: (epoch, index into that epoch's batch plan)."""
-
-    def __init__(self, plan_fn, epoch: int = 0, index: int = 0):
-        self.plan_fn, self.epoch, self.index = plan_fn, epoch, index
-        self.plan = plan_fn(epoch)
-
-    def next(self) -> list[list[int]]:
-        while self.index >= len(self.plan):
-            self.epoch, self.index = self.epoch + 1, 0
-            self.plan = self.plan_fn(self.epoch)
-        batch = self.plan[self.index]
-        self.index += 1
-        return batch
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]], runtime: Runtime,
@@ -141,17 +132,6 @@ class _ResumePoint:
     epoch: int
     batch_index: int
     rng: RngStates
-
-
-def planned_steps(train_examples, settings: LoopSettings) -> int:
-    """The run's optimizer steps: max_steps, or epochs over the batch plan at gradient_accumulation."""
-    from ..data import epoch_batches
-
-    batches = len(epoch_batches(train_examples.lengths, settings.batch_size, settings.max_seq_length,
-                                settings.packing, seed=settings.seed, epoch=0))
-    if batches == 0:
-        raise QlorakitError("no training batches: the training set is empty after filtering")
-    return settings.max_steps or max(1, math.ceil(settings.epochs * batches / settings.gradient_accumulation))
 
 
 def _divergence_message(step: int, loss: float, runtime: Runtime, settings: LoopSettings) -> str:
@@ -253,8 +233,13 @@ class _Trainer:
         lr = s.learning_rate * lr_factor(self.step, self.total_steps, self.warmup, s.scheduler)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        loss = accumulate_gradients(self.model, micro, self.runtime, s.packing, s.attn_implementation, self.dist,
-                                    getattr(self.optimizer, "begin_micro_batch", None))
+        hook = getattr(self.optimizer, "begin_micro_batch", None)
+        if s.preference is not None:
+            loss, self.pair_metrics = accumulate_preference(self.model, micro, self.runtime, s.preference, self.dist,
+                                                            hook)
+        else:
+            loss = accumulate_gradients(self.model, micro, self.runtime, s.packing, s.attn_implementation,
+                                        self.dist, hook)
         tokens = sum(int(b["attention_mask"].sum()) for b in micro)
         if not math.isfinite(loss):
             raise TrainingDivergedError(_divergence_message(self.step + 1, loss, self.runtime, s))
@@ -273,20 +258,30 @@ class _Trainer:
                "epoch": self.cursor.epoch + self.cursor.index / max(1, len(self.cursor.plan))}
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm
+        rec.update(getattr(self, "pair_metrics", {}))  # a preference objective's rewards/... (TRL's names)
         mem = self.runtime.memory_gib()
         if mem is not None:
             rec["peak_mem_gib"] = mem
         self.metrics.write(rec)
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}",
+        pairs = {"acc": f"{rec['rewards/accuracies']:.2f}", "margin": f"{rec['rewards/margins']:.3f}"} \
+            if "rewards/margins" in rec else {}
+        self.bar.set_postfix(loss=f"{loss:.4f}", **pairs, tok_s=f"{tok_s:,.0f}",
                              **({"mem": f"{mem:.1f}G"} if mem is not None else {}))
 
     def evaluate(self) -> None:
-        ev = evaluate(self.model, self.eval_examples, self.settings, self.runtime, self.pad_id, self.dist)
+        s = self.settings
+        if s.preference is not None:
+            ev = evaluate_preference(self.model, self.eval_examples, s.batch_size, s.max_seq_length, s.seed,
+                                     self.runtime, self.pad_id, s.preference)
+        else:
+            ev = evaluate(self.model, self.eval_examples, s, self.runtime, self.pad_id, self.dist)
         ev["step"] = self.step
         self.result.eval_history.append(ev)
         self.metrics.write({"event": "eval", **ev})
         when = "step 0 (before training)" if self.step == 0 else f"step {self.step}"
-        self.say(f"{when}: eval loss {ev['eval_loss']:.4f}, perplexity {ev['eval_ppl']:.2f}")
+        what = (f"rewards/accuracies {ev['eval_rewards/accuracies']:.3f}, margins {ev['eval_rewards/margins']:.4f}"
+                if s.preference is not None else f"perplexity {ev['eval_ppl']:.2f}")
+        self.say(f"{when}: eval loss {ev['eval_loss']:.4f}, {what}")
 
     def checkpoint(self, wait_for_all: bool = True) -> Path:
         """Save the state after the last complete step (self.done): every rank gathers, rank 0 writes."""

@@ -88,6 +88,9 @@ def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str,
         "world_size": world_size, "optimizer": t.optimizer, "learning_rate": t.learning_rate,
         "weight_decay": t.weight_decay, "scheduler": t.scheduler, "warmup_ratio": t.warmup_ratio,
         "max_grad_norm": t.max_grad_norm, "max_seq_length": t.max_seq_length, "packing": d.packing,
+        # (absent for sft, as in checkpoints written before preference objectives existed)
+        **({"objective": f"{t.objective} beta {t.beta} gamma {t.simpo_gamma} smoothing {t.label_smoothing}"}
+           if t.objective != "sft" else {}),
     }
     free = {"max_steps": t.max_steps, "epochs": t.epochs, "eval_every": t.eval_every, "save_every": t.save_every,
             "log_every": t.log_every, "keep_checkpoints": t.keep_checkpoints, "fused_blocks": t.fused_blocks,
@@ -223,6 +226,31 @@ def _check_disk(cfg: QloraConfig, est) -> None:
     check_free_disk(Path(t.output_dir), need, f"{t.keep_checkpoints + 1} checkpoints and the adapter")
 
 
+def _prepare_pairs(cfg: QloraConfig, tokenizer):
+    """Preference records (prompt / chosen / rejected) tokenized as TRL does, and the held-out pairs."""
+    from types import SimpleNamespace
+
+    from ..data.pairs import read_pairs, tokenize_pairs
+
+    d, t = cfg.data, cfg.training
+    path = resolve_data_path(d.path)
+    train, report = tokenize_pairs(read_pairs(path), tokenizer, t.max_seq_length, d.max_prompt_length,
+                                   source=str(path))
+    log.info("qlorakit: %s", report.line())
+    if d.eval_file:
+        path = resolve_data_path(d.eval_file)
+        held, eval_report = tokenize_pairs(read_pairs(path), tokenizer, t.max_seq_length, d.max_prompt_length,
+                                           source=str(path))
+        log.info("qlorakit: eval: %s", eval_report.line())
+    else:
+        n_eval = round(len(train) * d.eval_fraction)
+        n_eval = min(n_eval, d.max_eval_examples) if d.max_eval_examples else n_eval
+        train, held = train.split(n_eval, t.seed) if n_eval else (train, None)
+    log.info("qlorakit: objective %s (beta %g): %d training pairs, %d held out; pairs are not packed",
+             t.objective, t.beta, len(train), len(held) if held is not None else 0)
+    return SimpleNamespace(train=train, eval=held if held is not None and len(held) else None, report=report)
+
+
 def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progress: bool,
            stop_after_steps: int | None, device: str | None, before_training) -> RunOutput:
     from ..adapters.fingerprint import base_fingerprint
@@ -236,13 +264,16 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     d = cfg.data
     if not dist.is_main:  # rank 0 tokenises and fills the cache; the others then read it
         dist.barrier()
-    prepared = prepare_data(
-        resolve_data_path(d.path), tokenizer, fmt=d.format, max_seq_length=cfg.training.max_seq_length,
-        template=d.template, train_on_inputs=d.train_on_inputs, overlong=d.overlong, text_field=d.text_field,
-        messages_field=d.messages_field, eval_file=resolve_data_path(d.eval_file) if d.eval_file else None,
-        eval_fraction=d.eval_fraction, max_eval_examples=d.max_eval_examples, seed=cfg.training.seed,
-        cache_dir=Path(d.cache_dir) if d.cache_dir else _default_token_cache(),
-    )
+    if cfg.training.objective != "sft":
+        prepared = _prepare_pairs(cfg, tokenizer)
+    else:
+        prepared = prepare_data(
+            resolve_data_path(d.path), tokenizer, fmt=d.format, max_seq_length=cfg.training.max_seq_length,
+            template=d.template, train_on_inputs=d.train_on_inputs, overlong=d.overlong, text_field=d.text_field,
+            messages_field=d.messages_field, eval_file=resolve_data_path(d.eval_file) if d.eval_file else None,
+            eval_fraction=d.eval_fraction, max_eval_examples=d.max_eval_examples, seed=cfg.training.seed,
+            cache_dir=Path(d.cache_dir) if d.cache_dir else _default_token_cache(),
+        )
     if dist.is_main:
         dist.barrier()
     fingerprint = base_fingerprint(model_dir)

@@ -61,7 +61,7 @@ def examples_fingerprint(*example_sets: Any) -> str:
         if ex is None:
             h.update(b"none")
             continue
-        for arr in (ex.ids, ex.labels, ex.offsets):
+        for arr in (ex.fingerprint_arrays() if hasattr(ex, "fingerprint_arrays") else (ex.ids, ex.labels, ex.offsets)):
             h.update(np.ascontiguousarray(arr).tobytes())
             h.update(b"|")
     return h.hexdigest()[:16]

@@ -1,0 +1,87 @@
+"""Preference tuning through the whole pipeline on the tiny model (CPU): `training.objective: dpo` (and the
+others) reads prompt/chosen/rejected records, trains, logs TRL's metric names, raises the held-out pairs'
+rewards/accuracies, resumes exactly, and refuses a bad record in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pipeline_helpers import read_events, run_tree, train_losses
+
+from qlorakit.adapters.peft_format import lora_state_dict
+from qlorakit.config import config_from_dict
+from qlorakit.train.run import run_training
+
+SUBJECTS = ["two plus two", "the capital of France", "a tiny corpus", "the quick brown fox", "the lazy dog",
+            "three tips", "staying healthy", "good morning", "the tests", "this world"]
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """One consistent preference: the chosen reply is always 'Four.', the rejected one always 'Paris.'."""
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [{"prompt": f"What is {s}? ({i})", "chosen": " Four.", "rejected": " Paris."}
+            for i in range(4) for s in SUBJECTS]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _cfg(model_dir, data, out, objective="dpo", **training):
+    return config_from_dict(run_tree(model_dir, data, out, training={
+        "objective": objective, "max_steps": 12, "batch_size": 4, "learning_rate": 2e-2, "eval_every": 6,
+        **training}, data={"eval_fraction": 0.2}))
+
+
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "simpo"])
+def test_an_objective_trains_and_raises_held_out_accuracy(tiny_model_dir, pairs_file, tmp_path, objective):
+    out = run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / objective, objective), progress=False)
+    evals = read_events(tmp_path / objective, "eval")
+    first, last = evals[0], evals[-1]
+    assert first["step"] == 0 and last["step"] == 12 and first["eval_pairs"] == 8
+    assert last["eval_rewards/accuracies"] >= 0.8 and last["eval_rewards/margins"] > first["eval_rewards/margins"]
+    trains = read_events(tmp_path / objective, "train")
+    assert len(trains) == 12 and {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                                  "logps/chosen", "logps/rejected"} <= set(trains[-1])
+    if objective in ("dpo", "ipo"):  # the reference is the base: at step 0 policy and reference agree
+        assert first["eval_rewards/margins"] == 0.0
+    assert (tmp_path / objective / "adapter" / "adapter_model.safetensors").is_file() and out.result.steps == 12
+
+
+def test_a_stopped_dpo_run_resumes_exactly(tiny_model_dir, pairs_file, tmp_path):
+    whole = run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / "whole", max_steps=6,
+                              gradient_accumulation=2), progress=False)
+    cfg = _cfg(tiny_model_dir, pairs_file, tmp_path / "cut", max_steps=6, gradient_accumulation=2)
+    run_training(cfg, progress=False, stop_after_steps=3)
+    resumed = run_training(cfg, progress=False)
+    assert resumed.result.resumed_from == 3
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "whole")
+    a, b = lora_state_dict(whole.model), lora_state_dict(resumed.model)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_bad_record_is_one_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "Hi", "chosen": " Four."}) + "\n", encoding="utf-8")
+    from qlorakit.errors import QlorakitError
+
+    with pytest.raises(QlorakitError) as err:
+        run_training(_cfg(tiny_model_dir, bad, tmp_path / "bad"), progress=False)
+    message = str(err.value)
+    assert "\n" not in message and "bad.jsonl" in message and "rejected" in message
+
+
+@pytest.mark.parametrize("tree,words", [
+    ({"training": {"objective": "dpo"}, "data": {"format": "chat"}}, "drop data.format"),
+    ({"training": {"objective": "orpo"}, "data": {"packing": True}}, "drop data.packing"),
+    ({"training": {"objective": "dpo", "distributed": "fsdp"}}, "drop training.distributed"),
+    ({"training": {"objective": "dpo", "label_smoothing": 0.1}}, "label_smoothing applies to objective simpo"),
+    ({"training": {"objective": "kto"}}, "objective"),
+])
+def test_preference_settings_that_do_not_go_together_are_one_line(tree, words):
+    from qlorakit.errors import QloraConfigError
+
+    with pytest.raises(QloraConfigError) as err:
+        config_from_dict({"model": {"name": "m"}, **tree})
+    assert words in str(err.value) and "\n" not in str(err.value)
