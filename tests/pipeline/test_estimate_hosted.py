@@ -159,3 +159,11 @@ def test_a_cpu_run_asked_to_host_says_why_not_and_trains_the_same(tiny_model_dir
             and r.levelno == logging.WARNING]
     assert len(said) == 1 and why in said[0], said
     assert hosted.result.losses == plain.result.losses and len(plain.result.losses) == 2
+
+
+def test_a_preference_objective_counts_both_rows_of_each_pair(tmp_path):
+    model_dir = _dir(tmp_path, LLAMA3_8B)
+    dpo = estimate(_cfg(model_dir, max_seq_length=1024, batch_size=2, objective="dpo"), model_dir)
+    sft = estimate(_cfg(model_dir, max_seq_length=1024, batch_size=4), model_dir)
+    for key in ("saved_activations", "layer_working_set", "loss_chunk"):
+        assert dpo.component(key) == sft.component(key), key

@@ -42,7 +42,8 @@ def _hosted_stay_bytes(shape: ModelShape, cfg: QloraConfig, adapted: list[str], 
 
 def activations(shape: ModelShape, cfg: QloraConfig, adapted: list[str]) -> Activations:
     t, d = cfg.training, dtype_bytes(cfg.quantization.compute_dtype)
-    batch, seq = t.batch_size, t.max_seq_length
+    # a preference objective runs each pair's chosen and rejected rows together: twice the rows of a batch
+    batch, seq = t.batch_size * (1 if t.objective == "sft" else 2), t.max_seq_length
     tokens, h, layers = batch * seq, shape.hidden, shape.num_layers
     fused = shape.fusable_layers(adapted)["layer"] if t.fused_blocks and cfg.quantization.load_in_4bit else 0
     small, large = layer_activation_bytes(shape.config, tokens, d) if fused else (0, 0)
