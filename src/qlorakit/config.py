@@ -98,6 +98,10 @@ class TrainingSection(_Section):
     beta: float = Field(0.1, gt=0, description="preference objectives: TRL's beta (dpo/ipo: the KL strength; orpo: "
                         "the odds-ratio weight; simpo: the reward scale)")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma)")
+    reference_adapter: str | None = Field(
+        None, description="dpo/ipo: a PEFT adapter folder (e.g. an SFT run's adapter, of this lora shape) that the "
+        "policy starts from; a frozen copy of it on the base is the reference. Unset: a new adapter, the base the "
+        "reference")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="simpo: TRL's label_smoothing (the conservative "
                                    "loss); 0 elsewhere")
     learning_rate: float = Field(2e-4, gt=0)
@@ -239,6 +243,8 @@ class QloraConfig(_Section):
             if clash:
                 raise ValueError(f"training.objective {t.objective} reads prompt/chosen/rejected records, one pair "
                                  f"per row, without FSDP: drop {', '.join(clash)}")
+        if t.reference_adapter and t.objective not in ("dpo", "ipo"):
+            raise ValueError(f"training.reference_adapter applies to objectives dpo and ipo, not {t.objective}")
         if t.label_smoothing and t.objective != "simpo":
             raise ValueError(f"training.label_smoothing applies to objective simpo, not {t.objective}")
         if self.training.bf16 is not None and self.training.bf16 != (q.compute_dtype == "bfloat16"):

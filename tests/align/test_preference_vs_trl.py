@@ -181,3 +181,41 @@ def test_average_logps_and_nll_equal_trl_get_batch_logps():
     nll_labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:n, 1:]
     nll = torch.nn.functional.cross_entropy(logits[:n, :-1].reshape(-1, logits.shape[-1]), nll_labels.reshape(-1))
     assert _close(logps.nll, nll)
+
+
+def test_a_starting_adapter_as_the_reference_equals_trl_with_a_peft_model():
+    """Given a PEFT model (an adapter to continue, e.g. an SFT one), TRL copies it into a frozen 'ref' adapter
+    that is the reference; qlorakit's training.reference_adapter does the same with a snapshot of the adapter.
+    At the first step policy and reference agree (loss log 2), and the gradients still equal TRL's."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from qlorakit.nn.lora import adapter_snapshot
+
+    tok = _tokenizer()
+    base = _base(tok)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False))
+    args = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=len(PAIRS), max_steps=1,
+                     report_to=[], use_cpu=True, beta=0.1, loss_type="sigmoid", save_strategy="no", bf16=False)
+    trainer = DPOTrainer(model=peft_model, args=args, train_dataset=Dataset.from_list(PAIRS), processing_class=tok)
+    assert "ref" in trainer.model.peft_config  # TRL's own reference adapter
+    batch = next(iter(trainer.get_train_dataloader()))
+    ours = _ours_like(trainer.model, base)
+    trainer.model.train()
+    theirs_loss = trainer.compute_loss(trainer.model, batch)
+    theirs_loss.backward()
+    theirs = _grads(trainer.model)
+
+    ours.train()
+    settings = PreferenceSettings("dpo", beta=0.1)
+    snapshot = adapter_snapshot(ours)
+    loss, metrics = preference_loss(settings, sequence_logps(ours, batch), reference_logps(ours, batch, snapshot))
+    loss.backward()
+    mine = _grads(ours)
+    assert abs(float(loss) - float(theirs_loss)) <= RTOL * float(theirs_loss)
+    assert abs(float(loss) - 0.6931471805599453) < 1e-6 and metrics["rewards/margins"] == 0.0
+    assert mine.keys() == theirs.keys() and all(_close(mine[n], theirs[n]) for n in mine)
+    # the reference swaps the snapshot in and gives the layers their own tensors back
+    assert all(m.lora_A.weight.data_ptr() != snapshot[name][0].data_ptr()
+               for name, m in ours.named_modules() if isinstance(m, LoraLinear))

@@ -78,6 +78,8 @@ def test_a_bad_record_is_one_line(tiny_model_dir, tmp_path):
     ({"training": {"objective": "dpo", "distributed": "fsdp"}}, "drop training.distributed"),
     ({"training": {"objective": "dpo", "label_smoothing": 0.1}}, "label_smoothing applies to objective simpo"),
     ({"training": {"objective": "kto"}}, "objective"),
+    ({"training": {"objective": "orpo", "reference_adapter": "runs/sft/adapter"}},
+     "reference_adapter applies to objectives dpo and ipo"),
 ])
 def test_preference_settings_that_do_not_go_together_are_one_line(tree, words):
     from qlorakit.errors import QloraConfigError
@@ -85,3 +87,25 @@ def test_preference_settings_that_do_not_go_together_are_one_line(tree, words):
     with pytest.raises(QloraConfigError) as err:
         config_from_dict({"model": {"name": "m"}, **tree})
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_dpo_continues_from_an_sft_adapter_which_is_also_its_reference(tiny_model_dir, pattern_data, pairs_file,
+                                                                        tmp_path):
+    sft = run_training(config_from_dict(run_tree(tiny_model_dir, pattern_data, tmp_path / "sft",
+                                                 training={"max_steps": 3})), progress=False)
+    adapter = str(sft.adapter_dir)
+    out = run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / "dpo", max_steps=6, reference_adapter=adapter),
+                       progress=False)
+    first = read_events(tmp_path / "dpo", "eval")[0]
+    # at step 0 the policy is the SFT adapter, and so is the reference: equal log-probs, loss log 2
+    assert first["eval_rewards/margins"] == 0.0 and abs(first["eval_loss"] - 0.6931471805599453) < 1e-6
+    last = read_events(tmp_path / "dpo", "eval")[-1]
+    assert last["eval_rewards/margins"] > 0 and out.result.steps == 6
+    # a reference adapter of another shape is refused in one line, before training
+    from qlorakit.errors import QloraConfigError
+
+    with pytest.raises(QloraConfigError) as err:
+        run_training(config_from_dict(run_tree(tiny_model_dir, pairs_file, tmp_path / "bad", lora={"rank": 4},
+                                               training={"objective": "dpo", "reference_adapter": adapter})),
+                     progress=False)
+    assert "training.reference_adapter" in str(err.value) and "\n" not in str(err.value)

@@ -151,3 +151,28 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.__dict__.pop("_off", None)
+
+
+@contextlib.contextmanager
+def adapter_weights_swapped(model: nn.Module, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Inside: each LoraLinear named in `weights` (module name -> (A, B), the layer's shapes and dtypes) computes
+    with those adapter weights instead of its own (a frozen reference adapter; use under no_grad). The tensors are
+    swapped, not copied; the layer's own come back on exit, also after an error."""
+    layers = dict(model.named_modules())
+    swapped = []
+    try:
+        for name, (a, b) in weights.items():
+            layer = layers[name]
+            layer.lora_A.weight.data, a_own = a, layer.lora_A.weight.data
+            layer.lora_B.weight.data, b_own = b, layer.lora_B.weight.data
+            swapped.append((layer, a_own, b_own))
+        yield
+    finally:
+        for layer, a_own, b_own in swapped:
+            layer.lora_A.weight.data, layer.lora_B.weight.data = a_own, b_own
+
+
+def adapter_snapshot(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A frozen copy of every LoraLinear's adapter weights, by module name (for adapter_weights_swapped)."""
+    return {name: (m.lora_A.weight.detach().clone(), m.lora_B.weight.detach().clone())
+            for name, m in model.named_modules() if isinstance(m, LoraLinear)}

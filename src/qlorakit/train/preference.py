@@ -6,7 +6,8 @@ completion mask marks the response tokens, EOS included). Log-probs come from th
 frozen LM head through `loss.linear_cross_entropy_rows` (chunks of logits, no full-vocabulary fp32 tensor).
 
 The reference of DPO and IPO is the policy with its adapters switched off (`nn.lora.adapters_disabled`): the 4-bit
-base itself, never a second copy of it. ORPO and SimPO need no reference. The formulas follow TRL's trainers, whose
+base itself, never a second copy of it; or, with training.reference_adapter, the base with a frozen copy of the
+adapter the policy started from (TRL's "ref" adapter), swapped in for the reference forward. ORPO and SimPO need no reference. The formulas follow TRL's trainers, whose
 names the metrics keep (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
 logps/rejected):
   dpo    -log sigmoid(beta * ((c - c_ref) - (r - r_ref)))                    c, r: summed response log-probs
@@ -18,12 +19,12 @@ each averaged over the pairs of the batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from ..nn.lora import adapters_disabled
+from ..nn.lora import adapter_weights_swapped, adapters_disabled
 from .loss import linear_cross_entropy_rows
 
 OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
@@ -36,6 +37,8 @@ class PreferenceSettings:
     beta: float = 0.1
     label_smoothing: float = 0.0  # simpo: TRL's CPO trainer's conservative form
     simpo_gamma: float = 0.5
+    # dpo/ipo: the frozen starting adapter (nn.lora.adapter_snapshot) whose model is the reference; None: the base
+    reference_adapter: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -81,9 +84,11 @@ def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll
     return SequenceLogps(sums[:n], sums[n:], counts[:n], counts[n:], nll)
 
 
-def reference_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor]) -> SequenceLogps:
-    """sequence_logps of the base: `lm` with its adapters off, without gradients."""
-    with torch.no_grad(), adapters_disabled(lm):
+def reference_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor],
+                    adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> SequenceLogps:
+    """sequence_logps of the reference, without gradients: `lm` with its adapters off (the base), or with the
+    frozen `adapter` weights (nn.lora.adapter_snapshot) in place of its own (base + a starting adapter)."""
+    with torch.no_grad(), adapters_disabled(lm) if adapter is None else adapter_weights_swapped(lm, adapter):
         return sequence_logps(lm, batch)
 
 

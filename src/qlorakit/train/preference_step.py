@@ -32,7 +32,7 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], runtime: 
     """The mean loss over one micro-batch's pairs and its metrics (gradients flow into the adapters)."""
     batch = _on_device(batch, runtime.device)
     with runtime.autocast():
-        reference = reference_logps(model, batch) if s.objective in NEEDS_REFERENCE else None
+        reference = reference_logps(model, batch, s.reference_adapter) if s.objective in NEEDS_REFERENCE else None
         policy = sequence_logps(model, batch, with_nll=s.objective == "orpo")
         return preference_loss(s, policy, reference)
 

@@ -89,8 +89,8 @@ def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str,
         "weight_decay": t.weight_decay, "scheduler": t.scheduler, "warmup_ratio": t.warmup_ratio,
         "max_grad_norm": t.max_grad_norm, "max_seq_length": t.max_seq_length, "packing": d.packing,
         # (absent for sft, as in checkpoints written before preference objectives existed)
-        **({"objective": f"{t.objective} beta {t.beta} gamma {t.simpo_gamma} smoothing {t.label_smoothing}"}
-           if t.objective != "sft" else {}),
+        **({"objective": f"{t.objective} beta {t.beta} gamma {t.simpo_gamma} smoothing {t.label_smoothing} "
+                         f"reference {t.reference_adapter or 'the base'}"} if t.objective != "sft" else {}),
     }
     free = {"max_steps": t.max_steps, "epochs": t.epochs, "eval_every": t.eval_every, "save_every": t.save_every,
             "log_every": t.log_every, "keep_checkpoints": t.keep_checkpoints, "fused_blocks": t.fused_blocks,
@@ -226,6 +226,21 @@ def _check_disk(cfg: QloraConfig, est) -> None:
     check_free_disk(Path(t.output_dir), need, f"{t.keep_checkpoints + 1} checkpoints and the adapter")
 
 
+def _start_from_adapter(cfg: QloraConfig, model: nn.Module, fingerprint: str) -> None:
+    """training.reference_adapter: the policy starts from that adapter (its LoRA shape must be lora.*'s)."""
+    from ..adapters.peft_format import load_adapter, read_adapter
+
+    path = cfg.training.reference_adapter
+    config, _, _ = read_adapter(path)
+    lo = cfg.lora
+    if (config.get("r"), float(config.get("lora_alpha", 0))) != (lo.rank, float(lo.alpha)):
+        raise QloraConfigError(f"training.reference_adapter {path}: r={config.get('r')} lora_alpha="
+                               f"{config.get('lora_alpha')}, but lora.rank={lo.rank} lora.alpha={lo.alpha}: set lora "
+                               "to the adapter's shape to start from it")
+    load_adapter(model, path, base_fingerprint=fingerprint)
+    log.info("qlorakit: the policy starts from %s; a frozen copy of it on the base is the reference", path)
+
+
 def _prepare_pairs(cfg: QloraConfig, tokenizer):
     """Preference records (prompt / chosen / rejected) tokenized as TRL does, and the held-out pairs."""
     from types import SimpleNamespace
@@ -296,6 +311,8 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         _check_disk(cfg, est)
         write_text(out / "config.yaml", dump_config(cfg))
     model = build_model(cfg, model_dir, runtime, progress)
+    if cfg.training.reference_adapter:
+        _start_from_adapter(cfg, model, fingerprint)
     place_activations(cfg, model, runtime, dist.sharded)
     if before_training is not None:
         before_training(model, tokenizer)
@@ -308,6 +325,12 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     if dist.rank > 0:  # its own LoRA-dropout stream; rank 0 keeps the single-process one
         torch.manual_seed(cfg.training.seed + 1_000_003 * dist.rank)
     optimizer = build_optimizer(cfg, model)
+    if cfg.training.reference_adapter:  # after the optimizer: the copy has the dtype the adapters train in
+        from dataclasses import replace
+
+        from ..nn.lora import adapter_snapshot
+
+        settings.preference = replace(settings.preference, reference_adapter=adapter_snapshot(model))
     record = {
         "base_model": str(cfg.model.name),
         "base_model_dir": str(model_dir),
