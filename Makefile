@@ -8,7 +8,7 @@ STAMP := $(VENV)/.qlorakit-installed
 HAS_CUDA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: setup test quickstart clean
+.PHONY: setup test quickstart dpo clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,15 @@ quickstart: $(STAMP)
 	$(BIN)/qlorakit demo && \
 	$(BIN)/qlorakit train examples/quickstart.yaml $(QUICKSTART_DECODING) $(QUICKSTART_PROMPTS); status=$$?; \
 	echo "quickstart: $$(( $$(date +%s) - start )) s (after set-up)"; exit $$status
+
+# Preference tuning after the quickstart (examples/dpo.yaml): pairs sampled from its adapter, then DPO from it.
+dpo: $(STAMP)
+	@test -f runs/quickstart/adapter/adapter_model.safetensors || { echo "dpo: run make quickstart first"; exit 2; }
+	@start=$$(date +%s); \
+	$(BIN)/qlorakit pairs --adapter runs/quickstart/adapter --out runs/dpo-pairs.jsonl --max-pairs 64 \
+		--max-new-tokens 48 && \
+	$(BIN)/qlorakit train examples/dpo.yaml $(QUICKSTART_DECODING) $(QUICKSTART_PROMPTS); status=$$?; \
+	echo "dpo: $$(( $$(date +%s) - start )) s (after the quickstart)"; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import OptionValueError, QlorakitError
-from .options import ChatOptions, CommandOptions, GenerateOptions, QuantizeOptions, ServeOptions, add_flags, read_flags
+from .options import (ChatOptions, CommandOptions, GenerateOptions, PairsOptions, QuantizeOptions, ServeOptions,
+                      add_flags, read_flags)
 
 
 def _cmd_quantize(opts: QuantizeOptions) -> int:
@@ -99,6 +100,12 @@ def _cmd_chat(opts: ChatOptions) -> int:
     from .infer.session import chat_command
 
     return chat_command(opts)
+
+
+def _cmd_pairs(opts: PairsOptions) -> int:
+    from .infer.pairs import pairs_command
+
+    return pairs_command(opts)
 
 
 def _with_options(parser: argparse.ArgumentParser, options: type[CommandOptions],
@@ -194,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with a 4xx; SIGTERM finishes the requests in flight.",
     )
     _with_options(s, ServeOptions, _cmd_serve)
+
+    p = sub.add_parser(
+        "pairs", help="make preference pairs from SFT data: its answers chosen, the model's sampled replies rejected",
+        description="For the first --max-pairs records of --data, sample the model's (+ adapter's) reply to each "
+        "prompt and write {prompt, chosen, rejected} in TRL's conversational format to --out (the SPIN recipe), "
+        "for training.objective dpo: see examples/dpo.yaml.")
+    _with_options(p, PairsOptions, _cmd_pairs)
 
     d = sub.add_parser("demo", help="prepare the bundled default model and data in the user cache (idempotent)")
     d.set_defaults(func=_cmd_demo)

@@ -5,6 +5,7 @@ rewards/accuracies, resumes exactly, and refuses a bad record in one line."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -109,3 +110,50 @@ def test_dpo_continues_from_an_sft_adapter_which_is_also_its_reference(tiny_mode
                                                training={"objective": "dpo", "reference_adapter": adapter})),
                      progress=False)
     assert "training.reference_adapter" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_qlorakit_pairs_makes_dpo_data_from_sft_data(tiny_model_dir, pattern_data, tmp_path, capsys):
+    """`qlorakit pairs`: the SFT answers chosen, the model's sampled replies rejected, in TRL's conversational
+    format, readable by the preference data path and trainable with DPO; the same seed gives the same file."""
+    from pipeline_helpers import PATTERN
+
+    from qlorakit import cli
+    from qlorakit.data.pairs import read_pairs
+
+    args = ["pairs", "--model", str(tiny_model_dir), "--data", str(pattern_data), "--max-pairs", "12",
+            "--max-new-tokens", "8", "--batch-size", "5", "--device", "cpu", "--seed", "3"]
+    assert cli.main([*args, "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert cli.main([*args, "--out", str(tmp_path / "b.jsonl")]) == 0
+    text = (tmp_path / "a.jsonl").read_text(encoding="utf-8")
+    assert text == (tmp_path / "b.jsonl").read_text(encoding="utf-8")
+    pairs = read_pairs(tmp_path / "a.jsonl")
+    assert 0 < len(pairs) <= 12 and "written to" in capsys.readouterr().err
+    assert all(p["prompt"][0]["role"] == "user" and p["prompt"][0]["content"].startswith("Say it ")
+               and p["chosen"] == [{"role": "assistant", "content": PATTERN}]
+               and p["rejected"][0]["content"].strip() != PATTERN.strip() for p in pairs)
+    out = run_training(_cfg(tiny_model_dir, tmp_path / "a.jsonl", tmp_path / "dpo", max_steps=2), progress=False)
+    assert out.result.steps == 2 and all(math.isfinite(x) for x in out.result.losses)
+
+
+def test_qlorakit_pairs_refuses_a_bad_sft_record_in_one_line(tiny_model_dir, tmp_path, capsys):
+    from qlorakit import cli
+
+    bad = tmp_path / "sft.jsonl"
+    bad.write_text(json.dumps({"instruction": "Hi"}) + "\n", encoding="utf-8")
+    assert cli.main(["pairs", "--model", str(tiny_model_dir), "--data", str(bad), "--out",
+                     str(tmp_path / "p.jsonl"), "--device", "cpu"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sft.jsonl: record 0" in err[0] and "'output'" in err[0]
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_qlorakit_train_says_the_held_out_accuracy_and_margin(tiny_model_dir, pairs_file, tmp_path, capsys):
+    from pipeline_helpers import write_yaml
+
+    from qlorakit import cli
+
+    tree = run_tree(tiny_model_dir, pairs_file, tmp_path / "run", training={
+        "objective": "dpo", "max_steps": 4, "batch_size": 4, "learning_rate": 2e-2}, data={"eval_fraction": 0.2})
+    assert cli.main(["train", str(write_yaml(tmp_path / "dpo.yaml", tree)), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "rewards/accuracies 0.000 -> " in out and "(held-out pairs)" in out and "perplexity" not in out

@@ -47,7 +47,8 @@ def chat_messages(record: dict[str, Any], field: str) -> list[dict[str, str]]:
     return out
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    """The token ids of `messages` through the tokenizer's chat template (RecordError, one line, if refused)."""
     from jinja2 import TemplateError  # what a template's raise_exception(...) raises
 
     # The template writes any BOS itself, so the tokenizer adds nothing (as apply_chat_template does).
@@ -68,13 +69,13 @@ def chat_example(tokenizer: Any, messages: list[dict[str, str]], train_on_inputs
     eos = tokenizer.eos_token_id
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     conversation = messages[: last + 1]
-    full = _render(tokenizer, conversation, generation_prompt=False)
+    full = render_chat(tokenizer, conversation, generation_prompt=False)
     spans = []
     for i, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
-        head = _render(tokenizer, conversation[:i], generation_prompt=True)
-        turn = full if i == last else _render(tokenizer, conversation[: i + 1], generation_prompt=False)
+        head = render_chat(tokenizer, conversation[:i], generation_prompt=True)
+        turn = full if i == last else render_chat(tokenizer, conversation[: i + 1], generation_prompt=False)
         if turn[: len(head)] != head or full[: len(turn)] != turn:
             raise RecordError(f"cannot be masked: the chat template does not render message {i} as a token "
                               "continuation of the messages before it; use the alpaca or text format instead")

@@ -14,6 +14,15 @@ from ..errors import DataFormatError
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+def resolve_data_path(path: str) -> Path:
+    """A data path as the config and commands take it: a file, or 'default:NAME' for a bundled set."""
+    if path.startswith("default:"):
+        from ..assets import default_data
+
+        return default_data(path.split(":", 1)[1])
+    return Path(path).expanduser()
+
+
 def check_data_file(path: str | Path) -> Path:
     """The path, if it names an existing file of a supported kind; DataFormatError otherwise."""
     p = Path(path)

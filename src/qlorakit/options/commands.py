@@ -1,4 +1,4 @@
-"""The options of `qlorakit quantize`, `generate`, `chat` and `serve`: one model per command, one field per flag,
+"""The options of `qlorakit quantize`, `generate`, `chat`, `serve` and `pairs`: one model per command, one field per flag,
 each with its type, default, allowed values and help. cli.py generates the commands' flags from these
 (options/flags.py), and Python callers build the same models, so a value is checked alike wherever it comes from.
 
@@ -8,7 +8,7 @@ override and the flag share one type, default and description. `train` and `esti
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from ..config import Blocksize, ComputeDtypeName, QuantizationSection, QuantType
 from .base import CommandOptions, option
@@ -95,3 +95,29 @@ class ServeOptions(CommandOptions):
     max_batch: int = option(16, "requests decoded together at most", ge=1, le=MAX_BATCH)
     batch_window_ms: float = option(5.0, "how long the first waiting request waits for others to join its batch, "
                                     "in milliseconds", ge=0, allow_inf_nan=False)
+
+
+class PairsOptions(CommandOptions):
+    """`qlorakit pairs`: preference pairs from an SFT data file (infer/pairs.py): the data's answer chosen, the
+    model's sampled reply rejected."""
+
+    model: str = _model()
+    adapter: str | None = option(None, "a PEFT-format adapter folder to sample with (e.g. runs/quickstart/adapter)")
+    force: bool = option(False, "load an adapter even if it was trained on another base")
+    data: str = option("default:seed_tasks", "the SFT data: a .json/.jsonl/.parquet/.csv file or a bundled set "
+                       "('default:seed_tasks')")
+    format: Literal["alpaca", "chat"] = option("alpaca", "the SFT data's format: alpaca (instruction, input, "
+                                               "output) or chat (messages)")
+    messages_field: str = option("messages", "chat format: the field holding the messages")
+    out: str = option(description="the pairs file to write (JSON lines, TRL's conversational format)")
+    max_pairs: int = option(128, "pairs made at most (the data's first records)", ge=1)
+    max_new_tokens: int = option(64, "a sampled reply's length at most, in tokens", ge=1)
+    temperature: float = option(0.8, "sampling temperature of the rejected replies", gt=0, allow_inf_nan=False)
+    top_p: float = option(0.95, "nucleus sampling of the rejected replies (1: all tokens)", gt=0, le=1)
+    repetition_penalty: float = option(1.1, "as for `qlorakit generate`", gt=0, allow_inf_nan=False,
+                                       note="1: off")
+    batch_size: int = option(16, "prompts sampled together", ge=1, le=MAX_BATCH)
+    seed: int = option(0, "seed of the sampling", ge=0)
+    device: str | None = _device()
+    quantize: bool = option(True, "quantize the base to NF4 while loading",
+                            off="run a 16-bit model folder as stored, in 16/32 bits")

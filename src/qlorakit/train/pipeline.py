@@ -42,7 +42,9 @@ def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int =
     before = None
     if prompts:
         def before(model, tok):
-            _show(model, tok, prompts, "before training (base model)", max_new_tokens, repetition_penalty)
+            start = cfg.training.reference_adapter  # the adapter training continues from, if any
+            _show(model, tok, prompts, f"before training ({f'base + {start}' if start else 'base model'})",
+                  max_new_tokens, repetition_penalty)
     out = run_training(cfg, progress=progress, before_training=before)
     if env is not None and env.rank != 0:
         return 130 if out.result.interrupted else 0
@@ -60,8 +62,14 @@ def train_command(cfg: QloraConfig, *, prompts: list[str], max_new_tokens: int =
     hist = out.result.eval_history
     if hist:
         first, last = hist[0], hist[-1]
+        if "eval_rewards/accuracies" in last:  # a preference objective: how often the chosen reply wins
+            then = (f"rewards/accuracies {first['eval_rewards/accuracies']:.3f} -> "
+                    f"{last['eval_rewards/accuracies']:.3f}; margins {first['eval_rewards/margins']:.4f} -> "
+                    f"{last['eval_rewards/margins']:.4f} (held-out pairs)")
+        else:
+            then = f"perplexity {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}"
         print(f"eval loss {first['eval_loss']:.4f} (step {first['step']}) -> {last['eval_loss']:.4f} "
-              f"(step {last['step']}); perplexity {first['eval_ppl']:.2f} -> {last['eval_ppl']:.2f}")
+              f"(step {last['step']}); {then}")
     print(f"adapter:  {out.adapter_dir}")
     print(f"metrics:  {out.output_dir / 'metrics.jsonl'}")
     print(f"plot:     {out.output_dir / 'loss.png'}")

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..atomic import write_text
 from ..config import QloraConfig, dump_config
+from ..data.readers import resolve_data_path
 from ..errors import CheckpointWriteError, QloraConfigError, QlorakitError
 from ..model.build import load_tokenizer, resolve_model_dir
 from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
@@ -25,14 +26,6 @@ from .run_state import OutputLock, examples_fingerprint, plan_resume
 from .runtime import DTYPES, Runtime, pick_runtime, seed_everything
 
 log = logging.getLogger("qlorakit.train")
-
-
-def resolve_data_path(path: str) -> Path:
-    if path.startswith("default:"):
-        from ..assets import default_data
-
-        return default_data(path.split(":", 1)[1])
-    return Path(path).expanduser()
 
 
 def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: bool = True) -> nn.Module:
