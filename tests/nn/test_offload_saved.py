@@ -1,9 +1,10 @@
 """Saved activations in host memory (model/offload_saved.py, training.host_activations_gib) on the CPU.
 
-The device copy is a stand-in (SavedCopies) that keeps its own clones and logs every move, so the bookkeeping is checked here: which tensors leave in forward (not the parameters,
-the 4-bit weights or small ones), that the device tensors are then free, that backward brings a layer back at its
-first use and the next hosted layer below one layer ahead, and that nothing is held once backward is done.
-Gradients and loss are bit-identical to keeping the activations and to recomputing them.
+The device copy is a stand-in (SavedCopies) that keeps its own clones and logs every move, so the bookkeeping is
+checked here: which tensors leave in forward (not the parameters, the 4-bit weights or small ones), that the device
+tensors are then free, that backward brings a layer back at its first use and the next hosted layer below one layer
+ahead, and that nothing is held once backward is done. Gradients and loss are bit-identical to keeping the
+activations and to recomputing them.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def test_hosted_layers_give_the_gradients_of_kept_and_recomputed_ones(fused):
     frozen_ptrs = {p.untyped_storage().data_ptr() for p in hosted_model.parameters()}
     assert all(t.untyped_storage().data_ptr() not in frozen_ptrs for t in mover.host.values())
     # From layer IN_FLIGHT_LAYERS on, a layer's forward first lets go of the layer that many below (the compute
-    # stream waits for its copies); the last hosted layer lets go of the rest. Each layer is waited for once, for its last copy.
+    # stream waits for its copies); the last hosted layer lets go of the rest. Each layer is waited for once, for
+    # its last copy.
     first_reload = next(i for i, e in enumerate(mover.log) if e[0] == "reload")
     waits = [e for e in mover.log[:first_reload] if e[0] == "wait"]
     assert [w[1] for w in waits] == list(range(LAYERS))

@@ -80,7 +80,8 @@ def activations(shape: ModelShape, cfg: QloraConfig, adapted: list[str]) -> Acti
         rebuild += hosted_working
         saved_first = inputs if recomputed else full[kinds[0]]
         what = f"{recomputed} recomputed layers' inputs" + (f" ({offloaded} in host memory)" if offloaded else "") \
-            + (f", {kept} kept layers" if kept else "") + (f", {hosted} layer{'s' if hosted > 1 else ''} kept in host memory" if hosted else "")
+            + (f", {kept} kept layers" if kept else "") \
+            + (f", {hosted} layer{'s' if hosted > 1 else ''} kept in host memory" if hosted else "")
         host = offloaded * inputs + hosted * (small + beyond + eager - stays)
     else:
         saved = sum(full[k] for k in kinds)

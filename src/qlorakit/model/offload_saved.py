@@ -10,9 +10,10 @@ are the kept layer's, bit for bit; the cost is the host link: the layer's saved 
 (`benchmarks/host_link.py` measures what it sustains beside compute).
 
 Not moved: parameters and buffers of the model (adapters, 4-bit weights), the inputs every layer shares (RoPE's
-cos/sin, the mask), tensors under MIN_BYTES (norm statistics, dropout seeds) and views that do not cover their memory densely (a copy would change their
-strides); they stay referenced as a kept layer holds them. Dense views (a transpose) move with their strides.
-A tensor saved twice in one layer moves once; one read by several backward nodes comes back once.
+cos/sin, the mask), tensors under MIN_BYTES (norm statistics, dropout seeds) and views that do not cover their
+memory densely (a copy would change their strides); they stay referenced as a kept layer holds them. Dense views (a
+transpose) move with their strides. A tensor saved twice in one layer moves once; one read by several backward nodes
+comes back once.
 
 The hook point is the per-layer `_gradient_checkpointing_func` that transformers' GradientCheckpointingLayer
 calls with `(forward_fn, hidden_states, *rest)` when the layer's `gradient_checkpointing` is set: a hosted layer

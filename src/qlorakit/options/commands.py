@@ -1,5 +1,5 @@
-"""The options of `qlorakit quantize`, `generate`, `chat`, `serve` and `pairs`: one model per command, one field per flag,
-each with its type, default, allowed values and help. cli.py generates the commands' flags from these
+"""The options of `qlorakit quantize`, `generate`, `chat`, `serve` and `pairs`: one model per command, one field per
+flag, each with its type, default, allowed values and help. cli.py generates the commands' flags from these
 (options/flags.py), and Python callers build the same models, so a value is checked alike wherever it comes from.
 
 `quantize`'s 4-bit settings are the training config's (config.py QuantizationSection): the YAML key, its `--set`

@@ -74,7 +74,8 @@ class LoopSettings:
             gradient_accumulation=t.gradient_accumulation, epochs=t.epochs, max_steps=t.max_steps,
             learning_rate=t.learning_rate, weight_decay=t.weight_decay, scheduler=t.scheduler,
             warmup_ratio=t.warmup_ratio, max_grad_norm=t.max_grad_norm, max_seq_length=t.max_seq_length,
-            packing=cfg.data.packing and t.objective == "sft", eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
+            packing=cfg.data.packing and t.objective == "sft",  # preference pairs are never packed
+            eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
             keep_checkpoints=t.keep_checkpoints, attn_implementation=cfg.model.attn_implementation,
             preference=None if t.objective == "sft" else PreferenceSettings(
                 t.objective, t.beta, t.label_smoothing, t.simpo_gamma),
@@ -198,6 +199,7 @@ class _Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step, self.resumed_from, self.cursor = 0, 0, _Cursor(self.plan)
         self.stop_requested = False
+        self.pair_metrics: dict[str, float] = {}  # the last step's, for a preference objective
         self.say: Callable[[str], None] = _say_nothing
 
     # -- before the first step ------------------------------------------------------------------------------------
@@ -258,7 +260,7 @@ class _Trainer:
                "epoch": self.cursor.epoch + self.cursor.index / max(1, len(self.cursor.plan))}
         if grad_norm is not None:
             rec["grad_norm"] = grad_norm
-        rec.update(getattr(self, "pair_metrics", {}))  # a preference objective's rewards/... (TRL's names)
+        rec.update(self.pair_metrics)  # a preference objective's rewards/... (TRL's names)
         mem = self.runtime.memory_gib()
         if mem is not None:
             rec["peak_mem_gib"] = mem

@@ -73,7 +73,8 @@ def _offload_inputs(model: nn.Module, runtime: Runtime, sharded: bool) -> None:
         return
     layers = decoder_layers(model)
     hosted = [i for i, layer in enumerate(layers) if hasattr(layer, "_qlorakit_checkpointing")]
-    chosen = [i for i, layer in enumerate(layers) if getattr(layer, "gradient_checkpointing", False) and i not in hosted]
+    chosen = [i for i, layer in enumerate(layers)
+              if getattr(layer, "gradient_checkpointing", False) and i not in hosted]
     offload_layer_inputs(model, chosen)
     log.info("qlorakit: activations: the inputs of %d of %d decoder layers wait for backward in pinned host "
              "memory (the highest one stays on the GPU)", len(chosen), len(layers))

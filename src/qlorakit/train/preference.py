@@ -7,9 +7,9 @@ frozen LM head through `loss.linear_cross_entropy_rows` (chunks of logits, no fu
 
 The reference of DPO and IPO is the policy with its adapters switched off (`nn.lora.adapters_disabled`): the 4-bit
 base itself, never a second copy of it; or, with training.reference_adapter, the base with a frozen copy of the
-adapter the policy started from (TRL's "ref" adapter), swapped in for the reference forward. ORPO and SimPO need no reference. The formulas follow TRL's trainers, whose
-names the metrics keep (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen,
-logps/rejected):
+adapter the policy started from (TRL's "ref" adapter), swapped in for the reference forward. ORPO and SimPO need no
+reference. The formulas follow TRL's trainers, whose names the metrics keep (rewards/chosen, rewards/rejected,
+rewards/accuracies, rewards/margins, logps/chosen, logps/rejected):
   dpo    -log sigmoid(beta * ((c - c_ref) - (r - r_ref)))                    c, r: summed response log-probs
   ipo    ((c - c_ref) / n_c - (r - r_ref) / n_r - 1 / (2 beta))^2           n: response tokens
   orpo   nll(chosen, prompt and response) - beta * log sigmoid(log odds(c/n_c) - log odds(r/n_r))
@@ -108,7 +108,8 @@ def preference_loss(s: PreferenceSettings, policy: SequenceLogps,
         if s.objective == "dpo":
             losses = -F.logsigmoid(s.beta * (chosen_ratio - rejected_ratio))
         else:
-            delta = chosen_ratio / policy.chosen_tokens.clamp(min=1) - rejected_ratio / policy.rejected_tokens.clamp(min=1)
+            n_c, n_r = policy.chosen_tokens.clamp(min=1), policy.rejected_tokens.clamp(min=1)
+            delta = chosen_ratio / n_c - rejected_ratio / n_r
             losses = (delta - 1 / (2 * s.beta)) ** 2
         chosen_rewards, rejected_rewards = s.beta * chosen_ratio.detach(), s.beta * rejected_ratio.detach()
         extra: dict[str, float] = {}
