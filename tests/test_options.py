@@ -15,14 +15,14 @@ from cli_helpers import one_error_line
 from qlorakit import cli
 from qlorakit.config import QloraConfig, QuantizationSection, config_from_dict
 from qlorakit.errors import OptionValueError, QloraConfigError
-from qlorakit.options import (ChatOptions, CommandOptions, GenerateOptions, PairsOptions, QuantizeOptions,
-                              ServeOptions, add_flags, read_flags)
+from qlorakit.options import (ChatOptions, CommandOptions, GenerateOptions, InspectOptions, PairsOptions,
+                              QuantizeOptions, ServeOptions, add_flags, read_flags)
 from qlorakit.options.base import flag, is_switch_off, option
 
 COMMANDS = {"quantize": QuantizeOptions, "generate": GenerateOptions, "chat": ChatOptions, "serve": ServeOptions,
-            "pairs": PairsOptions}
+            "pairs": PairsOptions, "inspect": InspectOptions}
 REQUIRED = {"quantize": ["src", "dst"], "generate": ["--prompt", "hi"], "chat": [], "serve": [],
-            "pairs": ["--out", "pairs.jsonl"]}
+            "pairs": ["--out", "pairs.jsonl"], "inspect": ["model"]}
 
 
 def subparser(command: str) -> argparse.ArgumentParser:

@@ -85,7 +85,7 @@ def quantize_checkpoint(
     config = read_config_json(src)
     checkpoint = find_checkpoint_files(src)
     targets = target_linears_of(src)
-    _check_target_weights(src, targets, checkpoint.key_to_file())
+    check_target_weights(src, targets, checkpoint.key_to_file())
 
     partial = new_partial(out)
     try:
@@ -203,7 +203,7 @@ def read_config_json(folder: Path) -> dict:
     return config
 
 
-def _check_target_weights(folder: Path, targets: dict[str, TargetLinear], stored: dict[str, Path]) -> None:
+def check_target_weights(folder: Path, targets: dict[str, TargetLinear], stored: dict[str, Path]) -> None:
     """Every target weight is stored, floating point, of the architecture's shape (read from headers only)."""
     if not targets:
         raise CheckpointFormatError(

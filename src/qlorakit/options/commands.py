@@ -1,6 +1,7 @@
-"""The options of `qlorakit quantize`, `generate`, `chat`, `serve` and `pairs`: one model per command, one field per
-flag, each with its type, default, allowed values and help. cli.py generates the commands' flags from these
-(options/flags.py), and Python callers build the same models, so a value is checked alike wherever it comes from.
+"""The options of `qlorakit quantize`, `generate`, `chat`, `serve`, `pairs` and `inspect`: one model per command,
+one field per flag, each with its type, default, allowed values and help. cli.py generates the commands' flags from
+these (options/flags.py), and Python callers build the same models, so a value is checked alike wherever it comes
+from.
 
 `quantize`'s 4-bit settings are the training config's (config.py QuantizationSection): the YAML key, its `--set`
 override and the flag share one type, default and description. `train` and `estimate` take the config itself.
@@ -121,3 +122,14 @@ class PairsOptions(CommandOptions):
     device: str | None = _device()
     quantize: bool = option(True, "quantize the base to NF4 while loading",
                             off="run a 16-bit model folder as stored, in 16/32 bits")
+
+
+class InspectOptions(CommandOptions):
+    """`qlorakit inspect MODEL_DIR`: how well NF4, FP4 and INT4 fit each quantizable linear weight
+    (model/inspect_weights.py)."""
+
+    model_dir: str = option(description="a local Hugging Face causal-LM folder (config.json + *.safetensors), or "
+                            "'default' (SmolLM2-135M-Instruct)", positional=True)
+    json_path: str | None = option(None, "also write the full per-layer report to PATH as JSON", metavar="PATH")
+    blocksize: Blocksize = option(64, "4-bit block size, a power of two in 32..4096")
+    progress: bool = option(True, "a progress bar over the layers", off="no progress bar")

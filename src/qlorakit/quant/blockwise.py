@@ -58,7 +58,7 @@ def num_blocks(n: int, blocksize: int) -> int:
     return math.ceil(n / blocksize)
 
 
-def _scale_into_unit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_into_unit(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [n] -> (scaled fp32 [n] in [-1, 1], absmax fp32 [num_blocks])."""
     n = flat.numel()
     full = (n // blocksize) * blocksize
@@ -91,7 +91,7 @@ def quantize_blocks_4bit(
     """
     check_quantize_args(x, blocksize, quant_type)
     flat = x.reshape(-1).to(torch.float32)
-    scaled, absmax = _scale_into_unit(flat, blocksize)
+    scaled, absmax = scale_into_unit(flat, blocksize)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     codes = nearest_code_by_midpoints(scaled, code_4bit(quant_type, scaled.device))
