@@ -13,6 +13,12 @@ blocks or CUDA context sit beside the next one and inflate its device-wide figur
   checkpointing), same rank, alpha, targets and optimizer.
 - lora16-peft (optional): bnb-peft's recipe on a bf16 base instead of NF4 (plain LoRA; gradient checkpointing
   enabled directly, as prepare_model_for_kbit_training would upcast a 16-bit base to fp32), same optimizer.
+- trl-dpo (preference tuning, benchmarks/dpo_step.py): bnb-peft's model and optimizer trained by TRL's own
+  DPOTrainer (sigmoid loss, beta 0.1, the reference = the same model with its adapter disabled, TRL's default
+  dropout-off). Here --batches BxT means B pairs per step, each pair a chosen and a rejected sequence of T tokens
+  whose first --prompt-tokens are the shared prompt; the dataset is random token text through a word-level
+  tokenizer, so every sequence tokenizes to exactly T tokens. Timed by a callback around each optimizer step
+  (device synchronized); result keys "P{B}xT{T}" with pairs_per_s.
 
 Model: the random-init Llama shape named by --shape, with its fields taken from qlorakit.model.synthetic.SHAPES
 (the dictionary train_step.py builds qlorakit's model from, so the two cannot drift apart); --layers keeps the
@@ -78,7 +84,7 @@ ROOT = BENCH.parent
 if sys.path and Path(sys.path[0] or ".").resolve() == BENCH:
     del sys.path[0]
 
-PEERS = ("bnb-peft", "lora16-peft", "unsloth")
+PEERS = ("bnb-peft", "lora16-peft", "unsloth", "trl-dpo")
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA_ALPHA = 16
 LEARNING_RATE = 2e-4
@@ -90,7 +96,7 @@ TINY_FIELDS = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
 # The placeholder tokenizer's special tokens, at the ids LlamaConfig expects (bos 1, eos 2) and with a pad token
 # of its own, so that no peer adds one and resizes the embeddings.
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
-VERSIONED = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "unsloth", "unsloth_zoo")
+VERSIONED = ("torch", "triton", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "unsloth", "unsloth_zoo")
 
 
 class PeerUnavailable(RuntimeError):
@@ -253,6 +259,114 @@ def train_steps(model, params: list, optimizer, args: argparse.Namespace, vocab_
     return results
 
 
+def word_tokenizer(vocab_size: int):
+    """The checkpoint's placeholder vocabulary ('tok{i}' words) with a whitespace pre-tokenizer, so that text made
+    of those words tokenizes to exactly one id per word (TRL's DPOTrainer tokenizes text itself)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(SPECIAL_TOKENS.values())
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({f"tok{i}": i for i in range(len(specials), vocab_size)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+
+
+def random_pairs(n: int, seq: int, prompt: int, vocab_size: int, seed: int = 0) -> list[dict[str, str]]:
+    """n preference records of random words: a prompt of `prompt` words, chosen and rejected of seq - prompt
+    words each, the last being the EOS token (so TRL appends none)."""
+    import random
+
+    rng = random.Random(seed)
+    first = len(SPECIAL_TOKENS)
+
+    def words(k: int) -> str:
+        return " ".join(f"tok{rng.randrange(first, vocab_size)}" for _ in range(k))
+
+    eos = SPECIAL_TOKENS["eos_token"]
+    return [{"prompt": words(prompt), "chosen": f" {words(seq - prompt - 1)} {eos}",
+             "rejected": f" {words(seq - prompt - 1)} {eos}"} for _ in range(n)]
+
+
+def measure_trl_dpo(folder: Path, args: argparse.Namespace, vocab_size: int) -> dict[str, Any]:
+    """trl-dpo (module docstring): for each --batches entry, one DPOTrainer over the same PEFT model."""
+    import datasets
+    import torch
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device_map = {"": 0} if args.device == "cuda" else {"": "cpu"}
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map=device_map, dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", quantization_config=quant)
+    weights = allocated_gib(args.device)
+    lora = LoraConfig(r=args.rank, lora_alpha=LORA_ALPHA, lora_dropout=args.dropout, target_modules=TARGET_MODULES,
+                      bias="none", task_type="CAUSAL_LM")
+    tokenizer = word_tokenizer(vocab_size)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        spec = importlib.util.spec_from_file_location("bench_common", BENCH / "bench_common.py")
+        bench_common = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_common)
+
+    class StepClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.start = 0.0
+
+        def on_step_begin(self, *_args, **_kw):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_args, **_kw):
+            sync()
+            self.times.append(time.perf_counter() - self.start)
+
+    info: dict[str, Any] = {"weights_GiB": weights, "rank": args.rank, "lora_dropout": "off (TRL's disable_dropout)",
+                            "optimizer": "paged_adamw_32bit (TRL's optim)", "checkpoint": folder.name,
+                            "loss_type": "sigmoid", "beta": 0.1, "prompt_tokens": args.prompt_tokens,
+                            "setup": "DPOTrainer(model=<4-bit model>, peft_config=LoraConfig(...)): TRL wraps it, "
+                                     "casts the adapters to bf16, reference = adapter disabled"}
+    with tempfile.TemporaryDirectory(prefix="trl-dpo.", dir=args.workdir) as scratch:
+        for P, T in parse_batches(args.batches):
+            data = datasets.Dataset.from_list(random_pairs(P * args.steps, T, args.prompt_tokens, vocab_size))
+            config = DPOConfig(output_dir=scratch, per_device_train_batch_size=P, gradient_accumulation_steps=1,
+                               max_steps=args.steps, learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
+                               warmup_steps=0, max_grad_norm=MAX_GRAD_NORM, bf16=cuda, gradient_checkpointing=True,
+                               gradient_checkpointing_kwargs={"use_reentrant": False}, max_length=T, beta=0.1,
+                               loss_type=["sigmoid"], logging_steps=10**6, save_strategy="no", report_to=[],
+                               dataloader_num_workers=0, seed=0, use_cpu=not cuda, optim="paged_adamw_32bit")
+            clock = StepClock()
+            trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                                 peft_config=lora, callbacks=[clock])
+            info["trainable"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            with bench_common.NvmlPeak() if cuda else contextlib.nullcontext() as nvml:
+                out = trainer.train()
+            timed = sorted(clock.times[WARMUP_STEPS:] or clock.times)
+            step_s = timed[len(timed) // 2]
+            key = f"P{P}xT{T}"
+            info[key] = dict(step_s=round(step_s, 4), pairs_per_s=round(P / step_s, 3),
+                             tok_per_s=round(2 * P * T / step_s, 1),
+                             torch_peak_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                             nvml_peak_GiB=round(nvml.peak / 2**30, 2) if nvml is not None else None,
+                             train_loss=round(float(out.training_loss), 4), steps=len(clock.times),
+                             timed_steps=len(clock.times[WARMUP_STEPS:]))
+            print(f"trl-dpo {key}: {info[key]}", flush=True)
+            model = trainer.model.unload()  # the 4-bit base again, for the next shape's fresh adapter
+            del trainer
+    info["versions"] = versions(args.device)
+    return info
+
+
 def versions(device: str) -> dict[str, str | None]:
     """Package versions, Python and the device's name, so a table row says what produced it."""
     import importlib.metadata
@@ -274,6 +388,8 @@ def measure_peer(args: argparse.Namespace) -> dict[str, Any]:
     """In the child process: loads `args.child` from the shared checkpoint and measures its training step."""
     folder = Path(args.checkpoint)
     vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
+    if args.child == "trl-dpo":
+        return measure_trl_dpo(folder, args, vocab_size)
     if args.child == "unsloth":
         model, params, optimizer, weights = load_unsloth(folder, args)
     else:
@@ -337,7 +453,8 @@ def forwarded_options(args: argparse.Namespace) -> list[str]:
     """The options a child needs to rebuild the same setting."""
     return ["--shape", args.shape, "--layers", str(args.layers), "--batches", args.batches, "--rank",
             str(args.rank), "--dropout", str(args.dropout), "--steps", str(args.steps), "--out", args.out,
-            "--workdir", args.workdir, "--device", args.device] + (["--tiny"] if args.tiny else [])
+            "--workdir", args.workdir, "--device", args.device, "--prompt-tokens", str(args.prompt_tokens)] + \
+        (["--tiny"] if args.tiny else [])
 
 
 def run_child(extra: list[str], args: argparse.Namespace, result_path: Path) -> dict[str, Any]:
@@ -394,6 +511,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="peers.json goes here")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "qlorakit-peers"),
                     help="the random-init checkpoint is written here once and reused")
+    ap.add_argument("--prompt-tokens", type=int, default=256, help="trl-dpo: the prompt's share of each T")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu only tests the harness")
     ap.add_argument("--tiny", action="store_true", help="shrink the shape to a toy model (harness tests on CPU)")
     ap.add_argument("--child", choices=PEERS, help=argparse.SUPPRESS)

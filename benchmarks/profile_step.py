@@ -114,6 +114,8 @@ def main() -> None:
             torch.cuda.synchronize()
         by_kind: dict[str, float] = {}
         top: list[tuple[str, float, int]] = []
+        cpu_top = sorted(((ev.key[:90], ev.self_cpu_time_total / 1e3, ev.count) for ev in prof.key_averages()
+                          if ev.self_cpu_time_total > 0), key=lambda r: -r[1])
         for ev in prof.key_averages():
             cuda_us = getattr(ev, "self_device_time_total", 0) or getattr(ev, "self_cuda_time_total", 0)
             if cuda_us <= 0 or ev.device_type != torch.autograd.DeviceType.CUDA:
@@ -127,10 +129,15 @@ def main() -> None:
             "torch_peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2),
             "gpu_ms_by_kind": {k: round(v, 2) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
             "top_kernels": [{"name": n, "ms": round(ms, 2), "count": c} for n, ms, c in top[:30]],
+            "gpu_busy_ms": round(sum(by_kind.values()), 2),
+            "top_cpu_ops_self_ms": [{"name": n, "ms": round(ms, 2), "count": c} for n, ms, c in cpu_top[:30]],
         }
         print(f"\n== {variant}: step {med * 1e3:.1f} ms, {B * T / med:.0f} tok/s, peak "
               f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
         for n, ms, c in top[:25]:
+            print(f"  {ms:9.2f} ms {c:6d}x  {n}")
+        print(f"  GPU busy {sum(by_kind.values()):.1f} ms of the step; host side, self CPU time (profiled):")
+        for n, ms, c in cpu_top[:15]:
             print(f"  {ms:9.2f} ms {c:6d}x  {n}")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -138,7 +145,8 @@ def main() -> None:
     print(f"\nllama3-8b shape, {args.layers} layers, batch {args.batch}: GPU ms per step by kind")
     for variant, r in report["variants"].items():
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["gpu_ms_by_kind"].items())
-        print(f"{variant:8s} step {r['step_s'] * 1e3:7.1f} ms  peak {r['torch_peak_GiB']:5.2f} GiB | {kinds}")
+        print(f"{variant:8s} step {r['step_s'] * 1e3:7.1f} ms  GPU busy {r['gpu_busy_ms']:7.1f} ms  "
+              f"peak {r['torch_peak_GiB']:5.2f} GiB | {kinds}")
 
 
 if __name__ == "__main__":

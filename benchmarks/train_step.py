@@ -205,7 +205,8 @@ def plan_from_peer(args, peers: dict) -> dict:
     result = (peer or {}).get(f"B{b}xT{t}")
     if not result or "torch_peak_GiB" not in result:
         raise SystemExit(f"--budget-from-peer: no {args.budget_from_peer} result for B{b}xT{t} in {list(peers)}")
-    budget = float(result["torch_peak_GiB"])
+    # The peer's device-wide peak is the budget, and its torch peak bounds ours too (the issue compares both).
+    budget, torch_budget = float(result["nvml_peak_GiB"]), float(result["torch_peak_GiB"])
     fields = dict(SHAPES[args.shape])
     if args.layers:
         fields["num_hidden_layers"] = args.layers
@@ -218,7 +219,7 @@ def plan_from_peer(args, peers: dict) -> dict:
                          "optimizer": args.optimizer,
                          "max_grad_norm": None if args.optimizer == "host_adamw_32bit" else 0.3},
             "data": {"packing": False}})
-        plan = plan_memory(cfg, ModelShape(tmp), budget, cuda=True)
+        plan = plan_memory(cfg, ModelShape(tmp), budget, cuda=True, torch_budget_gib=torch_budget)
     chosen = plan.config.training
     args.keep = f"{args.batches}={chosen.keep_activations_gib}"
     args.offload = "only" if chosen.offload_activations else ""
@@ -226,7 +227,7 @@ def plan_from_peer(args, peers: dict) -> dict:
     args.embeddings_on_host = chosen.embeddings_on_host
     args.head_on_host = chosen.head_on_host
     args.unstacked_dequant = not chosen.stacked_dequant
-    return {"budget_gib": budget, "changes": plan.changes, "line": plan.line(),
+    return {"budget_gib": budget, "torch_budget_gib": torch_budget, "changes": plan.changes, "line": plan.line(),
             "estimate_torch_GiB": round(plan.estimate.torch_peak_gib, 3),
             "estimate_device_GiB": round(plan.estimate.device_peak_gib, 3)}
 

@@ -284,6 +284,19 @@ def test_the_planner_keeps_what_fits_and_offloads_the_rest(tmp_path):
     assert estimate(more, model_dir).device_peak > (lean.device_peak / 2**30 + 1.0) * 2**30
 
 
+def test_a_torch_bound_beside_the_device_budget_keeps_the_torch_peak_under_it_too(tmp_path):
+    from qlorakit.memory import plan
+
+    model_dir = _write_config(tmp_path / "m", **{**LLAMA3_8B, "num_hidden_layers": 8})
+    cfg = _cfg(model_dir, training={"max_seq_length": 2048, "batch_size": 1})
+    free = plan(cfg, model_dir, 12.0, host_free=0)  # the device budget alone
+    bound = free.estimate.torch_peak / 2**30 - 0.5
+    both = plan(cfg, model_dir, 12.0, host_free=0, torch_budget_gib=bound)
+    assert free.estimate.device_peak <= 12.0 * 2**30 and free.estimate.torch_peak > bound * 2**30
+    assert both.estimate.torch_peak <= bound * 2**30 and both.estimate.device_peak <= 12.0 * 2**30
+    assert both.config.training.keep_activations_gib < free.config.training.keep_activations_gib
+
+
 def test_a_budget_nothing_fits_is_refused_before_loading_with_what_would(tmp_path):
     from qlorakit.errors import QloraConfigError
     from qlorakit.memory import plan

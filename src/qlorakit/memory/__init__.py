@@ -25,10 +25,11 @@ def estimate(cfg: QloraConfig, model_dir: str | Path) -> Estimate:
 
 
 def plan(cfg: QloraConfig, model_dir: str | Path, budget_gib: float, cuda: bool = True,
-         host_free: int | None = None) -> MemoryPlan:
+         host_free: int | None = None, torch_budget_gib: float | None = None) -> MemoryPlan:
     """The activation plan (checkpointing, kept / hosted / recomputed layers, offloaded inputs, host tables)
-    that fits `budget_gib` GiB fastest; `host_free`: host memory it may pin from (default: what is available)."""
-    return plan_memory(cfg, ModelShape(model_dir), budget_gib, cuda, host_free)
+    that fits `budget_gib` GiB fastest; `host_free`: host memory it may pin from (default: what is available);
+    `torch_budget_gib`: a bound on the torch-counted peak as well."""
+    return plan_memory(cfg, ModelShape(model_dir), budget_gib, cuda, host_free, torch_budget_gib)
 
 
 def suggest(cfg: QloraConfig, model_dir: str | Path, budget_gib: float) -> Fit:

@@ -91,28 +91,32 @@ def _hostable_gib(cfg: QloraConfig, shape: ModelShape, lean: dict, host_free: in
 
 
 def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bool,
-                host_free: int | None = None) -> MemoryPlan:
+                host_free: int | None = None, torch_budget_gib: float | None = None) -> MemoryPlan:
     """The plan for `cfg` within `budget_gib` GiB (device peak); QloraConfigError, with what would fit, when
     nothing that keeps the result does. `host_free`: host memory available for pinned activations (default:
-    MemAvailable)."""
+    MemAvailable). `torch_budget_gib`: also keep the estimated torch peak (what torch.cuda.max_memory_allocated
+    counts) within it, as when matching another tool measured by that counter (benchmarks/train_step.py)."""
     budget = budget_gib * GiB
+    torch_budget = None if torch_budget_gib is None else torch_budget_gib * GiB
+
+    def over_budget(changes: dict) -> bool:
+        est = estimate_shape(_apply(cfg, changes), shape)
+        return est.device_peak > budget or (torch_budget is not None and est.torch_peak > torch_budget)
+
     lean = {"training.gradient_checkpointing": True, "training.keep_activations_gib": 0.0,
             "training.host_activations_gib": 0.0}
     if cuda:
         lean["training.offload_activations"] = True
 
-    def peak_of(changes: dict) -> int:
-        return estimate_shape(_apply(cfg, changes), shape).device_peak
-
-    def peak(keep_gib: float) -> int:
-        return peak_of({**lean, "training.keep_activations_gib": keep_gib})
+    def over_with(keep_gib: float) -> bool:
+        return over_budget({**lean, "training.keep_activations_gib": keep_gib})
 
     def lean_tables(base: dict) -> dict:
         """`base` with the placements that change no number added while the lean peak is over the budget."""
         lean = dict(base)
         if not cuda:
             return lean
-        over = lambda: estimate_shape(_apply(cfg, lean), shape).device_peak > budget  # noqa: E731
+        over = lambda: over_budget(lean)  # noqa: E731
         if over():  # the tables: embeddings and the workspace
             lean["training.stacked_dequant"] = False
             if shape.movable_embedding_bytes(2):
@@ -128,13 +132,13 @@ def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bo
     host_gib = _hostable_gib(cfg, shape, lean, host_available_bytes() if host_free is None else host_free) \
         if cuda else 0.0
     hosted = lean_tables({**lean, "training.host_activations_gib": host_gib}) if host_gib else None
-    lean = hosted if hosted is not None and peak_of(hosted) <= budget else lean_tables(lean)
+    lean = hosted if hosted is not None and not over_budget(hosted) else lean_tables(lean)
     b, acc = cfg.training.batch_size, cfg.training.gradient_accumulation
-    while peak(0.0) > budget and b > 1:  # smaller micro-batches, more of them: the same effective batch
+    while over_with(0.0) and b > 1:  # smaller micro-batches, more of them: the same effective batch
         b = max(d for d in range(1, b) if cfg.training.batch_size % d == 0)
         lean["training.batch_size"] = b
         lean["training.gradient_accumulation"] = acc * (cfg.training.batch_size // b)
-    if peak(0.0) > budget:
+    if over_with(0.0):
         fit = suggest_shape(_apply(cfg, lean), shape, budget_gib)
         ways = [f"{o.set_args()} ({o.device_peak / GiB:.2f} GiB; {o.effect})" for o in fit.options]
         if fit.combined is not None:
@@ -148,17 +152,19 @@ def plan_memory(cfg: QloraConfig, shape: ModelShape, budget_gib: float, cuda: bo
             ("training.optimizer", f"optimizer {lean.get('training.optimizer')}"),
             ("training.batch_size", f"micro-batches of {lean.get('training.batch_size')} x "
                                     f"{lean.get('training.gradient_accumulation')} accumulated")) if key in lean]
+        torch_part = "" if torch_budget_gib is None else \
+            f" (torch peak {fit.estimate.torch_peak / GiB:.2f} GiB against {torch_budget_gib:g})"
         raise QloraConfigError(
             f"training.memory_budget_gib={budget_gib:g}: even with every layer recomputed"
             f"{' and its input offloaded' if cuda else ''}{''.join(', ' + w for w in also)}, the estimated device "
-            f"peak is {fit.estimate.device_peak / GiB:.2f} GiB; what would fit: {hint}")
+            f"peak is {fit.estimate.device_peak / GiB:.2f} GiB{torch_part}; what would fit: {hint}")
     # Kept activations grow with keep_activations_gib in steps of one layer; bisect to within 1/64 GiB.
     lo, hi = 0.0, 1.0
-    while peak(hi) <= budget and hi < 4096:
+    while not over_with(hi) and hi < 4096:
         lo, hi = hi, hi * 2
     while hi - lo > 1 / 64:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if peak(mid) <= budget else (lo, mid)
+        lo, hi = (lo, mid) if over_with(mid) else (mid, hi)
     changes = {k: v for k, v in {**lean, "training.keep_activations_gib": round(lo, 4)}.items()
                if getattr(cfg.training, k.split(".", 1)[1]) != v}
     planned = _apply(cfg, changes)
