@@ -132,4 +132,14 @@ class InspectOptions(CommandOptions):
                             "'default' (SmolLM2-135M-Instruct)", positional=True)
     json_path: str | None = option(None, "also write the full per-layer report to PATH as JSON", metavar="PATH")
     blocksize: Blocksize = option(64, "4-bit block size, a power of two in 32..4096")
+    calibration_tokens: int = option(256, "also the relative output error ||XW^T - X deq(q(W))^T|| / ||XW^T|| of "
+                                     "each linear on its real inputs X when the unquantized model runs in fp32 on "
+                                     "the CPU over N tokens, as one sequence", ge=0, metavar="N", note="0: off")
+    calibration_data: str | None = option(None, "the calibration tokens' source: a .json/.jsonl/.parquet/.csv file "
+                                          "or a bundled set ('default:seed_tasks') (default: a built-in English "
+                                          "text, about 1,150 tokens)", metavar="FILE")
+    calibration_format: Literal["alpaca", "chat", "text"] = option(
+        "alpaca", "--calibration-data's format: alpaca (instruction, input, output), chat (messages) or text")
+    plot: str | None = option(None, "also draw the errors against the layer's position, outliers marked, into a "
+                              "PNG file", metavar="PATH.png")
     progress: bool = option(True, "a progress bar over the layers", off="no progress bar")
