@@ -253,6 +253,7 @@ def test_plot_without_output_errors_and_a_path_that_is_not_png(model_dir, tmp_pa
     (["--calibration-tokens", "65"], f"reads at most {CONTEXT} positions at once"),
     (["--calibration-tokens", "-1"], "--calibration-tokens -1: allowed an integer >= 0 (0: off)"),
     (["--calibration-data", "missing.jsonl"], "missing.jsonl: data file not found"),
+    (["--calibration-data", "x.jsonl", "--calibration-tokens", "0"], "x.jsonl with --calibration-tokens 0: no output"),
 ])
 def test_bad_calibration_or_plot_options_are_one_line(model_dir, args, words, capsys):
     assert cli.main(["inspect", str(model_dir), "--no-progress", *args]) == 2

@@ -68,8 +68,8 @@ class TypeComparison:
         return (f"quantization.quant_type {self.quant_type} fits this model's weights worse than nf4: mean relative "
                 f"error {self.error:.4f} against nf4's {self.nf4_error:.4f} ({more:+.1%}, over the "
                 f"{MARGIN - 1:.0%} margin; {self.sampled:,} of {self.parameters:,} weights of {self.linears} linears "
-                f"sampled); per layer: `qlorakit inspect {model}`; quantization.quant_type: nf4 quantizes with less "
-                "error (and says nothing)")
+                f"sampled); per layer: `qlorakit inspect {model}`; quantization.quant_type: nf4 has less error and "
+                "silences this")
 
 
 def sampled_rows(out_features: int, k: int) -> list[int]:

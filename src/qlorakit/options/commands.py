@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import model_validator
+
 from ..config import Blocksize, ComputeDtypeName, QuantizationSection, QuantType
 from .base import CommandOptions, option
 
@@ -143,3 +145,10 @@ class InspectOptions(CommandOptions):
     plot: str | None = option(None, "also draw the errors against the layer's position, outliers marked, into a "
                               "PNG file", metavar="PATH.png")
     progress: bool = option(True, "a progress bar over the layers", off="no progress bar")
+
+    @model_validator(mode="after")
+    def _data_needs_tokens(self) -> "InspectOptions":
+        if self.calibration_data is not None and self.calibration_tokens == 0:
+            raise ValueError(f"--calibration-data {self.calibration_data} with --calibration-tokens 0: no output "
+                             "errors are computed; give a number of tokens or leave out the data")
+        return self
