@@ -128,7 +128,7 @@ class PairsOptions(CommandOptions):
 
 class InspectOptions(CommandOptions):
     """`qlorakit inspect MODEL_DIR`: how well NF4, FP4 and INT4 fit each quantizable linear weight
-    (model/inspect_weights.py)."""
+    (model/inspect_weights.py) and how far they move its output on calibration tokens (model/inspect_outputs.py)."""
 
     model_dir: str = option(description="a local Hugging Face causal-LM folder (config.json + *.safetensors), or "
                             "'default' (SmolLM2-135M-Instruct)", positional=True)
