@@ -18,6 +18,13 @@ def test_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
     assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
+def test_write_bytes_writes_the_bytes_as_they_are(tmp_path):
+    path = tmp_path / "plot.png"
+    data = bytes(range(256)) + b"\r\n\n"  # no newline translation, no encoding
+    atomic.write_bytes(path, data)
+    assert path.read_bytes() == data and sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
 def test_write_text_failure_keeps_the_old_file_and_removes_its_temporary(tmp_path, monkeypatch):
     path = tmp_path / "a.txt"
     path.write_text("old")

@@ -2,7 +2,8 @@
 
 The one place qlorakit does this (checkpoints, adapters, merged and quantized models, the bundled assets, the
 tokenisation cache, manifests, summaries):
-  - `write_text(path, text)`: a file, through a temporary name in the same folder and one rename;
+  - `write_text(path, text)`, `write_bytes(path, data)`: a file, through a temporary name in the same folder and
+    one rename;
   - `new_folder(target)`: a folder, written into a hidden sibling and swapped in when the block succeeds;
   - `swap_in(built, target)`: the swap itself, for callers that build the folder their own way. An existing
     target is set aside, the new folder renamed in, and the old one removed; if the second rename fails the old
@@ -45,11 +46,20 @@ def fsync_dir(folder: str | Path) -> None:
 def write_text(path: str | Path, text: str, *, tmp: str | Path | None = None, fsync: bool = False) -> Path:
     """Write `text` (UTF-8) to `path` through `tmp` (default `.<name>.tmp` beside it) and a rename; `fsync`
     flushes the file to disk before the rename. The temporary file is removed if anything fails."""
+    return _write(path, text, tmp, fsync)
+
+
+def write_bytes(path: str | Path, data: bytes, *, tmp: str | Path | None = None, fsync: bool = False) -> Path:
+    """write_text for bytes (a PNG, ...): the same temporary name, rename and cleanup."""
+    return _write(path, data, tmp, fsync)
+
+
+def _write(path: str | Path, data: str | bytes, tmp: str | Path | None, fsync: bool) -> Path:
     path = Path(path)
     tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with (open(tmp, "wb") if isinstance(data, bytes) else open(tmp, "w", encoding="utf-8")) as f:
+            f.write(data)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

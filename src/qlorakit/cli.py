@@ -110,17 +110,31 @@ def _cmd_pairs(opts: PairsOptions) -> int:
 
 def _cmd_inspect(opts: InspectOptions) -> int:
     import json
+    from pathlib import Path
 
     from .atomic import write_text
     from .model.build import resolve_model_dir
+    from .model.inspect_plot import check_png_path, plot_report
     from .model.inspect_weights import inspect_model
 
+    if opts.plot:
+        check_png_path(opts.plot)
     folder = resolve_model_dir("default") if opts.model_dir == "default" else opts.model_dir
-    report = inspect_model(folder, opts.blocksize, opts.progress)
+
+    def calibration():  # called by inspect_model once the folder is known to be a model
+        from .data.calibration import calibration_tokens
+        from .model.build import load_tokenizer
+
+        return calibration_tokens(load_tokenizer(Path(folder)), opts.calibration_tokens, opts.calibration_data,
+                                  opts.calibration_format)
+
+    report = inspect_model(folder, opts.blocksize, opts.progress, calibration if opts.calibration_tokens else None)
     print(report.table())
     if opts.json_path:
         write_text(opts.json_path, json.dumps(report.to_json(), indent=2) + "\n")
         print(f"wrote {opts.json_path}")
+    if opts.plot:
+        print(f"wrote {plot_report(report, opts.plot)}")
     return 0
 
 
@@ -226,12 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     _with_options(p, PairsOptions, _cmd_pairs)
 
     i = sub.add_parser(
-        "inspect", help="per linear layer: weight statistics and the NF4 / FP4 / INT4 reconstruction error",
+        "inspect", help="per linear layer: weight statistics and the NF4 / FP4 / INT4 weight and output errors",
         description="For every linear weight qlorakit quantizes, read one at a time: std, excess kurtosis, the "
         "distance of its absmax-normalised blocks from the normal quantiles NF4 assumes, and the relative error "
-        "||W - deq(q(W))|| / ||W|| of NF4, FP4 and absmax INT4. Prints the 10 worst layers by NF4 error and "
-        "parameter-weighted totals; flags layers whose NF4 error is above median + 3 MAD, and layers where FP4 or "
-        "INT4 beats NF4. Definitions: src/qlorakit/model/inspect_weights.py.")
+        "||W - deq(q(W))|| / ||W|| of NF4, FP4 and absmax INT4; then (--calibration-tokens, 256 by default) the "
+        "relative error of each linear's output on its real inputs when the unquantized model runs over that many "
+        "tokens. Prints the 10 worst layers by NF4 (output) error and parameter-weighted totals; flags layers whose "
+        "NF4 error is above median + 3 MAD, and layers where FP4 or INT4 beats NF4, by weight and by output error. "
+        "--plot draws them against the layer's position. Definitions: src/qlorakit/model/inspect_weights.py and "
+        "inspect_outputs.py.")
     _with_options(i, InspectOptions, _cmd_inspect)
 
     d = sub.add_parser("demo", help="prepare the bundled default model and data in the user cache (idempotent)")

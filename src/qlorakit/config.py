@@ -7,7 +7,6 @@ and impossible combinations raise QloraConfigError naming the key and what is al
 from __future__ import annotations
 
 import difflib
-import logging
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -15,8 +14,6 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import QloraConfigError
-
-log = logging.getLogger("qlorakit.config")
 
 
 class _Section(BaseModel):
@@ -254,14 +251,6 @@ class QloraConfig(_Section):
             )
         return self
 
-    def warnings(self) -> list[str]:
-        """Advice about legal but doubtful choices, said once when the config is loaded."""
-        out = []
-        if self.quantization.load_in_4bit and self.quantization.quant_type == "fp4":
-            out.append("quantization.quant_type is fp4: NF4 quantizes normally distributed weights with less "
-                       "error and fine-tunes 0.5-1 points better; use nf4 unless you are comparing the two")
-        return out
-
 
 def _suggest(key: str, allowed: list[str]) -> str:
     close = difflib.get_close_matches(key, allowed, n=1)
@@ -363,7 +352,7 @@ def config_from_dict(tree: dict[str, Any], source: str = "config") -> QloraConfi
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> QloraConfig:
-    """Read a YAML config (None: all defaults), apply `section.key=value` overrides, validate, log warnings."""
+    """Read a YAML config (None: all defaults), apply `section.key=value` overrides, validate."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -382,10 +371,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _apply_override(tree, assignment)
     if overrides:
         source += " (with --set)"
-    cfg = config_from_dict(tree, source)
-    for w in cfg.warnings():
-        log.warning("qlorakit: warning: %s", w)
-    return cfg
+    return config_from_dict(tree, source)
 
 
 def dump_config(cfg: QloraConfig) -> str:

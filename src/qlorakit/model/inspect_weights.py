@@ -20,31 +20,41 @@ For every weight that qlorakit quantizes (targets.py), read alone from the safet
   code_int4_symmetric() by the reference's rule (fp32 midpoints, a tie to the lower level), then
   fp32(level * absmax).
 
+With calibration tokens (`--calibration-tokens N`), each layer also gets `output_error`, the relative error of
+its output on its real inputs, ||X W^T - X deq(q(W))^T|| / ||X W^T|| per type (inspect_outputs.py).
+
 Flags: `nf4_outlier` when a layer's NF4 error is above median + 3 * MAD of all layers' NF4 errors
 (MAD = median(|e - median(e)|), unscaled; medians as torch.median, the lower middle value for an even count);
-`beaten_by`: the types (fp4, int4) whose error is strictly below NF4's on that layer.
+`beaten_by`: the types (fp4, int4) whose error is strictly below NF4's on that layer. With output errors, the same
+two rules on them: `output_outlier` and `output_beaten_by`.
 
-Memory: one weight at a time, plus a few fp32/fp64 temporaries of its size.
+Memory: one weight at a time, plus a few fp32/fp64 temporaries of its size; the output errors need the whole
+model in fp32 (inspect_outputs.py).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
+from ..errors import OptionValueError
 from ..quant.blockwise import (scale_into_unit, check_blocksize, dequantize_blocks_4bit,
                                nearest_code_by_midpoints, quantize_blocks_4bit)
 from ..quant.codebooks import code_int4_symmetric
 from .checkpoint_files import find_checkpoint_files, require_model_folder
 from .quantize_checkpoint import check_target_weights
-from .targets import target_linears_of
+from .targets import load_causal_lm_config, target_linears_of
+
+if TYPE_CHECKING:
+    from .inspect_outputs import Calibration
 
 TYPES: tuple[str, ...] = ("nf4", "fp4", "int4")
 OUTLIER_MADS = 3.0
@@ -118,6 +128,9 @@ class LayerReport:
     error: dict[str, float]
     nf4_outlier: bool = False
     beaten_by: list[str] = field(default_factory=list)
+    output_error: dict[str, float] | None = None  # None without calibration tokens
+    output_outlier: bool = False
+    output_beaten_by: list[str] = field(default_factory=list)
 
 
 def layer_report(name: str, weight: torch.Tensor, blocksize: int = 64) -> LayerReport:
@@ -134,76 +147,151 @@ def median(values: list[float]) -> float:
     return torch.tensor(values, dtype=torch.float64).median().item()
 
 
+def outlier_threshold(values: list[float]) -> float:
+    """median + 3 * MAD of `values` (module docstring); nan for no values."""
+    if not values:
+        return math.nan
+    mid = median(values)
+    return mid + OUTLIER_MADS * median([abs(e - mid) for e in values])
+
+
 def flag_layers(layers: list[LayerReport]) -> float:
     """Set nf4_outlier and beaten_by on every layer; returns the NF4 threshold median + 3 * MAD."""
-    if not layers:
-        return math.nan
-    nf4 = [layer.error["nf4"] for layer in layers]
-    mid = median(nf4)
-    threshold = mid + OUTLIER_MADS * median([abs(e - mid) for e in nf4])
+    threshold = outlier_threshold([layer.error["nf4"] for layer in layers])
     for layer in layers:
         layer.nf4_outlier = layer.error["nf4"] > threshold
         layer.beaten_by = [kind for kind in TYPES[1:] if layer.error[kind] < layer.error["nf4"]]
     return threshold
 
 
+def flag_outputs(layers: list[LayerReport]) -> float:
+    """flag_layers' rules on the output errors: output_outlier and output_beaten_by of every layer that has output
+    errors; returns their NF4 threshold (nan when no layer has any)."""
+    measured = [layer for layer in layers if layer.output_error is not None]
+    threshold = outlier_threshold([layer.output_error["nf4"] for layer in measured])
+    for layer in measured:
+        out = layer.output_error
+        layer.output_outlier = out["nf4"] > threshold
+        layer.output_beaten_by = [kind for kind in TYPES[1:] if out[kind] < out["nf4"]]
+    return threshold
+
+
 @dataclass
 class InspectReport:
-    """Per-layer statistics of a model folder, the NF4 outlier threshold and parameter-weighted totals."""
+    """Per-layer statistics of a model folder, the outlier thresholds and parameter-weighted totals; with
+    calibration, the tokens' count and source and the output errors' NF4 threshold."""
 
     model_dir: str
     blocksize: int
     layers: list[LayerReport]
     nf4_threshold: float
+    calibration_tokens: int = 0
+    calibration_source: str | None = None
+    output_threshold: float | None = None
 
     def mean_errors(self) -> dict[str, float]:
         """Per type: sum(numel * error) / sum(numel) over the layers."""
         total = sum(layer.numel for layer in self.layers)
         return {kind: sum(layer.numel * layer.error[kind] for layer in self.layers) / total for kind in TYPES}
 
+    def mean_output_errors(self) -> dict[str, float] | None:
+        """Per type: sum(numel * output error) / sum(numel) over the layers that have output errors; None if none."""
+        measured = [layer for layer in self.layers if layer.output_error is not None]
+        total = sum(layer.numel for layer in measured)
+        if not total:
+            return None
+        return {kind: sum(layer.numel * layer.output_error[kind] for layer in measured) / total for kind in TYPES}
+
     def best_type(self) -> str:
         means = self.mean_errors()
         return min(TYPES, key=lambda kind: means[kind])
 
     def to_json(self) -> dict[str, Any]:
+        def names(flag: str) -> list[str]:
+            return [layer.name for layer in self.layers if getattr(layer, flag)]
+
         return {
             "model_dir": self.model_dir, "blocksize": self.blocksize, "types": list(TYPES),
             "parameters": sum(layer.numel for layer in self.layers),
             "mean_error": self.mean_errors(), "best_type": self.best_type(),
             "nf4_outlier_threshold": self.nf4_threshold,
-            "nf4_outliers": [layer.name for layer in self.layers if layer.nf4_outlier],
-            "nf4_beaten": [layer.name for layer in self.layers if layer.beaten_by],
+            "nf4_outliers": names("nf4_outlier"), "nf4_beaten": names("beaten_by"),
+            "calibration": {"tokens": self.calibration_tokens, "source": self.calibration_source},
+            "mean_output_error": self.mean_output_errors(), "output_outlier_threshold": self.output_threshold,
+            "output_outliers": names("output_outlier"), "output_beaten": names("output_beaten_by"),
             "layers": [asdict(layer) for layer in self.layers],
         }
 
     def table(self, worst: int = 10) -> str:
-        """The `worst` layers by NF4 error, then the totals, as plain text."""
-        ranked = sorted(self.layers, key=lambda layer: layer.error["nf4"], reverse=True)[:worst]
+        """The `worst` layers by NF4 error (by NF4 output error when measured), then the totals, as plain text."""
+        outputs = self.mean_output_errors()
+        ranked = sorted(self.layers, key=lambda layer: rank_key(layer, outputs is not None), reverse=True)[:worst]
         width = max([len("layer")] + [len(layer.name) for layer in ranked])
+        out_head = "" if outputs is None else f"{'out:nf4':>7}  {'fp4':>7}  {'int4':>7}  "
         head = (f"{'layer':<{width}}  {'shape':>11}  {'std':>8}  {'kurt':>7}  {'dist':>6}  {'nf4':>7}  "
-                f"{'fp4':>7}  {'int4':>7}  flags")
+                f"{'fp4':>7}  {'int4':>7}  {out_head}flags")
+        what = f"||W - deq(q(W))|| / ||W||; the {len(ranked)} worst by NF4 error:"
+        if outputs is not None:
+            what = (f"||W - deq(q(W))|| / ||W|| and of the output on {self.calibration_tokens} tokens of "
+                    f"{self.calibration_source}, ||XW^T - X deq(q(W))^T|| / ||XW^T||; the {len(ranked)} worst by NF4 "
+                    "output error:")
         lines = [f"{self.model_dir}: {len(self.layers)} linear weights, blocksize {self.blocksize}; relative error "
-                 f"||W - deq(q(W))|| / ||W||, the {len(ranked)} worst by NF4:", head]
+                 f"{what}", head]
         for layer in ranked:
-            flags = (["NF4 OUTLIER"] if layer.nf4_outlier else []) + [f"{k} < nf4" for k in layer.beaten_by]
             dist = "-" if layer.normal_distance is None else f"{layer.normal_distance:.4f}"
+            moved = layer.output_error
+            out = "" if outputs is None else "".join(
+                "      -  " if moved is None else f"{moved[kind]:7.5f}  " for kind in TYPES)
             lines.append(
                 f"{layer.name:<{width}}  {'x'.join(map(str, layer.shape)):>11}  {layer.std:8.5f}  "
                 f"{layer.excess_kurtosis:7.2f}  {dist:>6}  {layer.error['nf4']:7.5f}  {layer.error['fp4']:7.5f}  "
-                f"{layer.error['int4']:7.5f}  {', '.join(flags)}")
+                f"{layer.error['int4']:7.5f}  {out}{', '.join(layer_flags(layer))}")
         means = self.mean_errors()
-        outliers = sum(layer.nf4_outlier for layer in self.layers)
-        beaten = sum(bool(layer.beaten_by) for layer in self.layers)
-        lines.append(f"parameter-weighted mean error over {sum(layer.numel for layer in self.layers):,} parameters: "
+        parameters = sum(layer.numel for layer in self.layers)
+        lines.append(f"parameter-weighted mean error over {parameters:,} parameters: "
                      + ", ".join(f"{kind} {means[kind]:.5f}" for kind in TYPES) + f"; best overall: {self.best_type()}")
-        lines.append(f"NF4 outliers (error > median + 3 MAD = {self.nf4_threshold:.5f}): {outliers}; "
-                     f"layers where FP4 or INT4 beats NF4: {beaten}")
+        lines.append(f"NF4 outliers (error > median + 3 MAD = {self.nf4_threshold:.5f}): "
+                     f"{sum(layer.nf4_outlier for layer in self.layers)}; layers where FP4 or INT4 beats NF4: "
+                     f"{sum(bool(layer.beaten_by) for layer in self.layers)}")
+        if outputs is not None:
+            lines.append("parameter-weighted mean output error: "
+                         + ", ".join(f"{kind} {outputs[kind]:.5f}" for kind in TYPES)
+                         + f"; output outliers (NF4 output error > median + 3 MAD = {self.output_threshold:.5f}): "
+                         f"{sum(layer.output_outlier for layer in self.layers)}; layers where FP4 or INT4 moves the "
+                         f"output less than NF4: {sum(bool(layer.output_beaten_by) for layer in self.layers)}")
         return "\n".join(lines)
 
 
-def inspect_model(model_dir: str | Path, blocksize: int = 64, progress: bool = True) -> InspectReport:
-    """The report of every quantizable linear weight of a local model folder, read one at a time.
+def rank_key(layer: LayerReport, by_output: bool) -> float:
+    """The table's order: NF4 error, or NF4 output error (a layer without one last)."""
+    if not by_output:
+        return layer.error["nf4"]
+    return -1.0 if layer.output_error is None else layer.output_error["nf4"]
 
+
+def layer_flags(layer: LayerReport) -> list[str]:
+    """The table's flags of one layer: 'NF4 OUTLIER', 'OUTPUT OUTLIER', 'int4 < nf4', 'out: int4 < nf4', ..."""
+    return ((["NF4 OUTLIER"] if layer.nf4_outlier else []) + (["OUTPUT OUTLIER"] if layer.output_outlier else [])
+            + [f"{k} < nf4" for k in layer.beaten_by] + [f"out: {k} < nf4" for k in layer.output_beaten_by])
+
+
+def check_calibration_tokens(folder: Path, tokens: int) -> None:
+    """OptionValueError (one line) when `tokens` calibration tokens do not fit the model's context
+    (config.json's max_position_embeddings, where it has one): they run as one sequence."""
+    limit = getattr(load_causal_lm_config(folder), "max_position_embeddings", None)
+    if isinstance(limit, int) and tokens > limit:
+        raise OptionValueError(f"--calibration-tokens {tokens}: {folder} reads at most {limit} positions at once "
+                               f"(max_position_embeddings in config.json) and the tokens run as one sequence; "
+                               f"allowed 0 to {limit} (0: off)")
+
+
+def inspect_model(model_dir: str | Path, blocksize: int = 64, progress: bool = True,
+                  calibration: Callable[[], Calibration] | None = None) -> InspectReport:
+    """The report of every quantizable linear weight of a local model folder, read one at a time; with
+    `calibration`, also every linear's output error on the tokens it returns (inspect_outputs.py).
+
+    `calibration` is called once, after the folder is checked and before any weight is read, so that a bad folder
+    is reported before tokenizing and a token count over the model's context before the long passes.
     Raises CheckpointFormatError (one line naming the folder or file) when it is not a model folder, holds no
     safetensors weights, has no quantizable linears, or a weight is missing, not floating point or misshapen.
     """
@@ -213,6 +301,9 @@ def inspect_model(model_dir: str | Path, blocksize: int = 64, progress: bool = T
     targets = target_linears_of(folder)
     where = checkpoint.key_to_file()
     check_target_weights(folder, targets, where)
+    tokens = calibration() if calibration is not None else None
+    if tokens is not None:
+        check_calibration_tokens(folder, tokens.tokens)
     layers: list[LayerReport] = []
     for target in tqdm(list(targets.values()), desc="inspect", unit="layer", file=sys.stderr,
                        disable=not progress, leave=False):
@@ -222,5 +313,13 @@ def inspect_model(model_dir: str | Path, blocksize: int = 64, progress: bool = T
             weight = weight.t().contiguous()
         layers.append(layer_report(target.name, weight, blocksize))
         del weight
-    threshold = flag_layers(layers)
-    return InspectReport(str(folder), blocksize, layers, threshold)
+    report = InspectReport(str(folder), blocksize, layers, flag_layers(layers))
+    if tokens is not None:
+        from .inspect_outputs import calibration_output_errors
+
+        measured = calibration_output_errors(folder, list(targets), tokens.input_ids, blocksize, progress)
+        for layer in layers:
+            layer.output_error = measured.get(layer.name)
+        report.calibration_tokens, report.calibration_source = tokens.tokens, tokens.source
+        report.output_threshold = flag_outputs(layers)
+    return report

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import model_validator
+
 from ..config import Blocksize, ComputeDtypeName, QuantizationSection, QuantType
 from .base import CommandOptions, option
 
@@ -126,10 +128,27 @@ class PairsOptions(CommandOptions):
 
 class InspectOptions(CommandOptions):
     """`qlorakit inspect MODEL_DIR`: how well NF4, FP4 and INT4 fit each quantizable linear weight
-    (model/inspect_weights.py)."""
+    (model/inspect_weights.py) and how far they move its output on calibration tokens (model/inspect_outputs.py)."""
 
     model_dir: str = option(description="a local Hugging Face causal-LM folder (config.json + *.safetensors), or "
                             "'default' (SmolLM2-135M-Instruct)", positional=True)
     json_path: str | None = option(None, "also write the full per-layer report to PATH as JSON", metavar="PATH")
     blocksize: Blocksize = option(64, "4-bit block size, a power of two in 32..4096")
+    calibration_tokens: int = option(256, "also the relative output error ||XW^T - X deq(q(W))^T|| / ||XW^T|| of "
+                                     "each linear on its real inputs X when the unquantized model runs in fp32 on "
+                                     "the CPU over N tokens, as one sequence", ge=0, metavar="N", note="0: off")
+    calibration_data: str | None = option(None, "the calibration tokens' source: a .json/.jsonl/.parquet/.csv file "
+                                          "or a bundled set ('default:seed_tasks') (default: a built-in English "
+                                          "text, about 1,150 tokens)", metavar="FILE")
+    calibration_format: Literal["alpaca", "chat", "text"] = option(
+        "alpaca", "--calibration-data's format: alpaca (instruction, input, output), chat (messages) or text")
+    plot: str | None = option(None, "also draw the errors against the layer's position, outliers marked, into a "
+                              "PNG file", metavar="PATH.png")
     progress: bool = option(True, "a progress bar over the layers", off="no progress bar")
+
+    @model_validator(mode="after")
+    def _data_needs_tokens(self) -> "InspectOptions":
+        if self.calibration_data is not None and self.calibration_tokens == 0:
+            raise ValueError(f"--calibration-data {self.calibration_data} with --calibration-tokens 0: no output "
+                             "errors are computed; give a number of tokens or leave out the data")
+        return self

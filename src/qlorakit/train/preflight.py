@@ -1,5 +1,6 @@
 """Checks `qlorakit train` can run before it loads anything: folders it can write, and disk space for what it
-will write into them. Each failure is one line naming the path, what is wrong and what would do.
+will write into them. Each failure is one line naming the path, what is wrong and what would do. And one piece of
+advice: a 4-bit type other than NF4 measured against NF4 on the model's weights.
 
 Lower layers take plain arguments: `what` is the name the user knows the path by (a config key such as
 `training.output_dir`), used in the message.
@@ -7,12 +8,15 @@ Lower layers take plain arguments: `what` is the name the user knows the path by
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from ..errors import DiskSpaceError, OutputDirError
+from ..errors import DiskSpaceError, OutputDirError, QlorakitError
+
+log = logging.getLogger("qlorakit.train")
 
 CHECKPOINT_OVERHEAD_BYTES = 1 << 20
 """Per checkpoint, beyond its tensors: JSON (trainer state, optimizer groups, adapter config), RNG states and
@@ -101,3 +105,23 @@ def run_output_bytes(trainable_params: int, adapter_bytes_per_param: int, state_
     checkpoint is written before the oldest is removed), and the final adapter."""
     adapter = trainable_params * adapter_bytes_per_param + CHECKPOINT_OVERHEAD_BYTES
     return (keep_checkpoints + 1) * checkpoint_bytes(trainable_params, adapter_bytes_per_param, state_bits) + adapter
+
+
+def say_if_type_worse_than_nf4(model_dir: Path, quant_type: str, blocksize: int, model: str) -> None:
+    """For a quant_type other than nf4: one warning line when it is measurably worse than NF4 on the model's weights
+    (model/quant_type_check.py: a sample of about 2 M weights, about a second), an info line otherwise or when the
+    weights cannot be compared (a pre-quantized folder). `model` is the name the user gave (for the advice)."""
+    if quant_type == "nf4":
+        return
+    from ..model.quant_type_check import compare_with_nf4
+
+    try:
+        comparison = compare_with_nf4(model_dir, quant_type, blocksize)
+    except QlorakitError as err:  # the loader reports what is wrong with the folder, if anything is
+        log.info("qlorakit: quantization.quant_type %s not compared with nf4: %s", quant_type, err)
+        return
+    if comparison.worse():
+        log.warning("qlorakit: warning: %s", comparison.warning(model))
+    else:
+        log.info("qlorakit: quantization.quant_type %s: mean relative error %.4f against nf4's %.4f on this model's "
+                 "weights (sampled), within the margin", quant_type, comparison.error, comparison.nf4_error)

@@ -22,6 +22,7 @@ from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, planned_steps, train_loop
 from .placement import place_activations, place_tables
+from .preflight import say_if_type_worse_than_nf4
 from .run_state import OutputLock, examples_fingerprint, plan_resume
 from .runtime import DTYPES, Runtime, pick_runtime, seed_everything
 
@@ -267,6 +268,9 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
 
     model_dir = resolve_model_dir(cfg.model.name, cfg.model.revision)
     runtime = pick_runtime(cfg.quantization.compute_dtype, cfg.lora.adapter_dtype, device)
+    if dist.is_main:
+        q = cfg.quantization
+        say_if_type_worse_than_nf4(model_dir, q.quant_type, q.blocksize, str(cfg.model.name))
     cfg, est = _plan_memory(cfg, model_dir, runtime, several_ranks=dist.enabled)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     d = cfg.data
