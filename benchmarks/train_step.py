@@ -205,8 +205,10 @@ def plan_from_peer(args, peers: dict) -> dict:
     result = (peer or {}).get(f"B{b}xT{t}")
     if not result or "torch_peak_GiB" not in result:
         raise SystemExit(f"--budget-from-peer: no {args.budget_from_peer} result for B{b}xT{t} in {list(peers)}")
-    # The peer's device-wide peak is the budget, and its torch peak bounds ours too (the issue compares both).
-    budget, torch_budget = float(result["nvml_peak_GiB"]), float(result["torch_peak_GiB"])
+    # The peer's device-wide peak is the budget, and its torch peak bounds ours too (the issue compares both). The
+    # torch bound is planned 2% under the peer's figure: the estimate of the 8B B1 plan was 1.3% under the torch
+    # peak measured (7.075 GiB planned, 7.17 measured, train_step-h100-8b-budget-b1-dropout0.json).
+    budget, torch_budget = float(result["nvml_peak_GiB"]), round(0.98 * float(result["torch_peak_GiB"]), 3)
     fields = dict(SHAPES[args.shape])
     if args.layers:
         fields["num_hidden_layers"] = args.layers
