@@ -99,6 +99,10 @@ class TrainingSection(_Section):
         None, description="dpo/ipo: a PEFT adapter folder (e.g. an SFT run's adapter, of this lora shape) that the "
         "policy starts from; a frozen copy of it on the base is the reference. Unset: a new adapter, the base the "
         "reference")
+    precompute_ref_logps: bool = Field(
+        False, description="dpo/ipo: compute every pair's reference log-probs in one pass before training and keep "
+        "them in the output folder (ref_logps.safetensors, reused while the data, base and reference are the same), "
+        "so that no training step runs the reference forward (TRL's precompute_ref_log_probs)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="simpo: TRL's label_smoothing (the conservative "
                                    "loss); 0 elsewhere")
     learning_rate: float = Field(2e-4, gt=0)
@@ -242,6 +246,9 @@ class QloraConfig(_Section):
                                  f"per row, without FSDP: drop {', '.join(clash)}")
         if t.reference_adapter and t.objective not in ("dpo", "ipo"):
             raise ValueError(f"training.reference_adapter applies to objectives dpo and ipo, not {t.objective}")
+        if t.precompute_ref_logps and t.objective not in ("dpo", "ipo"):
+            raise ValueError(f"training.precompute_ref_logps applies to objectives dpo and ipo (the others have no "
+                             f"reference), not {t.objective}")
         if t.label_smoothing and t.objective != "simpo":
             raise ValueError(f"training.label_smoothing applies to objective simpo, not {t.objective}")
         if self.training.bf16 is not None and self.training.bf16 != (q.compute_dtype == "bfloat16"):

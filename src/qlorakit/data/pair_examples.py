@@ -51,17 +51,27 @@ class PairExamples:
 
     The completions end with their EOS (or the chat template's end of turn) unless truncation cut it off.
     record_ids: int64 [n], the index in its file of the record each pair came from.
+    reference: None, or float32 [n, 2]: each pair's precomputed reference log-probs (chosen, rejected), which
+    collate then hands on as `ref_logps` (training.precompute_ref_logps; train/reference_cache.py).
     """
 
     prompts: Ragged
     chosen: Ragged
     rejected: Ragged
     record_ids: np.ndarray
+    reference: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.record_ids)
         if self.record_ids.dtype != np.int64 or not len(self.prompts) == len(self.chosen) == len(self.rejected) == n:
             raise ValueError("prompts, chosen, rejected and record_ids (int64) must hold one entry per pair")
+        if self.reference is not None and (self.reference.dtype != np.float32 or self.reference.shape != (n, 2)):
+            raise ValueError(f"reference must be float32 [{n}, 2], got {self.reference.dtype} "
+                             f"{list(self.reference.shape)}")
+
+    def with_reference(self, reference: np.ndarray) -> "PairExamples":
+        """A copy carrying the pairs' reference log-probs, float32 [n, 2] (chosen, rejected)."""
+        return PairExamples(self.prompts, self.chosen, self.rejected, self.record_ids, reference)
 
     @classmethod
     def from_pairs(cls, pairs: Sequence[tuple[list[int], list[int], list[int], int]]) -> "PairExamples":
@@ -91,7 +101,8 @@ class PairExamples:
         """A copy holding the given pairs, in the given order."""
         indices = np.asarray(indices, dtype=np.int64)
         return PairExamples(self.prompts.subset(indices), self.chosen.subset(indices),
-                            self.rejected.subset(indices), self.record_ids[indices])
+                            self.rejected.subset(indices), self.record_ids[indices],
+                            None if self.reference is None else self.reference[indices])
 
     def split(self, eval_pairs: int, seed: int) -> tuple["PairExamples", "PairExamples"]:
         """(train, eval): eval_pairs pairs drawn at random (deterministic in seed) are held out; both keep file
@@ -111,7 +122,8 @@ class PairExamples:
         sequences in the same order, right-padded to the longest of the 2N (T):
           input_ids: pad_id on padding;
           attention_mask: 1 on real tokens, 0 on padding;
-          completion_mask: 1 on the chosen or rejected tokens (EOS included), 0 on the prompt and padding.
+          completion_mask: 1 on the chosen or rejected tokens (EOS included), 0 on the prompt and padding;
+        and, when the pairs carry precomputed reference log-probs, ref_logps float32 [N, 2] (chosen, rejected).
         Raises ValueError for a row holding other than one index: preference pairs are never packed.
         """
         for row in rows:
@@ -130,5 +142,8 @@ class PairExamples:
             input_ids[b, n_p:end] = reply
             attention[b, :end] = 1
             completion[b, n_p:end] = 1
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
-                "completion_mask": torch.from_numpy(completion)}
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+                 "completion_mask": torch.from_numpy(completion)}
+        if self.reference is not None:
+            batch["ref_logps"] = torch.from_numpy(self.reference[[int(row[0]) for row in rows]])
+        return batch

@@ -4,7 +4,8 @@ calls them in place of the SFT token loss.
 A step's loss is the mean over all its pairs: each micro-batch's mean is weighted by its share of the step's
 pairs, so splitting a step into micro-batches does not change the gradient (for ORPO, whose NLL is a token mean
 within a micro-batch as in TRL, up to that term). The reference forward (DPO, IPO) runs without gradients with
-the adapters switched off, on the same micro-batch, right before the policy forward.
+the adapters switched off, on the same micro-batch, right before the policy forward, unless the batch carries
+the pairs' precomputed reference log-probs (training.precompute_ref_logps).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import torch
 from torch import nn
 
 from .distributed import SINGLE_PROCESS, DistContext
-from .preference import NEEDS_REFERENCE, PreferenceSettings, preference_loss, reference_logps, sequence_logps
+from .preference import (NEEDS_REFERENCE, PreferenceSettings, SequenceLogps, preference_loss, reference_logps,
+                         sequence_logps)
 from .runtime import Runtime
 
 
 def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask")}
+    return {k: v.to(device) for k, v in batch.items()
+            if k in ("input_ids", "attention_mask", "completion_mask", "ref_logps")}
 
 
 def _pairs(batch: dict[str, torch.Tensor]) -> int:
@@ -32,7 +35,12 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], runtime: 
     """The mean loss over one micro-batch's pairs and its metrics (gradients flow into the adapters)."""
     batch = _on_device(batch, runtime.device)
     with runtime.autocast():
-        reference = reference_logps(model, batch, s.reference_adapter) if s.objective in NEEDS_REFERENCE else None
+        reference = None
+        if "ref_logps" in batch:  # precomputed (train/reference_cache.py): no reference forward
+            ref = batch["ref_logps"]
+            reference = SequenceLogps(ref[:, 0], ref[:, 1], ref.new_zeros(len(ref)), ref.new_zeros(len(ref)))
+        elif s.objective in NEEDS_REFERENCE:
+            reference = reference_logps(model, batch, s.reference_adapter)
         policy = sequence_logps(model, batch, with_nll=s.objective == "orpo")
         return preference_loss(s, policy, reference)
 

@@ -328,6 +328,13 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         from ..nn.lora import adapter_snapshot
 
         settings.preference = replace(settings.preference, reference_adapter=adapter_snapshot(model))
+    if cfg.training.precompute_ref_logps:
+        from .reference_cache import with_reference_logps
+
+        prepared = with_reference_logps(
+            prepared, model, out, {"fingerprint": fingerprint, "quantization": cfg.quantization.model_dump(),
+                                   "compute_dtype": runtime.compute_dtype}, cfg.training.batch_size, runtime,
+            tokenizer.pad_token_id, settings.preference.reference_adapter, progress, dist)
     record = {
         "base_model": str(cfg.model.name),
         "base_model_dir": str(model_dir),
