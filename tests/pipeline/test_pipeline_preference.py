@@ -222,3 +222,32 @@ def test_precomputed_reference_log_probs_are_the_reference_forward_s(tiny_model_
         got = cached[[r[0] for r in rows]]
         np.testing.assert_allclose(got[:, 0], ref.chosen.numpy(), rtol=1e-5)
         np.testing.assert_allclose(got[:, 1], ref.rejected.numpy(), rtol=1e-5)
+
+
+def test_tokenized_pairs_are_cached_and_a_changed_file_is_tokenized_again(tiny_model_dir, pairs_file, tmp_path,
+                                                                           caplog):
+    """The second run reads the pairs from the token cache (data/pair_cache.py) and trains the same; a file with
+    other bytes gets its own entry; a damaged entry is tokenized again."""
+    import logging
+    import shutil
+
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / "a", max_steps=2), progress=False)
+    assert "from the cache" not in caplog.text
+    entries = sorted((tmp_path / "token-cache").glob("pairs-*"))
+    assert len(entries) == 1 and (entries[0] / "manifest.json").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / "b", max_steps=2), progress=False)
+    assert "(tokenized earlier: from the cache)" in caplog.text and str(pairs_file) in caplog.text
+    assert train_losses(tmp_path / "a") == train_losses(tmp_path / "b")
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text(pairs_file.read_text(encoding="utf-8").replace("Four.", "Five."), encoding="utf-8")
+    run_training(_cfg(tiny_model_dir, changed, tmp_path / "c", max_steps=2), progress=False)
+    assert len(list((tmp_path / "token-cache").glob("pairs-*"))) == 2
+    (entries[0] / "chosen_ids.npy").write_bytes(b"not numpy")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / "d", max_steps=2), progress=False)
+    assert "is damaged" in caplog.text and train_losses(tmp_path / "d") == train_losses(tmp_path / "a")
+    shutil.rmtree(tmp_path / "token-cache")

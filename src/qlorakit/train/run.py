@@ -235,22 +235,21 @@ def _start_from_adapter(cfg: QloraConfig, model: nn.Module, fingerprint: str) ->
     log.info("qlorakit: the policy starts from %s; a frozen copy of it on the base is the reference", path)
 
 
-def _prepare_pairs(cfg: QloraConfig, tokenizer):
-    """Preference records (prompt / chosen / rejected) tokenized as TRL does, and the held-out pairs."""
+def _prepare_pairs(cfg: QloraConfig, tokenizer, cache_dir: Path):
+    """Preference records (prompt / chosen / rejected) tokenized as TRL does (or read from the token cache), and
+    the held-out pairs."""
     from types import SimpleNamespace
 
-    from ..data.pairs import read_pairs, tokenize_pairs
+    from ..data.pair_cache import load_pairs
 
     d, t = cfg.data, cfg.training
-    path = resolve_data_path(d.path)
-    train, report = tokenize_pairs(read_pairs(path), tokenizer, t.max_seq_length, d.max_prompt_length,
-                                   source=str(path))
-    log.info("qlorakit: %s", report.line())
+    train, report, hit = load_pairs(resolve_data_path(d.path), tokenizer, t.max_seq_length, d.max_prompt_length,
+                                    cache_dir)
+    log.info("qlorakit: %s%s", report.line(), " (tokenized earlier: from the cache)" if hit else "")
     if d.eval_file:
-        path = resolve_data_path(d.eval_file)
-        held, eval_report = tokenize_pairs(read_pairs(path), tokenizer, t.max_seq_length, d.max_prompt_length,
-                                           source=str(path))
-        log.info("qlorakit: eval: %s", eval_report.line())
+        held, eval_report, hit = load_pairs(resolve_data_path(d.eval_file), tokenizer, t.max_seq_length,
+                                            d.max_prompt_length, cache_dir)
+        log.info("qlorakit: eval: %s%s", eval_report.line(), " (from the cache)" if hit else "")
     else:
         n_eval = round(len(train) * d.eval_fraction)
         n_eval = min(n_eval, d.max_eval_examples) if d.max_eval_examples else n_eval
@@ -276,15 +275,16 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     d = cfg.data
     if not dist.is_main:  # rank 0 tokenises and fills the cache; the others then read it
         dist.barrier()
+    token_cache = Path(d.cache_dir) if d.cache_dir else _default_token_cache()
     if cfg.training.objective != "sft":
-        prepared = _prepare_pairs(cfg, tokenizer)
+        prepared = _prepare_pairs(cfg, tokenizer, token_cache)
     else:
         prepared = prepare_data(
             resolve_data_path(d.path), tokenizer, fmt=d.format, max_seq_length=cfg.training.max_seq_length,
             template=d.template, train_on_inputs=d.train_on_inputs, overlong=d.overlong, text_field=d.text_field,
             messages_field=d.messages_field, eval_file=resolve_data_path(d.eval_file) if d.eval_file else None,
             eval_fraction=d.eval_fraction, max_eval_examples=d.max_eval_examples, seed=cfg.training.seed,
-            cache_dir=Path(d.cache_dir) if d.cache_dir else _default_token_cache(),
+            cache_dir=token_cache,
         )
     if dist.is_main:
         dist.barrier()
