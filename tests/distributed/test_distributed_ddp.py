@@ -217,3 +217,30 @@ def test_distributed_key_is_validated(tiny_model_dir, pattern_data, tmp_path):
     tree["training"]["distributed"] = "zero3"
     with pytest.raises(QloraConfigError, match="distributed"):
         config_from_dict(tree)
+
+
+@pytest.fixture(scope="module")
+def pairs_data(tmp_path_factory) -> Path:
+    import json
+
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}: what is {i} plus {i}?", "chosen": f" {2 * i}.", "rejected": " Paris."}
+            for i in range(24)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("precompute", [False, True], ids=["reference-per-step", "precomputed-reference"])
+def test_dpo_in_two_processes_matches_one_process(tiny_model_dir, pairs_data, tmp_path, precompute):
+    """training.objective dpo under DDP: each rank takes one of a step's two micro-batches of pairs, the
+    gradients are summed, the pairs' mean loss is the one-process run's; with precomputed reference log-probs
+    every rank computes them all and rank 0 writes the file."""
+    tree = {"objective": "dpo", "precompute_ref_logps": precompute, "learning_rate": 1e-2}
+    with one_thread():
+        run_training(config_from_dict(_tree(tiny_model_dir, pairs_data, tmp_path / "one", **tree)), progress=False)
+    out = tmp_path / "two" / "run"
+    config = write_yaml(tmp_path / "run.yaml", _tree(tiny_model_dir, pairs_data, out, **tree))
+    stderr = _torchrun(str(WORKER), str(config), cwd=tmp_path)
+    assert ("reference log-probs of" in stderr) == precompute
+    _assert_same_run(out, tmp_path / "one")
+    assert (out / "ref_logps.safetensors").is_file() == precompute
