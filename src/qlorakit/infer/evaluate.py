@@ -19,7 +19,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
-from ..errors import QlorakitError
+from ..errors import OptionValueError, QlorakitError
 from ..options import EvalOptions
 from .eval_data import eval_data, response_loss
 from .eval_models import EvalModel, precision_words, resolve_model
@@ -64,6 +64,9 @@ def run_eval(opts: EvalOptions) -> EvalReport:
     from ..model.build import inference_dtype, resolve_device, runtime_line
 
     t0 = time.perf_counter()
+    if not (opts.data or opts.config or opts.tasks):
+        raise OptionValueError("nothing to evaluate: give --data FILE, --config YAML (its held-out examples) and/or "
+                               "--tasks TASK,...")
     models = [resolve_model(spec, opts.force) for spec in opts.specs()]
     device = resolve_device(opts.device)
     dtype = inference_dtype(device)

@@ -195,9 +195,6 @@ class EvalOptions(CommandOptions):
     @model_validator(mode="after")
     def _combinations(self) -> "EvalOptions":
         parse_model_specs(self.model)
-        if not (self.data or self.config or self.tasks):
-            raise ValueError("nothing to evaluate: give --data FILE, --config YAML (its held-out examples) and/or "
-                             "--tasks TASK,...")
         if self.data and self.config:
             raise ValueError("--data and --config both name the data: give one (--config evaluates its held-out "
                              "examples, --data every record of a file)")
