@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from ..atomic import write_text
@@ -75,7 +76,7 @@ def run_eval(opts: EvalOptions) -> EvalReport:
     examples = _examples_per_model(models, data) if data is not None else {}
     harness, module = _harness(opts) if opts.tasks else (None, None)
     settings: dict[str, Any] = {"device": str(device), "compute_dtype": str(dtype).removeprefix("torch."),
-                                "batch_size": opts.batch_size}
+                                "batch_size": opts.batch_size, "torch_threads": torch.get_num_threads()}
     if harness is not None:
         settings.update(num_fewshot=opts.num_fewshot, limit=opts.limit, include_path=opts.include_path,
                         apply_chat_template=opts.apply_chat_template, bootstrap_iters=opts.bootstrap_iters,
