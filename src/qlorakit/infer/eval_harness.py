@@ -22,7 +22,6 @@ from lm_eval import __version__ as LM_EVAL_VERSION  # noqa: N812 - the harness's
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from lm_eval.tasks._index import TaskIndex
 from torch import nn
 
 from ..errors import OptionValueError, QlorakitError
@@ -108,8 +107,8 @@ class HarnessRun:
     def _check_names(self) -> None:
         known = set(self.manager.all_tasks)
         for name in self.names:
-            if name in known or TaskIndex.entry_from_path(Path(name)) is not None:
-                continue
+            if name in known or (Path(name).suffix in (".yaml", ".yml") and Path(name).is_file()):
+                continue  # a task's name, or the path of a task YAML file (the harness takes both)
             close = difflib.get_close_matches(name, self.manager.all_tasks, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             where = f" --include_path {self.include_path}" if self.include_path else ""
