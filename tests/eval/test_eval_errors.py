@@ -34,6 +34,17 @@ def test_an_unknown_task_is_named_with_a_close_match_and_how_to_list_tasks(tiny_
     assert f"did you mean {MC_TASK}" in line and f"`lm-eval ls tasks --include_path {mc_task}` lists them" in line
 
 
+def test_a_task_whose_data_cannot_be_read_is_one_line_naming_it(tiny_base, mc_task, tmp_path, no_model_loads,
+                                                                capsys):
+    broken = tmp_path / "tasks"
+    broken.mkdir()
+    yaml = (mc_task / "tiny_mc.yaml").read_text().replace(str(mc_task / "tiny_mc.json"), str(tmp_path / "gone.json"))
+    (broken / "tiny_mc.yaml").write_text(yaml)
+    line = refused(capsys, "--model", str(tiny_base), "--tasks", MC_TASK, "--include-path", str(broken))
+    assert line.startswith(f"qlorakit: error: --tasks {MC_TASK}: cannot build the task (")
+    assert "a local task a readable data file" in line
+
+
 def test_an_adapter_of_another_base_is_refused_unless_forced(other_base, nf4_adapter, alpaca_data, no_model_loads,
                                                              capsys, monkeypatch):
     spec = f"{other_base}+{nf4_adapter}"

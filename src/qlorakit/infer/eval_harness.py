@@ -116,15 +116,16 @@ class HarnessRun:
                                    f"`lm-eval ls tasks{where}` lists them (local task folders: --include-path DIR)")
 
     def _load_once(self) -> None:
-        """Build every task once, so that a data set that cannot be read (not downloaded, no network) is one line
-        before any model is loaded; the harness's data set cache makes the per-model builds cheap."""
+        """Build every task once, so that a data set that cannot be read (not in the datasets cache and no network,
+        a missing local file) is one line before any model is loaded; the datasets cache makes the per-model builds
+        cheap. The harness fetches a hub task's data set as it always does: qlorakit neither blocks nor adds that."""
         for name in self.names:
             try:
                 self.manager.load([name])
             except Exception as err:  # noqa: BLE001 - whatever the task's loader raises, one line naming the task
                 raise QlorakitError(f"--tasks {name}: cannot build the task ({type(err).__name__}: "
-                                    f"{_first_line(err)}); qlorakit never downloads at run time, so a task's data set "
-                                    "must be local or already in the datasets cache") from None
+                                    f"{_first_line(err)}); a task whose data set is on the hub needs the hub once "
+                                    "(the datasets cache keeps it), a local task a readable data file") from None
 
     def evaluate(self, model: nn.Module, tokenizer: Any, info: dict[str, Any]) -> dict[str, Any]:
         """simple_evaluate on this model: the harness's results dict (results, n-samples, versions, ... and, with
