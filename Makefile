@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 ifeq ($(HAS_CUDA),)
 	$(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0 triton==3.7.1
 endif
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,eval]"
 	@touch $@
 
 test: $(STAMP)

@@ -1,4 +1,4 @@
-"""The flags of `qlorakit quantize`, `generate`, `chat` and `serve` are generated from one pydantic model per
+"""The flags of `qlorakit quantize`, `generate`, `chat`, `serve`, `pairs`, `inspect` and `eval` are generated from one pydantic model per
 command (options/): each command's flags are exactly its model's fields, with the model's defaults and choices;
 a value a field does not allow is one line naming the flag, before the command runs, from the command line and
 from Python alike; `quantize`'s 4-bit settings are the training config's own."""
@@ -15,14 +15,14 @@ from cli_helpers import one_error_line
 from qlorakit import cli
 from qlorakit.config import QloraConfig, QuantizationSection, config_from_dict
 from qlorakit.errors import OptionValueError, QloraConfigError
-from qlorakit.options import (ChatOptions, CommandOptions, GenerateOptions, InspectOptions, PairsOptions,
-                              QuantizeOptions, ServeOptions, add_flags, read_flags)
+from qlorakit.options import (ChatOptions, CommandOptions, EvalOptions, GenerateOptions, InspectOptions,
+                              PairsOptions, QuantizeOptions, ServeOptions, add_flags, read_flags)
 from qlorakit.options.base import flag, is_switch_off, option
 
 COMMANDS = {"quantize": QuantizeOptions, "generate": GenerateOptions, "chat": ChatOptions, "serve": ServeOptions,
-            "pairs": PairsOptions, "inspect": InspectOptions}
+            "pairs": PairsOptions, "inspect": InspectOptions, "eval": EvalOptions}
 REQUIRED = {"quantize": ["src", "dst"], "generate": ["--prompt", "hi"], "chat": [], "serve": [],
-            "pairs": ["--out", "pairs.jsonl"], "inspect": ["model"]}
+            "pairs": ["--out", "pairs.jsonl"], "inspect": ["model"], "eval": ["--model", "m"]}
 
 
 def subparser(command: str) -> argparse.ArgumentParser:
@@ -106,12 +106,14 @@ BAD = [
     ("serve", ["--max-batch", "65"], "--max-batch 65: allowed 1 to 64"),
     ("serve", ["--batch-window-ms", "nan"], "--batch-window-ms nan: allowed a finite number >= 0"),
     ("quantize", ["--blocksize", "48"], "--blocksize 48: must be a power of two from 32 to 4096"),
+    ("eval", ["--batch-size", "0"], "--batch-size 0: allowed an integer >= 1"),
+    ("eval", ["--max-seq-length", "8"], "--max-seq-length 8: allowed an integer >= 16"),
 ]
 
 
 @pytest.mark.parametrize(("command", "args", "words"), BAD, ids=[" ".join(a) for _, a, _ in BAD])
 def test_a_bad_value_is_one_line_naming_the_flag_before_the_command_runs(command, args, words, capsys, monkeypatch):
-    for name in ("_cmd_quantize", "_cmd_generate", "_cmd_chat", "_cmd_serve"):
+    for name in ("_cmd_quantize", "_cmd_generate", "_cmd_chat", "_cmd_serve", "_cmd_eval"):
         monkeypatch.setattr(cli, name, lambda opts: pytest.fail("the command ran with a bad option"))
     assert cli.main([command, *REQUIRED[command], *args]) == 2
     assert one_error_line(capsys) == f"qlorakit: error: {words}"
@@ -142,6 +144,14 @@ def test_quantize_takes_the_training_configs_quantization_settings():
     with pytest.raises(OptionValueError, match="--blocksize 48: must be a power of two from 32 to 4096"):
         QuantizeOptions(model_dir="a", out_dir="b", blocksize=48)
     assert QuantizeOptions(model_dir="a", out_dir="b").blocksize == QloraConfig().quantization.blocksize
+
+
+def test_eval_takes_the_training_configs_data_settings():
+    data, training = QloraConfig().data, QloraConfig().training
+    for name in ("format", "template", "overlong", "text_field", "messages_field"):
+        assert EvalOptions.model_fields[name].default == getattr(data, name), name
+        assert EvalOptions.model_fields[name].annotation == type(data).model_fields[name].annotation, name
+    assert EvalOptions.model_fields["max_seq_length"].default == training.max_seq_length
 
 
 def test_quantize_options_are_the_quantize_function_arguments():

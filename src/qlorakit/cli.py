@@ -8,8 +8,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import OptionValueError, QlorakitError
-from .options import (ChatOptions, CommandOptions, GenerateOptions, InspectOptions, PairsOptions, QuantizeOptions,
-                      ServeOptions, add_flags, read_flags)
+from .options import (ChatOptions, CommandOptions, EvalOptions, GenerateOptions, InspectOptions, PairsOptions,
+                      QuantizeOptions, ServeOptions, add_flags, read_flags)
 
 
 def _cmd_quantize(opts: QuantizeOptions) -> int:
@@ -138,6 +138,12 @@ def _cmd_inspect(opts: InspectOptions) -> int:
     return 0
 
 
+def _cmd_eval(opts: EvalOptions) -> int:
+    from .infer.evaluate import eval_command
+
+    return eval_command(opts)
+
+
 def _with_options(parser: argparse.ArgumentParser, options: type[CommandOptions],
                   func: Callable[..., int]) -> None:
     """The flags of `parser` are the fields of `options`; main reads them back into it and calls func with it."""
@@ -250,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--plot draws them against the layer's position. Definitions: src/qlorakit/model/inspect_weights.py and "
         "inspect_outputs.py.")
     _with_options(i, InspectOptions, _cmd_inspect)
+
+    v = sub.add_parser(
+        "eval", help="loss on a data file and lm-evaluation-harness tasks, several models side by side",
+        description="Evaluate one or more models, each a base (16-bit, NF4/FP4 while loading, or a 4-bit folder) "
+        "with or without a LoRA adapter, or a merged folder: the mean loss and perplexity over the response tokens "
+        "of --data (or of --config's held-out examples), rendered and masked as `qlorakit train` does, and "
+        "lm-evaluation-harness --tasks through the harness's own Python API. Prints one table (a column per model, "
+        "its precision in the header, a row per metric); --json-path writes every number. Example: qlorakit eval "
+        "--model base=default --model nf4=default:nf4 --model tuned=default+runs/quickstart/adapter --config "
+        "examples/quickstart.yaml --tasks qlorakit_facts --include-path examples/eval")
+    _with_options(v, EvalOptions, _cmd_eval)
 
     d = sub.add_parser("demo", help="prepare the bundled default model and data in the user cache (idempotent)")
     d.set_defaults(func=_cmd_demo)

@@ -1,7 +1,7 @@
-"""The options of `qlorakit quantize`, `generate`, `chat`, `serve`, `pairs` and `inspect`: one model per command,
-one field per flag, each with its type, default, allowed values and help. cli.py generates the commands' flags from
-these (options/flags.py), and Python callers build the same models, so a value is checked alike wherever it comes
-from.
+"""The options of `qlorakit quantize`, `generate`, `chat`, `serve`, `pairs`, `inspect` and `eval`: one model per
+command, one field per flag, each with its type, default, allowed values and help. cli.py generates the commands'
+flags from these (options/flags.py), and Python callers build the same models, so a value is checked alike wherever
+it comes from.
 
 `quantize`'s 4-bit settings are the training config's (config.py QuantizationSection): the YAML key, its `--set`
 override and the flag share one type, default and description. `train` and `estimate` take the config itself.
@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import model_validator
 
-from ..config import Blocksize, ComputeDtypeName, QuantizationSection, QuantType
+from ..config import Blocksize, ComputeDtypeName, DataSection, QuantizationSection, QuantType, TrainingSection
 from .base import CommandOptions, option
+from .model_spec import SYNTAX, ModelSpec, parse_model_specs
 
 # Rows of one decoding batch; infer/serve.py's MAX_ROWS, which the tests hold equal to it (infer/ is a layer above).
 MAX_BATCH = 64
@@ -24,6 +25,11 @@ def _quantization(name: str, **shown: Any) -> Any:
     """The training config's `quantization.<name>` as an option: its default and description."""
     field = QuantizationSection.model_fields[name]
     return option(field.default, field.description or "", **shown)
+
+
+def _data(name: str, description: str) -> Any:
+    """The training config's `data.<name>` as an option of `eval --data`: its default, this description."""
+    return option(DataSection.model_fields[name].default, description)
 
 
 def _model() -> Any:
@@ -152,3 +158,78 @@ class InspectOptions(CommandOptions):
             raise ValueError(f"--calibration-data {self.calibration_data} with --calibration-tokens 0: no output "
                              "errors are computed; give a number of tokens or leave out the data")
         return self
+
+# The data flags of `eval`, which --config replaces with its own data section.
+EVAL_DATA_FLAGS = ("format", "template", "max_seq_length", "overlong", "text_field", "messages_field")
+# The flags that shape lm-evaluation-harness runs, meaningless without --tasks.
+EVAL_TASK_FLAGS = ("num_fewshot", "limit", "include_path", "apply_chat_template", "log_samples")
+
+
+class EvalOptions(CommandOptions):
+    """`qlorakit eval`: the loss over a data file's response tokens and lm-evaluation-harness tasks, for one model
+    or several side by side (infer/evaluate.py). The data flags are the training config's `data.*` keys."""
+
+    model: list[str] = option(description="a model to evaluate, one column of the table (repeatable): FOLDER as "
+                              "--model takes it elsewhere, ':16bit' as stored or ':nf4'/':fp4' quantized while "
+                              "loading (left out: as stored, or as +ADAPTER was trained), '+ADAPTER' a PEFT "
+                              "adapter folder, 'NAME=' the column's name", metavar=SYNTAX)
+    data: str | None = option(None, "loss and perplexity over the response tokens of every record of this data "
+                              "file (.json/.jsonl/.parquet/.csv, or 'default:seed_tasks'), rendered and masked as "
+                              "`qlorakit train` does", metavar="FILE")
+    config: str | None = option(None, "loss and perplexity over the held-out examples of this training config "
+                                "(data.eval_file, or the records data.eval_fraction holds out with training.seed), "
+                                "rendered and masked as it trains", metavar="YAML")
+    format: Literal["alpaca", "chat", "text"] = _data("format", "--data's format")
+    template: Literal["auto", "chat_template", "alpaca"] = _data(
+        "template", "--data's prompt template (auto: the tokenizer's chat template when it has one)")
+    max_seq_length: int = option(TrainingSection.model_fields["max_seq_length"].default,
+                                 "--data's longest example, in tokens", ge=16)
+    overlong: Literal["drop", "truncate"] = _data("overlong", "an alpaca or chat example of --data longer than "
+                                                  "--max-seq-length is dropped, or cut to it")
+    text_field: str = _data("text_field", "--data's text field (format text)")
+    messages_field: str = _data("messages_field", "--data's messages field (format chat)")
+    tasks: str | None = option(None, "lm-evaluation-harness tasks or groups, comma-separated (e.g. arc_easy,"
+                               "hellaswag, or local ones with --include-path); `lm-eval ls tasks` lists them",
+                               metavar="TASK,...")
+    num_fewshot: int | None = option(None, "few-shot examples per item (default: each task's own)", ge=0)
+    limit: int | None = option(None, "items per task at most (default: all)", ge=1)
+    include_path: str | None = option(None, "a folder of task YAML files to add to the harness's own",
+                                      metavar="DIR")
+    apply_chat_template: bool = option(False, "render the tasks' prompts through the tokenizer's chat template")
+    bootstrap_iters: int = option(100000, "bootstrap resamples for the standard errors of metrics without a "
+                                  "closed form (lm-evaluation-harness's default)", ge=0,
+                                  note="0: no standard errors")
+    log_samples: bool = option(False, "also write each task item's responses (log-likelihoods or generated text) "
+                               "and scores into --json-path")
+    batch_size: int = option(8, "rows per forward pass", ge=1)
+    device: str | None = _device()
+    force: bool = option(False, "load an adapter even if it was trained on another base")
+    json_path: str | None = option(None, "also write every number to PATH as JSON (written atomically)",
+                                   metavar="PATH")
+    progress: bool = option(True, "progress bars", off="no progress bars")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "EvalOptions":
+        parse_model_specs(self.model)
+        if self.data and self.config:
+            raise ValueError("--data and --config both name the data: give one (--config evaluates its held-out "
+                             "examples, --data every record of a file)")
+        if self.config:
+            fields = type(self).model_fields
+            changed = [f for f in EVAL_DATA_FLAGS if getattr(self, f) != fields[f].default]
+            if changed:
+                flag = "--" + changed[0].replace("_", "-")
+                raise ValueError(f"{flag}: --config renders its data as its data section says; leave {flag} out, "
+                                 "or give --data instead")
+        if not self.tasks:
+            fields = type(self).model_fields
+            stray = [f for f in EVAL_TASK_FLAGS if getattr(self, f) != fields[f].default]
+            if stray:
+                raise ValueError(f"--{stray[0].replace('_', '-')} applies to --tasks, which is not given")
+        if self.log_samples and not self.json_path:
+            raise ValueError("--log-samples writes the items into --json-path, which is not given")
+        return self
+
+    def specs(self) -> list[ModelSpec]:
+        """The --model values, parsed (options/model_spec.py)."""
+        return parse_model_specs(self.model)
