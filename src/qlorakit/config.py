@@ -99,6 +99,10 @@ class TrainingSection(_Section):
         None, description="dpo/ipo: a PEFT adapter folder (e.g. an SFT run's adapter, of this lora shape) that the "
         "policy starts from; a frozen copy of it on the base is the reference. Unset: a new adapter, the base the "
         "reference")
+    disable_dropout: bool | None = Field(
+        None, description="LoRA dropout off while training (lora.dropout still names the adapter's setting). Unset: "
+        "off for the preference objectives, as TRL's trainers default (the policy starts equal to its reference and "
+        "its log-probs carry no dropout noise), on for sft")
     precompute_ref_logps: bool = Field(
         False, description="dpo/ipo: compute every pair's reference log-probs in one pass before training and keep "
         "them in the output folder (ref_logps.safetensors, reused while the data, base and reference are the same), "
@@ -231,6 +235,14 @@ class QloraConfig(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     training: TrainingSection = Field(default_factory=TrainingSection)
     data: DataSection = Field(default_factory=DataSection)
+
+    @property
+    def lora_dropout_in_effect(self) -> float:
+        """The LoRA dropout the run trains with: lora.dropout, or 0 under training.disable_dropout (whose default
+        is on for the preference objectives)."""
+        t = self.training
+        off = t.disable_dropout if t.disable_dropout is not None else t.objective != "sft"
+        return 0.0 if off else self.lora.dropout
 
     @model_validator(mode="after")
     def _combinations(self) -> "QloraConfig":

@@ -251,3 +251,23 @@ def test_tokenized_pairs_are_cached_and_a_changed_file_is_tokenized_again(tiny_m
         run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / "d", max_steps=2), progress=False)
     assert "is damaged" in caplog.text and train_losses(tmp_path / "d") == train_losses(tmp_path / "a")
     shutil.rmtree(tmp_path / "token-cache")
+
+
+@pytest.mark.parametrize("objective,disable,expected", [
+    ("sft", None, 0.05), ("dpo", None, 0.0), ("orpo", None, 0.0), ("dpo", False, 0.05), ("sft", True, 0.0)])
+def test_lora_dropout_is_off_for_preference_objectives_unless_kept(objective, disable, expected):
+    training = {"objective": objective} if disable is None else {"objective": objective, "disable_dropout": disable}
+    cfg = config_from_dict({"model": {"name": "m"}, "lora": {"dropout": 0.05}, "training": training})
+    assert cfg.lora_dropout_in_effect == expected and cfg.lora.dropout == 0.05
+
+
+def test_a_dpo_run_trains_without_the_configured_dropout_and_says_so(tiny_model_dir, pairs_file, tmp_path, caplog):
+    import logging
+
+    tree = run_tree(tiny_model_dir, pairs_file, tmp_path / "run", lora={"dropout": 0.1},
+                    training={"objective": "dpo", "max_steps": 1})
+    with caplog.at_level(logging.INFO, logger="qlorakit"):
+        out = run_training(config_from_dict(tree), progress=False)
+    assert "dropout 0 (lora.dropout 0.1 off: training.disable_dropout)" in caplog.text
+    saved = json.loads((out.adapter_dir / "adapter_config.json").read_text())
+    assert saved["lora_dropout"] == 0.0

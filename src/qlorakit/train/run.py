@@ -42,10 +42,12 @@ def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: b
     )
     log.info("qlorakit: %s", report.line())
     lo = cfg.lora
-    names = inject_lora(model, lo.target_modules, r=lo.rank, alpha=lo.alpha, dropout=lo.dropout,
+    dropout = cfg.lora_dropout_in_effect
+    names = inject_lora(model, lo.target_modules, r=lo.rank, alpha=lo.alpha, dropout=dropout,
                         use_rslora=lo.use_rslora, adapter_dtype=runtime.adapter_dtype)
-    log.info("qlorakit: LoRA r=%d alpha=%g on %d linears; %s", lo.rank, lo.alpha, len(names),
-             trainable_report(model))
+    log.info("qlorakit: LoRA r=%d alpha=%g dropout %g%s on %d linears; %s", lo.rank, lo.alpha, dropout,
+             f" (lora.dropout {lo.dropout} off: training.disable_dropout)" if dropout != lo.dropout else "",
+             len(names), trainable_report(model))
     if runtime.device.type == "cpu":
         keep_dense_copies_on_cpu(model, runtime.compute_dtype, cfg.model.cpu_dense_copies)
     if cfg.training.fused_blocks:
@@ -76,7 +78,7 @@ def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str,
         "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint,
         "quantization": f"{q.quant_type} blocksize {q.blocksize} double_quant {q.double_quant} "
                         f"compute {q.compute_dtype}",
-        "lora": f"r {lo.rank} alpha {lo.alpha} dropout {lo.dropout} rslora {lo.use_rslora} "
+        "lora": f"r {lo.rank} alpha {lo.alpha} dropout {cfg.lora_dropout_in_effect} rslora {lo.use_rslora} "
                 f"dtype {lo.adapter_dtype} targets {lo.target_modules}",
         "seed": t.seed, "batch_size": t.batch_size, "gradient_accumulation": t.gradient_accumulation,
         "world_size": world_size, "optimizer": t.optimizer, "learning_rate": t.learning_rate,
