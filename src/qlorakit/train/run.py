@@ -28,11 +28,17 @@ from .runtime import DTYPES, Runtime, pick_runtime, seed_everything
 log = logging.getLogger("qlorakit.train")
 
 
-def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: bool = True) -> nn.Module:
+def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: bool = True,
+                fresh_adapters: bool = True) -> nn.Module:
+    """The 4-bit model with LoRA injected; `fresh_adapters` False (a resumed run, which loads its adapters and
+    their starting weights from the checkpoint) skips lora.init loftq's SVDs."""
     from ..model.loader import load_model
+    from ..model.loftq_init import loftq_initialize, require_16bit_weights
     from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu, trainable_report
 
-    q = cfg.quantization
+    q, loftq = cfg.quantization, cfg.lora.init == "loftq" and fresh_adapters
+    if loftq:
+        require_16bit_weights(model_dir)  # before loading: W is read again for the quantization error
     model, report = load_model(
         model_dir, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type, blocksize=q.blocksize,
         double_quant=q.double_quant, compute_dtype=runtime.compute_dtype, device=runtime.device,
@@ -45,6 +51,8 @@ def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: b
                         use_rslora=lo.use_rslora, adapter_dtype=runtime.adapter_dtype)
     log.info("qlorakit: LoRA r=%d alpha=%g on %d linears; %s", lo.rank, lo.alpha, len(names),
              trainable_report(model))
+    if loftq:
+        loftq_initialize(model, model_dir, names, progress)
     if runtime.device.type == "cpu":
         keep_dense_copies_on_cpu(model, runtime.compute_dtype, cfg.model.cpu_dense_copies)
     if cfg.training.fused_blocks:
@@ -76,7 +84,8 @@ def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str,
         "quantization": f"{q.quant_type} blocksize {q.blocksize} double_quant {q.double_quant} "
                         f"compute {q.compute_dtype}",
         "lora": f"r {lo.rank} alpha {lo.alpha} dropout {lo.dropout} rslora {lo.use_rslora} "
-                f"dtype {lo.adapter_dtype} targets {lo.target_modules}",
+                f"dtype {lo.adapter_dtype} targets {lo.target_modules}"
+                + (" init loftq" if lo.init == "loftq" else ""),  # (absent for default, as in older checkpoints)
         "seed": t.seed, "batch_size": t.batch_size, "gradient_accumulation": t.gradient_accumulation,
         "world_size": world_size, "optimizer": t.optimizer, "learning_rate": t.learning_rate,
         "weight_decay": t.weight_decay, "scheduler": t.scheduler, "warmup_ratio": t.warmup_ratio,
@@ -262,6 +271,7 @@ def _prepare_pairs(cfg: QloraConfig, tokenizer):
 def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progress: bool,
            stop_after_steps: int | None, device: str | None, before_training) -> RunOutput:
     from ..adapters.fingerprint import base_fingerprint
+    from ..adapters.loftq import EXPORT_DIR, export_for_16bit_base
     from ..adapters.peft_format import lora_state_dict, peft_base_name, save_adapter
     from ..data import prepare_data
 
@@ -303,7 +313,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     if dist.is_main:
         _check_disk(cfg, est)
         write_text(out / "config.yaml", dump_config(cfg))
-    model = build_model(cfg, model_dir, runtime, progress)
+    model = build_model(cfg, model_dir, runtime, progress, fresh_adapters=resume.checkpoint is None)
     if cfg.training.reference_adapter:
         _start_from_adapter(cfg, model, fingerprint)
     place_activations(cfg, model, runtime, dist.sharded)
@@ -329,6 +339,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         "base_model_dir": str(model_dir),
         "base_fingerprint": fingerprint,
         "quantization": cfg.quantization.model_dump(),
+        "lora_init": cfg.lora.init,
         "qlorakit_version": _version(),
     }
     result = train_loop(
@@ -356,6 +367,8 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
                 adapter_dir = save_adapter(model, adapter_dir,
                                            base_model_name_or_path=peft_base_name(str(cfg.model.name)),
                                            qlorakit_record=record, tensors=tensors)
+                if cfg.lora.init == "loftq":  # the same fine-tune for the 16-bit base (adapters/loftq.py)
+                    export_for_16bit_base(adapter_dir, out / EXPORT_DIR)
             except (OSError, SafetensorError) as err:
                 raise CheckpointWriteError(
                     f"{adapter_dir}: writing the adapter failed ({write_error_text(err)}); the checkpoint of the last "
