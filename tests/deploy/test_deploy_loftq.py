@@ -211,3 +211,32 @@ def test_inference_refuses_a_loftq_adapter_on_the_wrong_kind_of_base(tiny_base, 
 def test_export_refuses_an_adapter_that_is_not_loftq(adapter, tmp_path):
     with pytest.raises(QlorakitError, match="not a lora.init loftq adapter"):
         export_for_16bit_base(adapter, tmp_path / "out")
+
+
+def test_a_targeted_linear_that_is_not_4bit_keeps_the_default_init_said_once(tiny_base, caplog):
+    model, _ = load_model(tiny_base, compute_dtype=torch.float32, progress=False)
+    mlp = model.model.layers[0].mlp
+    dense = torch.nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+    dense.weight.data = mlp.down_proj.dequantize(torch.float32)
+    mlp.down_proj = dense
+    names = inject_lora(model, "all-linear", r=R, alpha=ALPHA, dropout=0.0)
+    with caplog.at_level("INFO", logger="qlorakit.model"):
+        report = loftq_initialize(model, tiny_base, names, progress=False)
+    assert report.default_init == ["model.layers.0.mlp.down_proj"] and len(report.residual_sq) == 13
+    said = [r.getMessage() for r in caplog.records if "not 4-bit" in r.getMessage()]
+    assert len(said) == 1 and "model.layers.0.mlp.down_proj" in said[0]
+    layer = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert not layer.lora_B.weight.any() and torch.equal(layer.initial_weights[0], layer.lora_A.weight)
+
+
+def test_a_rank_above_the_matrix_rank_pads_with_zeros_and_leaves_nothing():
+    from qlorakit.model.loftq_init import residual_factors
+
+    gen = torch.Generator().manual_seed(0)
+    w, deq = torch.randn(8, 4, generator=gen), torch.randn(8, 4, generator=gen)
+    a, b, total, dropped = residual_factors(w, deq, 6, 0.5)
+    assert a.shape == (6, 4) and b.shape == (8, 6) and dropped == 0.0
+    assert not a[4:].any() and not b[:, 4:].any()
+    residual = (w - deq).double()
+    assert total == pytest.approx(float(residual.square().sum()), rel=16 * U32)
+    torch.testing.assert_close(0.5 * b.double() @ a.double(), residual, rtol=0, atol=16 * U32 * float(residual.norm()))

@@ -150,7 +150,10 @@ def save_adapter(
     lora_state_dict, when already gathered (sharded runs gather on every rank, then one rank writes)."""
     tensors = lora_state_dict(model) if tensors is None else tensors
     config = peft_adapter_config(model, base_model_name_or_path)
-    return write_adapter(out_dir, config, tensors, qlorakit_record or {}, initial_state_dict(model))
+    record, initial = dict(qlorakit_record or {}), initial_state_dict(model)
+    if "lora_init" in record or initial:  # what the layers hold decides (a forced resume may change the config's)
+        record["lora_init"] = "loftq" if initial else "default"
+    return write_adapter(out_dir, config, tensors, record, initial)
 
 
 def write_adapter(out_dir: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
