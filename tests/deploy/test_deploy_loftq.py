@@ -182,6 +182,17 @@ def test_export_for_the_16bit_base_loaded_by_peft_is_w_plus_update_minus_init(ti
     assert (sum(gaps) / sum(residuals)) ** 0.5 == pytest.approx(0.81, abs=0.01)  # the docstring's number
 
 
+def test_merge_of_the_export_adds_its_update_to_w_as_for_any_adapter(tiny_base, trained_adapter, tmp_path):
+    folder, _ = trained_adapter
+    exported = export_for_16bit_base(folder, tmp_path / "adapter-16bit")
+    merged = _stored(merge_adapter(tiny_base, exported, tmp_path / "merged", progress=False).out_dir)
+    for name, w in _stored(tiny_base).items():
+        key = f"{PEFT_PREFIX}{name.removesuffix('.weight')}"
+        if name.endswith("_proj.weight"):
+            a, b = _adapter(exported, name.removesuffix(".weight"))
+            assert torch.equal(merged[name], (w.float() + S * (b.float() @ a.float())).to(w.dtype)), key
+
+
 def test_peft_loads_the_loftq_adapter_itself_as_plain_lora(tiny_base, trained_adapter):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -110,3 +110,11 @@ def test_a_default_init_checkpoint_is_not_resumed_as_loftq(taught_base, pattern_
     run_training(_config(taught_base, pattern_data, out, "default"), progress=False, stop_after_steps=1)
     with pytest.raises(RunConflictError, match="init loftq"):
         run_training(_config(taught_base, pattern_data, out, "loftq"), progress=False)
+
+
+def test_a_default_run_in_the_same_folder_removes_the_earlier_16bit_export(taught_base, pattern_data, tmp_path):
+    out = tmp_path / "run"
+    run_training(_config(taught_base, pattern_data, out, "loftq", max_steps=1), progress=False)
+    assert (out / "adapter-16bit").is_dir()
+    run_training(_config(taught_base, pattern_data, out, "default", max_steps=1, resume=False), progress=False)
+    assert not (out / "adapter-16bit").exists() and not (out / "adapter" / INIT_NAME).exists()

@@ -26,17 +26,22 @@ fingerprint, so `merge`, `generate` and `serve` still check the base it is appli
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import AdapterMismatchError, CheckpointFormatError, QlorakitError
-from .peft_format import (INIT_NAME, PEFT_PREFIX, adapter_modules, quantized_base_update, read_adapter, read_initial,
-                          write_adapter)
+from .peft_format import (INIT_NAME, PEFT_PREFIX, SIDECAR_NAME, adapter_modules, quantized_base_update, read_adapter,
+                          read_initial, write_adapter)
 
 EXPORT_DIR = "adapter-16bit"  # beside a loftq run's `adapter/`
+
+log = logging.getLogger("qlorakit.adapters")
 
 
 def export_for_16bit_base(adapter_dir: str | Path, out_dir: str | Path) -> Path:
@@ -61,8 +66,30 @@ def export_for_16bit_base(adapter_dir: str | Path, out_dir: str | Path) -> Path:
     r, alpha, rslora = config["r"], config["lora_alpha"], bool(config.get("use_rslora"))
     converted = dict(config, r=2 * r, lora_alpha=alpha * math.sqrt(2) if rslora else 2 * alpha,
                      init_lora_weights=True)
-    return write_adapter(out_dir, converted, out, dict(record, converted_for_16bit_base=True, exported_from=str(
-        adapter_dir), rank_before_export=r))
+    written = write_adapter(out_dir, converted, out, dict(record, converted_for_16bit_base=True,
+                                                          exported_from=str(adapter_dir), rank_before_export=r))
+    log.info("qlorakit: %s: %s for the 16-bit base, rank %d: W + s (B A - B0 A0), what training changed",
+             written, adapter_dir, 2 * r)
+    return written
+
+
+def refresh_16bit_export(adapter_dir: str | Path, out_dir: str | Path) -> Path | None:
+    """After a training run saved `adapter_dir`: write its export for the 16-bit base to `out_dir` when it is a
+    loftq adapter (returns out_dir); otherwise remove an export an earlier run left there (a folder whose record
+    says converted_for_16bit_base, nothing else), so that out_dir never stands beside another adapter."""
+    _, _, record = read_adapter(adapter_dir)
+    if quantized_base_update(record):
+        return export_for_16bit_base(adapter_dir, out_dir)
+    sidecar = Path(out_dir) / SIDECAR_NAME
+    try:
+        stale = sidecar.is_file() and json.loads(sidecar.read_text(encoding="utf-8")).get("converted_for_16bit_base")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        stale = False  # not a readable export of ours: left alone
+    if stale:
+        shutil.rmtree(out_dir)
+        log.info("qlorakit: removed %s, an earlier run's export for the 16-bit base (this adapter needs none)",
+                 out_dir)
+    return None
 
 
 def check_base_kind(record: dict[str, Any], quantized: bool, adapter: str | Path) -> None:

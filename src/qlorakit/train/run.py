@@ -271,7 +271,7 @@ def _prepare_pairs(cfg: QloraConfig, tokenizer):
 def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progress: bool,
            stop_after_steps: int | None, device: str | None, before_training) -> RunOutput:
     from ..adapters.fingerprint import base_fingerprint
-    from ..adapters.loftq import EXPORT_DIR, export_for_16bit_base
+    from ..adapters.loftq import EXPORT_DIR, refresh_16bit_export
     from ..adapters.peft_format import lora_state_dict, peft_base_name, save_adapter
     from ..data import prepare_data
 
@@ -367,8 +367,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
                 adapter_dir = save_adapter(model, adapter_dir,
                                            base_model_name_or_path=peft_base_name(str(cfg.model.name)),
                                            qlorakit_record=record, tensors=tensors)
-                if cfg.lora.init == "loftq":  # the same fine-tune for the 16-bit base (adapters/loftq.py)
-                    export_for_16bit_base(adapter_dir, out / EXPORT_DIR)
+                refresh_16bit_export(adapter_dir, out / EXPORT_DIR)  # a loftq adapter's, for the 16-bit base
             except (OSError, SafetensorError) as err:
                 raise CheckpointWriteError(
                     f"{adapter_dir}: writing the adapter failed ({write_error_text(err)}); the checkpoint of the last "
