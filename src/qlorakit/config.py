@@ -69,6 +69,11 @@ class LoraSection(_Section):
     bias: Literal["none"] = "none"
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
     adapter_dtype: Literal["float32", "bfloat16"] = "float32"
+    init: Literal["default", "loftq"] = Field(
+        "default", description="'default': A kaiming-uniform, B zero (the model starts as the 4-bit base). 'loftq': "
+        "A, B from the truncated SVD of each 4-bit linear's quantization error W - dequant(quant(W)), so the model "
+        "starts at the standard 4-bit base plus that error's best rank-r approximation; needs the 16-bit checkpoint. "
+        "The base is fixed, so the SVD is already optimal: there are no LoftQ iterations to set")
 
     @field_validator("target_modules")
     @classmethod
@@ -236,14 +241,6 @@ class QloraConfig(_Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     data: DataSection = Field(default_factory=DataSection)
 
-    @property
-    def lora_dropout_in_effect(self) -> float:
-        """The LoRA dropout the run trains with: lora.dropout, or 0 under training.disable_dropout (whose default
-        is on for the preference objectives)."""
-        t = self.training
-        off = t.disable_dropout if t.disable_dropout is not None else t.objective != "sft"
-        return 0.0 if off else self.lora.dropout
-
     @model_validator(mode="after")
     def _combinations(self) -> "QloraConfig":
         q = self.quantization
@@ -256,6 +253,9 @@ class QloraConfig(_Section):
             if clash:
                 raise ValueError(f"training.objective {t.objective} reads prompt/chosen/rejected records, one pair "
                                  f"per row, without FSDP: drop {', '.join(clash)}")
+        if self.lora.init == "loftq" and (not q.load_in_4bit or t.reference_adapter):
+            raise ValueError("lora.init loftq starts from the 4-bit quantization error: it needs "
+                             "quantization.load_in_4bit: true, and no training.reference_adapter to start from")
         if t.reference_adapter and t.objective not in ("dpo", "ipo"):
             raise ValueError(f"training.reference_adapter applies to objectives dpo and ipo, not {t.objective}")
         if t.precompute_ref_logps and t.objective not in ("dpo", "ipo"):

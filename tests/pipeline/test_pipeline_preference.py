@@ -258,7 +258,9 @@ def test_tokenized_pairs_are_cached_and_a_changed_file_is_tokenized_again(tiny_m
 def test_lora_dropout_is_off_for_preference_objectives_unless_kept(objective, disable, expected):
     training = {"objective": objective} if disable is None else {"objective": objective, "disable_dropout": disable}
     cfg = config_from_dict({"model": {"name": "m"}, "lora": {"dropout": 0.05}, "training": training})
-    assert cfg.lora_dropout_in_effect == expected and cfg.lora.dropout == 0.05
+    from qlorakit.train.preference_setup import dropout_in_effect
+
+    assert dropout_in_effect(cfg) == expected and cfg.lora.dropout == 0.05
 
 
 def test_a_dpo_run_trains_without_the_configured_dropout_and_says_so(tiny_model_dir, pairs_file, tmp_path, caplog):

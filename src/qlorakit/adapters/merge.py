@@ -12,6 +12,12 @@ A 4-bit (bitsandbytes-format) base is refused: adding a small update to NF4 code
 so the adapter's effect is largely lost in quantization noise. `requantize=True` does it anyway (dequantize,
 merge, quantize again with the same settings) and reports the relative Frobenius error that re-quantization
 adds. `quantize="nf4"` writes the merged model as a bitsandbytes 4-bit checkpoint, as `qlorakit quantize` does.
+
+A lora.init loftq adapter (its record says so, peft_format.quantized_base_update) was fitted to the dequantized
+4-bit base: its B @ A starts near the quantization error W - deq, so adding it to W would count that error twice.
+Such an adapter is merged into the base it was trained on: W becomes `d(deq + scaling * B @ A)`, with deq =
+dequantize(quantize(W)) in fp32, quantized as the record's `quantization` says (the same bytes the training run's
+loader made), so the merged model is the trained one within one rounding to d (bf16: relative 2^-8 per weight).
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from ..quant.bnb_format import (
 )
 from .export_gguf import GGUF_TYPES, check_exportable, export_gguf
 from .fingerprint import base_fingerprint
-from .peft_format import adapter_modules, read_adapter
+from .peft_format import adapter_modules, quantized_base_update, read_adapter
 
 log = logging.getLogger("qlorakit.adapters")
 
@@ -163,6 +169,7 @@ def merge_adapter(
         raise QlorakitError(f"{src}: is already a 4-bit checkpoint; --quantize is for a 16-bit base "
                             "(--requantize keeps the base's 4-bit format)")
     _check_targets(src, checkpoint, where, deltas, set(four_bit))
+    trained_base = _trained_quantization(adapter_dir, record) if quantized_base_update(record) else None
     targets = {}
     if quantize:
         from ..model.targets import target_linears_of
@@ -181,7 +188,7 @@ def merge_adapter(
                 writer = SafetensorsWriter(partial / path.name, metadata={"format": "pt"})
                 with writer:
                     for key, value in _merged_shard(path, names, deltas, set(four_bit), targets, quantize, report,
-                                                    bar.update):
+                                                    bar.update, trained_base):
                         writer.add(key, value)
                         weight_map[key] = path.name
                         report.tensors += 1
@@ -206,8 +213,11 @@ def merge_adapter(
 
 
 def _merged_shard(path: Path, names: list[str], deltas: dict[str, LoraDelta], four_bit: set[str], targets: dict,
-                  quantize: str | None, report: MergeReport, done: Callable[[int], object]):
-    """Yield the output (name, tensor) entries of source shard `path`, one source tensor at a time.
+                  quantize: str | None, report: MergeReport, done: Callable[[int], object],
+                  trained_base: dict | None = None):
+    """Yield the output (name, tensor) entries of source shard `path`, one source tensor at a time. With
+    `trained_base` (a loftq adapter's quantization: quant_type, blocksize, double_quant) an adapted 16-bit weight
+    is replaced by its dequantized 4-bit version before the update is added.
 
     Each tensor is read through its own short-lived memory map: pages of one long-open map stay in the resident
     set until it closes, which would make peak memory the whole shard rather than one tensor.
@@ -225,7 +235,8 @@ def _merged_shard(path: Path, names: list[str], deltas: dict[str, LoraDelta], fo
                 tensor = f.get_tensor(name)
             delta = deltas.get(name)
             if delta is not None:
-                tensor = (tensor.float() + delta.weight()).to(tensor.dtype)
+                base = tensor.float() if trained_base is None else _dequantized(tensor, trained_base)
+                tensor = (base + delta.weight()).to(tensor.dtype)
                 report.merged_linears += 1
             entries = converted(name, tensor, targets, 64, quantize, True) if quantize else [(name, tensor)]
         yield from entries
@@ -247,6 +258,27 @@ def _requantized(f, name: str, delta: LoraDelta | None, report: MergeReport) -> 
     report.requantize_errors[prefix.rstrip(".")] = float((back - exact).norm() / exact.norm().clamp_min(1e-30))
     report.merged_linears += 1
     return list(quant_state_to_tensors(prefix, new_packed, new_state).items())
+
+
+def _trained_quantization(adapter_dir: str | Path, record: dict) -> dict:
+    """The 4-bit settings a loftq adapter was trained with (its record's `quantization`), checked."""
+    q = record.get("quantization") or {}
+    if not (q.get("quant_type") in ("nf4", "fp4") and isinstance(q.get("blocksize"), int)
+            and isinstance(q.get("double_quant"), bool)):
+        raise CheckpointFormatError(f"{adapter_dir}: a lora.init loftq adapter whose record has no usable "
+                                    f"quantization ({q or 'none'}); it merges into the 4-bit base it was trained on, "
+                                    "so quant_type, blocksize and double_quant are needed")
+    log.info("qlorakit: %s is a lora.init loftq adapter: merging it into the dequantized %s base (blocksize %d, "
+             "double quantization %s) it was trained on", adapter_dir, q["quant_type"], q["blocksize"],
+             "on" if q["double_quant"] else "off")
+    return q
+
+
+def _dequantized(weight: torch.Tensor, quant: dict) -> torch.Tensor:
+    """dequantize(quantize(weight)) in fp32, [out, in]: the 4-bit base a loftq adapter was trained on."""
+    packed, state = kernels.call("quantize_4bit", weight, quant["blocksize"], quant["quant_type"],
+                                 quant["double_quant"])
+    return kernels.call("dequantize_4bit", packed, state, torch.float32)
 
 
 def _read_raw_config(folder: Path) -> dict:

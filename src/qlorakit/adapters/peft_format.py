@@ -5,6 +5,12 @@ Tensor keys are `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight
 qlorakit's own record (the base model's identity, the quantization used, training facts) goes into a sidecar
 `qlorakit_adapter.json` and the safetensors metadata, because PEFT warns about unknown keys in
 adapter_config.json.
+
+An adapter that did not start from the default init (lora.init loftq) also holds its starting weights,
+`adapter_init.safetensors` (same keys and shapes), and its record says `"lora_init": "loftq"`. Its
+adapter_config.json keeps PEFT's `"init_lora_weights": true`: PEFT 0.21 refuses "loftq" there without a
+loftq_config and, with one, runs LoftQ again while loading, replacing the base's weights (on CUDA only); vLLM
+refuses "loftq" outright. The saved tensors are a plain LoRA for the 4-bit base they were trained on.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 SIDECAR_NAME = "qlorakit_adapter.json"
+INIT_NAME = "adapter_init.safetensors"
 DEFAULT_BASE_HUB_ID = f"HuggingFaceTB/{MODEL_NAME}"  # the hub id of the bundled default model ('default')
 
 
@@ -48,6 +55,23 @@ def lora_state_dict(model: nn.Module, source=None) -> dict[str, torch.Tensor]:
         out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = value(m.lora_A.weight).to("cpu").contiguous()
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = value(m.lora_B.weight).to("cpu").contiguous()
     return out
+
+
+def initial_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-keyed starting weights of the LoraLinear layers that record them (LoraLinear.initial_weights); {}
+    when none does (the default init)."""
+    out = {}
+    for name, m in lora_modules(model).items():
+        if m.initial_weights is not None:
+            out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.initial_weights[0].contiguous()
+            out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.initial_weights[1].contiguous()
+    return out
+
+
+def quantized_base_update(record: dict[str, Any]) -> bool:
+    """Whether an adapter's update was fitted to the dequantized 4-bit base rather than added to the 16-bit
+    weights: a lora.init loftq adapter as trained (not its export for the 16-bit base, adapters/loftq.py)."""
+    return record.get("lora_init") == "loftq" and not record.get("converted_for_16bit_base")
 
 
 def _target_modules(names: list[str], model: nn.Module) -> list[str]:
@@ -126,16 +150,27 @@ def save_adapter(
     lora_state_dict, when already gathered (sharded runs gather on every rank, then one rank writes)."""
     tensors = lora_state_dict(model) if tensors is None else tensors
     config = peft_adapter_config(model, base_model_name_or_path)
-    record = dict(qlorakit_record or {})
+    record, initial = dict(qlorakit_record or {}), initial_state_dict(model)
+    if "lora_init" in record or initial:  # what the layers hold decides (a forced resume may change the config's)
+        record["lora_init"] = "loftq" if initial else "default"
+    return write_adapter(out_dir, config, tensors, record, initial)
+
+
+def write_adapter(out_dir: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                  record: dict[str, Any], initial: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write an adapter folder atomically: adapter_config.json, the PEFT-keyed tensors, the qlorakit record and,
+    when given, the starting weights (INIT_NAME)."""
     meta = {"format": "pt"}
     if "base_fingerprint" in record:
         meta["qlorakit.base_fingerprint"] = str(record["base_fingerprint"])
 
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=meta)
-        # safetensors creates its file 0o600; give it the mode open() would (0o666 & ~umask), read off the folder
-        # just made with mkdir (0o777 & ~umask), so others on a shared machine can read it like the JSON files.
-        os.chmod(tmp / WEIGHTS_NAME, tmp.stat().st_mode & 0o666)
+        for name, values in ((WEIGHTS_NAME, tensors), (INIT_NAME, initial)):
+            if values:
+                save_file(values, str(tmp / name), metadata=meta)
+                # safetensors creates its file 0o600; give it the mode open() would (0o666 & ~umask), read off the
+                # folder just made with mkdir (0o777 & ~umask), so others can read it like the JSON files.
+                os.chmod(tmp / name, tmp.stat().st_mode & 0o666)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / SIDECAR_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -191,13 +226,20 @@ def load_adapter(
     *,
     base_fingerprint: str | None = None,
     force: bool = False,
+    require_init: bool = False,
 ) -> dict[str, Any]:
-    """Copy a saved adapter's tensors into the LoraLinear layers of `model` (already injected, same shapes).
+    """Copy a saved adapter's tensors into the LoraLinear layers of `model` (already injected, same shapes), and
+    its starting weights (INIT_NAME), when the folder has them, into their `initial_weights`. `require_init`: a
+    lora.init loftq adapter without them is refused (a training checkpoint, whose final adapter must carry them).
 
     If both the adapter and the caller know the base model's fingerprint and they differ, refuse with
     AdapterMismatchError unless force. Returns the adapter's qlorakit record.
     """
     _, tensors, record = read_adapter(adapter_dir)
+    initial = read_initial(adapter_dir, tensors)
+    if require_init and initial is None and quantized_base_update(record):
+        raise CheckpointFormatError(f"{adapter_dir}: a lora.init loftq adapter without its {INIT_NAME} (its "
+                                    "starting weights); resume from an intact checkpoint or start over")
     saved_fp = record.get("base_fingerprint")
     if base_fingerprint and saved_fp and saved_fp != base_fingerprint and not force:
         raise AdapterMismatchError(
@@ -222,7 +264,28 @@ def load_adapter(
                     raise CheckpointFormatError(f"{adapter_dir}: {name}.lora_{ab} has shape {list(t.shape)}, "
                                                 f"the model expects {list(lin.weight.shape)}")
                 copy_whole_into(lin.weight, t)
+            if initial is not None:
+                m.initial_weights = tuple(initial[f"{PEFT_PREFIX}{name}.lora_{ab}.weight"] for ab in "AB")
     return record
+
+
+def read_initial(adapter_dir: str | Path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The starting weights stored beside an adapter (INIT_NAME), checked against its tensors (same keys, shapes
+    and dtypes); None when the folder has none."""
+    path = Path(adapter_dir) / INIT_NAME
+    if not path.is_file():
+        return None
+    initial = _read_tensors(path)
+    for key, t in tensors.items():
+        got = initial.get(key)
+        if got is None or got.shape != t.shape or got.dtype != t.dtype or not torch.isfinite(got).all():
+            have = "missing" if got is None else f"{got.dtype} {list(got.shape)}"
+            raise CheckpointFormatError(f"{path}: {key} is {have}, the adapter's is {t.dtype} {list(t.shape)} "
+                                        "(finite values)")
+    if initial.keys() != tensors.keys():
+        extra = sorted(initial.keys() - tensors.keys())[0]
+        raise CheckpointFormatError(f"{path}: holds {extra!r}, which the adapter does not")
+    return initial
 
 
 def adapter_modules(tensors: dict[str, torch.Tensor], where: str | Path = "adapter"

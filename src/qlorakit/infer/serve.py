@@ -53,6 +53,7 @@ class AdapterServer:
         if not batch_window_ms >= 0:
             raise QlorakitError(f"--batch-window-ms {batch_window_ms}: must be >= 0")
         from ..adapters.fingerprint import base_fingerprint
+        from ..adapters.loftq import check_base_kind
         from ..adapters.peft_format import check_adapter_fits
         from ..model.build import (inference_dtype, load_tokenizer, resolve_device, resolve_model_dir,
                                    trained_quantization)
@@ -71,6 +72,8 @@ class AdapterServer:
         self.tokenizer = load_tokenizer(model_dir)
         # The base as the adapters were trained on it (their records); adapters of different quantizations refused.
         quant = trained_quantization({name: a.record for name, a in self.adapters.items()})
+        for a in self.adapters.values():
+            check_base_kind(a.record, True, a.path)
         self.net, report = load_model(model_dir, **quant, compute_dtype=self.dtype, device=dev, progress=progress)
         log.info("qlorakit: %s", report.line())
         for a in self.adapters.values():

@@ -59,6 +59,10 @@ def load_for_inference(model: str, adapter: str | None = None, *, force: bool = 
     quant = trained_quantization(records, quant_type)
     if not quantize:
         quant["load_in_4bit"] = False
+    if adapter:
+        from ..adapters.loftq import check_base_kind
+
+        check_base_kind(records[str(adapter)], quant["load_in_4bit"], adapter)
     net, report = load_model(model_dir, **quant, compute_dtype=dtype, device=dev, progress=progress)
     log.info("qlorakit: %s", report.line())
     if adapter:

@@ -22,6 +22,11 @@ class LoraLinear(nn.Module):
     `<path>.lora_A.weight` is PEFT's `base_model.model.<path>.lora_A.weight` without the prefix.
     lora_A: [r, in_features], kaiming-uniform(a=sqrt(5)); lora_B: [out_features, r], zeros; both in
     `adapter_dtype`. scaling = alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+    `initial_weights`: (lora_A, lora_B) as they were before training, CPU copies in the adapter dtype, when the
+    adapter did not start from this default (lora.init loftq, model/loftq_init.py); None otherwise. Not part of
+    the state dict; save_adapter writes them beside the adapter (a loftq adapter's export to the 16-bit base
+    needs them).
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # A 4-bit base runs base + adapter in one autograd function (nn/lora_fused.py); other bases compose.
         self.fused = isinstance(base_layer, Linear4bit)
+        self.initial_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset_lora_parameters()
 
     @property

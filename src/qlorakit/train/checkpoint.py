@@ -188,10 +188,11 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-# What a killed run can leave directly in its output folder: the final adapter's temporary and set-aside folders
-# (adapters/peft_format.py), and the temporary files of summary.json, config.yaml, metrics.jsonl (atomic.py) and
-# loss.png.
-_OUTPUT_LEFTOVERS = (".adapter.tmp-*", ".adapter.old-*", ".*.tmp", "loss.tmp.png")
+# What a killed run can leave directly in its output folder: the final adapter's (and a loftq run's 16-bit export's)
+# temporary and set-aside folders (adapters/peft_format.py), and the temporary files of summary.json, config.yaml,
+# metrics.jsonl (atomic.py) and loss.png.
+_OUTPUT_LEFTOVERS = (".adapter.tmp-*", ".adapter.old-*", ".adapter-16bit.tmp-*", ".adapter-16bit.old-*", ".*.tmp",
+                     "loss.tmp.png")
 
 
 def remove_leftovers(root: Path) -> list[str]:
@@ -271,7 +272,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
             f"{path}: written by {written}, resumed by {running}; the optimizer states are split by rank, so "
             "resume with the same training.distributed and number of processes (or set training.resume: false)")
     try:
-        load_adapter(model, path)
+        load_adapter(model, path, require_init=True)
         tensors_name, meta_name = _rank_optim_files(rank if shards else 0)
         with safe_open(str(path / tensors_name), framework="pt") as f:
             opt_tensors = {k: f.get_tensor(k) for k in f.keys()}

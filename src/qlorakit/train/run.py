@@ -22,6 +22,7 @@ from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
 from .loop import LoopSettings, TrainResult, planned_steps, train_loop
 from .placement import place_activations, place_tables
+from .preference_setup import dropout_in_effect, prepare_pairs, start_from_adapter
 from .preflight import say_if_type_worse_than_nf4
 from .run_state import OutputLock, examples_fingerprint, plan_resume
 from .runtime import DTYPES, Runtime, pick_runtime, seed_everything
@@ -29,11 +30,17 @@ from .runtime import DTYPES, Runtime, pick_runtime, seed_everything
 log = logging.getLogger("qlorakit.train")
 
 
-def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: bool = True) -> nn.Module:
+def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: bool = True,
+                fresh_adapters: bool = True) -> nn.Module:
+    """The 4-bit model with LoRA injected; `fresh_adapters` False (a resumed run, which loads its adapters and
+    their starting weights from the checkpoint) skips lora.init loftq's SVDs."""
     from ..model.loader import load_model
+    from ..model.loftq_init import loftq_initialize, require_16bit_weights
     from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu, trainable_report
 
-    q = cfg.quantization
+    q, loftq = cfg.quantization, cfg.lora.init == "loftq" and fresh_adapters
+    if loftq:
+        require_16bit_weights(model_dir)  # before loading: W is read again for the quantization error
     model, report = load_model(
         model_dir, load_in_4bit=q.load_in_4bit, quant_type=q.quant_type, blocksize=q.blocksize,
         double_quant=q.double_quant, compute_dtype=runtime.compute_dtype, device=runtime.device,
@@ -42,12 +49,14 @@ def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: b
     )
     log.info("qlorakit: %s", report.line())
     lo = cfg.lora
-    dropout = cfg.lora_dropout_in_effect
+    dropout = dropout_in_effect(cfg)
     names = inject_lora(model, lo.target_modules, r=lo.rank, alpha=lo.alpha, dropout=dropout,
                         use_rslora=lo.use_rslora, adapter_dtype=runtime.adapter_dtype)
     log.info("qlorakit: LoRA r=%d alpha=%g dropout %g%s on %d linears; %s", lo.rank, lo.alpha, dropout,
              f" (lora.dropout {lo.dropout} off: training.disable_dropout)" if dropout != lo.dropout else "",
              len(names), trainable_report(model))
+    if loftq:
+        loftq_initialize(model, model_dir, names, progress)
     if runtime.device.type == "cpu":
         keep_dense_copies_on_cpu(model, runtime.compute_dtype, cfg.model.cpu_dense_copies)
     if cfg.training.fused_blocks:
@@ -78,8 +87,9 @@ def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str,
         "base_fingerprint": base_fingerprint, "data_fingerprint": data_fingerprint,
         "quantization": f"{q.quant_type} blocksize {q.blocksize} double_quant {q.double_quant} "
                         f"compute {q.compute_dtype}",
-        "lora": f"r {lo.rank} alpha {lo.alpha} dropout {cfg.lora_dropout_in_effect} rslora {lo.use_rslora} "
-                f"dtype {lo.adapter_dtype} targets {lo.target_modules}",
+        "lora": f"r {lo.rank} alpha {lo.alpha} dropout {dropout_in_effect(cfg)} rslora {lo.use_rslora} "
+                f"dtype {lo.adapter_dtype} targets {lo.target_modules}"
+                + (" init loftq" if lo.init == "loftq" else ""),  # (absent for default, as in older checkpoints)
         "seed": t.seed, "batch_size": t.batch_size, "gradient_accumulation": t.gradient_accumulation,
         "world_size": world_size, "optimizer": t.optimizer, "learning_rate": t.learning_rate,
         "weight_decay": t.weight_decay, "scheduler": t.scheduler, "warmup_ratio": t.warmup_ratio,
@@ -222,48 +232,10 @@ def _check_disk(cfg: QloraConfig, est) -> None:
     check_free_disk(Path(t.output_dir), need, f"{t.keep_checkpoints + 1} checkpoints and the adapter")
 
 
-def _start_from_adapter(cfg: QloraConfig, model: nn.Module, fingerprint: str) -> None:
-    """training.reference_adapter: the policy starts from that adapter (its LoRA shape must be lora.*'s)."""
-    from ..adapters.peft_format import load_adapter, read_adapter
-
-    path = cfg.training.reference_adapter
-    config, _, _ = read_adapter(path)
-    lo = cfg.lora
-    if (config.get("r"), float(config.get("lora_alpha", 0))) != (lo.rank, float(lo.alpha)):
-        raise QloraConfigError(f"training.reference_adapter {path}: r={config.get('r')} lora_alpha="
-                               f"{config.get('lora_alpha')}, but lora.rank={lo.rank} lora.alpha={lo.alpha}: set lora "
-                               "to the adapter's shape to start from it")
-    load_adapter(model, path, base_fingerprint=fingerprint)
-    log.info("qlorakit: the policy starts from %s; a frozen copy of it on the base is the reference", path)
-
-
-def _prepare_pairs(cfg: QloraConfig, tokenizer, cache_dir: Path):
-    """Preference records (prompt / chosen / rejected) tokenized as TRL does (or read from the token cache), and
-    the held-out pairs."""
-    from types import SimpleNamespace
-
-    from ..data.pair_cache import load_pairs
-
-    d, t = cfg.data, cfg.training
-    train, report, hit = load_pairs(resolve_data_path(d.path), tokenizer, t.max_seq_length, d.max_prompt_length,
-                                    cache_dir)
-    log.info("qlorakit: %s%s", report.line(), " (tokenized earlier: from the cache)" if hit else "")
-    if d.eval_file:
-        held, eval_report, hit = load_pairs(resolve_data_path(d.eval_file), tokenizer, t.max_seq_length,
-                                            d.max_prompt_length, cache_dir)
-        log.info("qlorakit: eval: %s%s", eval_report.line(), " (from the cache)" if hit else "")
-    else:
-        n_eval = round(len(train) * d.eval_fraction)
-        n_eval = min(n_eval, d.max_eval_examples) if d.max_eval_examples else n_eval
-        train, held = train.split(n_eval, t.seed) if n_eval else (train, None)
-    log.info("qlorakit: objective %s (beta %g): %d training pairs, %d held out; pairs are not packed",
-             t.objective, t.beta, len(train), len(held) if held is not None else 0)
-    return SimpleNamespace(train=train, eval=held if held is not None and len(held) else None, report=report)
-
-
 def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progress: bool,
            stop_after_steps: int | None, device: str | None, before_training) -> RunOutput:
     from ..adapters.fingerprint import base_fingerprint
+    from ..adapters.loftq import EXPORT_DIR, refresh_16bit_export
     from ..adapters.peft_format import lora_state_dict, peft_base_name, save_adapter
     from ..data import prepare_data
 
@@ -279,7 +251,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         dist.barrier()
     token_cache = Path(d.cache_dir) if d.cache_dir else _default_token_cache()
     if cfg.training.objective != "sft":
-        prepared = _prepare_pairs(cfg, tokenizer, token_cache)
+        prepared = prepare_pairs(cfg, tokenizer, token_cache)
     else:
         prepared = prepare_data(
             resolve_data_path(d.path), tokenizer, fmt=d.format, max_seq_length=cfg.training.max_seq_length,
@@ -309,9 +281,9 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     if dist.is_main:
         _check_disk(cfg, est)
         write_text(out / "config.yaml", dump_config(cfg))
-    model = build_model(cfg, model_dir, runtime, progress)
+    model = build_model(cfg, model_dir, runtime, progress, fresh_adapters=resume.checkpoint is None)
     if cfg.training.reference_adapter:
-        _start_from_adapter(cfg, model, fingerprint)
+        start_from_adapter(cfg, model, fingerprint)
     place_activations(cfg, model, runtime, dist.sharded)
     if before_training is not None:
         before_training(model, tokenizer)
@@ -342,6 +314,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         "base_model_dir": str(model_dir),
         "base_fingerprint": fingerprint,
         "quantization": cfg.quantization.model_dump(),
+        "lora_init": cfg.lora.init,
         "qlorakit_version": _version(),
     }
     result = train_loop(
@@ -369,6 +342,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
                 adapter_dir = save_adapter(model, adapter_dir,
                                            base_model_name_or_path=peft_base_name(str(cfg.model.name)),
                                            qlorakit_record=record, tensors=tensors)
+                refresh_16bit_export(adapter_dir, out / EXPORT_DIR)  # a loftq adapter's, for the 16-bit base
             except (OSError, SafetensorError) as err:
                 raise CheckpointWriteError(
                     f"{adapter_dir}: writing the adapter failed ({write_error_text(err)}); the checkpoint of the last "
