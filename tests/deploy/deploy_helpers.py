@@ -88,16 +88,17 @@ def serving(app) -> Iterator[str]:
 
 
 def slow_decoding(monkeypatch, seconds: float = 0.02) -> None:
-    """Make every decoding step take at least `seconds`, so tests of scheduling do not depend on machine speed."""
+    """Make every shared decoding step of `qlorakit serve` take at least `seconds`, so tests of scheduling do not
+    depend on machine speed."""
     import time
 
-    from qlorakit.infer import decode
+    from qlorakit.infer.slots import SlotDecoder
 
-    real = decode.decode_tokens
+    real = SlotDecoder.step
 
-    def slow(*args, **kwargs):
-        for tok in real(*args, **kwargs):
-            time.sleep(seconds)
-            yield tok
+    def slow(self, next_ids):
+        logits = real(self, next_ids)
+        time.sleep(seconds)
+        return logits
 
-    monkeypatch.setattr(decode, "decode_tokens", slow)
+    monkeypatch.setattr(SlotDecoder, "step", slow)

@@ -128,7 +128,7 @@ def test_one_batch_with_a_different_adapter_per_row_matches_one_request_each(tin
 
 def test_concurrent_requests_are_decoded_together_each_with_its_adapter(tiny_base, adapter, adapter_b):
     """Six HTTP requests sent at once for alpha, beta and the base: the decoding thread batches them (fewer
-    batches than requests), and every reply is the one that request gets alone."""
+    prefills than requests, one prefilled row per request), and every reply is the one that request gets alone."""
     app = AdapterServer(str(tiny_base), {"alpha": adapter, "beta": adapter_b}, device="cpu", progress=False,
                         batch_window_ms=300.0)
     base = str(tiny_base)
@@ -158,8 +158,8 @@ def test_concurrent_requests_are_decoded_together_each_with_its_adapter(tiny_bas
         httpd.server_close()
         thread.join(timeout=10)
     assert [replies[i] for i in range(len(models))] == [alone[m] for m in models]
-    rows, batches = app.stats["rows"] - before["rows"], app.stats["batches"] - before["batches"]
-    assert rows == len(models) and batches < len(models)
+    rows, prefills = app.stats["rows"] - before["rows"], app.stats["prefills"] - before["prefills"]
+    assert rows == len(models) and prefills < len(models)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1,5 +1,5 @@
 """`qlorakit serve` stops decoding a request whose client went away, streamed or not: the request is cancelled and
-its row leaves the batch at the next decoding step, instead of taking rounds until max_tokens. The server's
+its row leaves the batch at the next decoding step, instead of decoding until max_tokens. The server's
 counters (AdapterServer.stats: tokens made, requests cancelled) show it. Each decoding step is slowed to 20 ms,
 so the client leaves long before the 80th token whatever this machine's speed."""
 
@@ -88,9 +88,9 @@ def test_a_stream_whose_client_went_away_stops_decoding(app):
         assert _answered(url)["usage"]["completion_tokens"] <= 2
 
 
-def test_a_request_whose_client_left_while_it_waited_takes_no_round(app):
+def test_a_request_whose_client_left_while_it_waited_is_never_prefilled(app):
     """Cancelled before the decoding thread took it (the thread busy with another request): it is dropped, no
-    round decodes it."""
+    prefill or step decodes it."""
     long = app.submit(app._job("alpha", PROMPT, None, False, MAX_TOKENS, 0.0, 1.0))
     time.sleep(0.1)
     waiting = app._job("alpha", "Hi", None, False, MAX_TOKENS, 0.0, 1.0)

@@ -72,9 +72,10 @@ def test_the_client_sees_4xx_errors_with_their_one_line(client):
 
 
 def test_a_short_request_behind_a_long_one_finishes_first(tiny_base, adapter, monkeypatch):
-    """The decoding thread works in rounds of ROUND_TOKENS tokens and takes in new requests before each round: a
-    2-token request sent while a 100-token one is decoding joins it at the next round and is answered long before
-    the long one ends (decoding steps slowed to 20 ms, so the order does not depend on this machine's speed)."""
+    """The decoding thread takes in new requests before every decoding step: a 2-token request sent while a
+    100-token one is decoding joins it at the next step and is answered long before the long one ends (decoding
+    steps slowed to 20 ms, so the order does not depend on this machine's speed; test_deploy_serve_steps.py counts
+    the steps exactly)."""
     import time
 
     slow_decoding(monkeypatch)
@@ -84,7 +85,7 @@ def test_a_short_request_behind_a_long_one_finishes_first(tiny_base, adapter, mo
     short = app.submit(app._job("alpha", "Hi", None, False, 2, 0.0, 1.0))
     assert short.done.wait(30) and short.error is None
     assert not long.done.is_set()  # the long one is still decoding
-    assert long.done.wait(60) and long.error is None and long.result[2] > 16  # it ran over several rounds
+    assert long.done.wait(60) and long.error is None and long.result[2] > 16
     alone = app._job("alpha", "Hi", None, False, 2, 0.0, 1.0)
     app._decode([alone])
-    assert short.result == alone.result  # joining a round changed nothing in the short reply
+    assert short.result == alone.result  # joining a running batch changed nothing in the short reply

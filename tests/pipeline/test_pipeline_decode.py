@@ -139,3 +139,47 @@ def test_the_loader_leaves_no_buffer_behind_on_another_device(tiny_model_dir):
     moved = buffers_to(net, torch.device("meta"))
     assert moved == len(names)
     assert all(b.device.type == "meta" for _, b in net.named_buffers() if b is not None)
+
+
+def _slot_schedule(net, prompts: list[list[int]], joins: dict[int, list[tuple[int, int]]], slots: int,
+                   width: int) -> dict[int, list[int]]:
+    """Drive a SlotDecoder greedily: before step s, the (prompt index, slot) pairs of joins[s] are prefilled
+    together; each row leaves its slot after NEW tokens. Each prompt's tokens."""
+    from qlorakit.infer.slots import SlotDecoder
+
+    dec = SlotDecoder(net, slots=slots, width=width, graphs=False)
+    got: dict[int, list[int]] = {}
+    where: dict[int, int] = {}  # slot -> prompt index
+    nxt = torch.zeros(slots, dtype=torch.long)
+    for s in range(max(joins) + NEW + 1):
+        if s in joins:
+            first = dec.prefill([slot for _, slot in joins[s]], [prompts[p] for p, _ in joins[s]]).argmax(-1)
+            for (p, slot), t in zip(joins[s], first.tolist()):
+                got[p], where[slot], nxt[slot] = [t], p, t
+        if not where:
+            continue
+        logits = dec.step(nxt)
+        for slot, p in list(where.items()):
+            got[p].append(int(logits[slot].argmax()))
+            nxt[slot] = got[p][-1]
+            if len(got[p]) == NEW:
+                dec.release(slot)
+                del where[slot]
+    return got
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "nf4+lora"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_joining_the_slot_cache_mid_decode_equal_each_row_decoded_alone(tiny_model_dir, attn, four_bit):
+    """Continuous batching's cache (infer/slots.py): prompt 0 starts alone in slot 2; prompts 1 and 2 join
+    together three steps later (one left-padded prefill) into slots 0 and 3; prompt 3 takes slot 2 once prompt 0
+    has left it (its old keys must not leak). Every prompt's greedy tokens equal decode_tokens of that prompt
+    alone: rows do not see each other's prompts, lengths or positions."""
+    net = _model(tiny_model_dir, attn, four_bit)
+    lengths = [7, 3, 11, 5]
+    ids, mask = left_padded_rows(net.config.vocab_size, lengths)
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    alone = [torch.stack(list(decode_tokens(net, torch.tensor([p]), None, max_new_tokens=NEW, eos_ids=[-5],
+                                            pad_id=0)), dim=1)[0].tolist() for p in prompts]
+    got = _slot_schedule(net, prompts, {0: [(0, 2)], 3: [(1, 0), (2, 3)], NEW + 1: [(3, 2)]}, slots=4, width=32)
+    assert [got[i] for i in range(4)] == alone

@@ -3,8 +3,8 @@
 GET /v1/models, GET /health, POST /v1/completions and /v1/chat/completions; a trailing slash is ignored, any
 other route or method is a JSON 404. Every error body is OpenAI's {"error": {"message", "type", "code"}} with a
 one-line message. The event loop never decodes: a request is tokenized in a worker thread, queued for the
-decoding thread, and awaited; a client that goes away before its reply is ready cancels it (its job takes no
-further decoding rounds), streamed (streaming.py) or not. Going away is the end of the client's side of the
+decoding thread, and awaited; a client that goes away before its reply is ready cancels it (its row takes no
+further decoding step), streamed (streaming.py) or not. Going away is the end of the client's side of the
 connection: TCP cannot tell a client that closed its socket from one that only shut down its sending side, so
 both count as gone.
 """

@@ -7,16 +7,19 @@ NAME=DIR) or the base (its --model value); any other name is a 404 JSON error.
 The base is loaded once; every module that any adapter targets gets one LoraLinear holding all adapters' A/B
 tensors stacked (nn.lora.AdapterBankSlot); each row of a batch takes the adapter its request named, and modules
 an adapter does not target get a zero update, so nothing is swapped between requests. One decoding thread takes
-the requests: those that arrive within a few milliseconds of each other (batch_window_ms, up to max_batch) with
-the same sampling settings are decoded together in one batch, whatever adapters they name, in rounds of
-ROUND_TOKENS tokens; requests that arrive meanwhile join at the next round (continuing rows are prefilled again
-from their prompt and reply so far).
-`AdapterServer.generate_batch` does the same for a list of prompts from Python. Sampling defaults to greedy (temperature 0), unlike OpenAI's 1.0,
-so that replies are reproducible; pass `temperature` to sample. The web layer (FastAPI on uvicorn: app.py,
-http_server.py) hands each request to the decoding thread and awaits it; `stream: true` sends server-sent events
-in OpenAI's chunk format as tokens are made (streaming.py). A client that goes away, streaming or not, cancels
-its request: it takes no further decoding rounds. What a request may hold is checked before it is queued
-(requests.py: 4xx with one line); SIGTERM stops accepting and lets the requests in flight finish.
+the requests and batches them continuously (batcher.py, slots.py): the running batch has max_batch row slots of
+one static KV cache, each with its own length; a request that arrives is prefilled into a free slot (with the
+others that arrived in the same turn) and joins the shared one-token decoding step at the next step, whatever
+adapter and sampling settings it has; a row that ends frees its slot at once, and a continuing row is never
+prefilled again. When the batch is empty the thread waits up to batch_window_ms after a request for more to
+prefill with it. `AdapterServer.generate_batch` queues a list of prompts the same way from Python. Sampling
+defaults to greedy (temperature 0), unlike OpenAI's 1.0, so that replies are reproducible; pass `temperature` to
+sample (each sampled row draws from its own generator, seeded as `qlorakit generate` seeds it). The web layer
+(FastAPI on uvicorn: app.py, http_server.py) hands each request to the decoding thread and awaits it;
+`stream: true` sends server-sent events in OpenAI's chunk format as tokens are made (streaming.py). A client that
+goes away, streaming or not, cancels its request: its row takes no further decoding step. What a request may hold
+is checked before it is queued (requests.py: 4xx with one line); SIGTERM stops accepting and lets the requests in
+flight finish.
 """
 
 from __future__ import annotations
@@ -26,21 +29,19 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..errors import QlorakitError
+from .batcher import _Job
 from .http_server import attach_app, bind_server, make_server  # noqa: F401 (make_server: for callers of serve)
 from .requests import MAX_BODY_BYTES, check_fits
 from .served_adapters import AdapterWeights, _read_adapter_weights, parse_adapter_specs  # noqa: F401
 
 log = logging.getLogger("qlorakit.infer")
 
-MAX_ROWS = 64  # rows of one batch (generate_batch); each may take its own adapter
-ROUND_TOKENS = 16  # tokens per decoding round; requests that arrived meanwhile join the next round
+MAX_ROWS = 64  # row slots of the running batch (--max-batch) at most; each may take its own adapter
 
 
 class AdapterServer:
@@ -88,15 +89,17 @@ class AdapterServer:
         self.order = [None, *self.adapters]  # bank index -> adapter name (0: the base alone)
         self.rows = torch.zeros(MAX_ROWS, dtype=torch.long, device=dev)
         self._build_bank(dev)
-        self.lock = threading.Lock()
         self.max_batch, self.batch_window_s = max_batch, batch_window_ms / 1000.0
         self.context: int | None = getattr(self.net.config, "max_position_embeddings", None)
         self.max_body_bytes = MAX_BODY_BYTES
         self._jobs: queue.Queue = queue.Queue()
         self._queue_lock = threading.Lock()
         self._worker: threading.Thread | None = None
-        # decoding rounds, rows over all rounds, tokens made, requests ended because their client went away
-        self.stats = {"batches": 0, "rows": 0, "tokens": 0, "cancelled": 0}
+        # prefill calls, rows prefilled (one per request: a continuing row is never prefilled again), shared
+        # one-token steps, tokens made, requests ended because their client went away
+        self.stats = {"prefills": 0, "rows": 0, "steps": 0, "tokens": 0, "cancelled": 0}
+        self.batcher = None  # the decoding thread's batcher.Batcher, once it runs
+        self.on_step: Callable[[int], None] | None = None  # called after each shared step with the steps so far
 
     @property
     def model_ids(self) -> list[str]:
@@ -134,7 +137,8 @@ class AdapterServer:
 
     def generate_batch(self, models: list[str], prompts: list[str], *, max_tokens: int, chat: bool = True,
                        temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-        """One reply per prompt, all decoded in one batch, row i with adapter models[i] (or the base)."""
+        """One reply per prompt, row i with adapter models[i] (or the base); the prompts are queued together, so
+        they are prefilled together into free slots and decoded in the same steps (up to max_batch at a time)."""
         if len(models) != len(prompts):
             raise QlorakitError(f"{len(models)} model names for {len(prompts)} prompts")
         unknown = sorted({m for m in models if m not in self.model_ids})
@@ -146,9 +150,8 @@ class AdapterServer:
 
     def generate(self, model: str, prompt: str, *, chat_history: list[dict[str, str]] | None, chat: bool,
                  max_tokens: int, temperature: float, top_p: float) -> tuple[str, int, int]:
-        """(reply text, prompt tokens, completion tokens) for `model` (an adapter name or the base name). Requests
-        that arrive within `batch_window_s` of each other with the same sampling settings are decoded together,
-        one row each, with their own adapters."""
+        """(reply text, prompt tokens, completion tokens) for `model` (an adapter name or the base name), decoded
+        in the running batch with whatever other requests are in progress, each with its own adapter."""
         job = self.submit(self._job(model, prompt, chat_history, chat, max_tokens, temperature, top_p))
         job.done.wait()
         if job.error is not None:
@@ -164,6 +167,16 @@ class AdapterServer:
         self._jobs.put(job)
         return job
 
+    def _decode(self, jobs: list[_Job]) -> None:
+        """Queue `jobs` and wait until each has its `result` (or `error`, the first of which is raised)."""
+        for job in jobs:
+            self.submit(job)
+        for job in jobs:
+            job.done.wait()
+        errors = [job.error for job in jobs if job.error is not None]
+        if errors:
+            raise errors[0]
+
     def _job(self, model, prompt, history, chat, max_tokens, temperature, top_p) -> _Job:
         from .generate import prompt_ids
 
@@ -172,113 +185,37 @@ class AdapterServer:
         return _Job(model, ids, max_tokens, temperature, top_p)
 
     def _serve_jobs(self) -> None:
-        """The decoding thread. With nothing in progress it takes the next request and waits up to batch_window_s
-        for more (at most max_batch); then it decodes in rounds of ROUND_TOKENS tokens, each group of equal sampling
-        settings as one batch, and before every round takes in whatever arrived meanwhile: a short request that
-        comes behind a long one joins at the next round instead of waiting for the long one to end."""
-        active: list[_Job] = []
+        """The decoding thread. With nothing in progress it waits for a request and then up to batch_window_s
+        for more; while requests are in progress it takes whatever arrived meanwhile without waiting. Each turn
+        prefills the newcomers into free slots and then takes one decoding step of every request in progress
+        (batcher.Batcher): a request joins the running batch at the next step."""
+        from .batcher import Batcher
+        from .generate import _eos_ids
+
+        batcher = self.batcher = Batcher(self.net, self.tokenizer, _eos_ids(self.net, self.tokenizer), self.select,
+                                         self.max_batch, self.context, self.stats)
         while True:
-            if not active:
-                active = [self._jobs.get()]
+            batcher.drop_cancelled()  # their slots go to the requests waiting, in this very turn
+            newcomers: list[_Job] = []
+            if not batcher.busy:
+                newcomers.append(self._jobs.get())
                 deadline = time.monotonic() + self.batch_window_s
-                while len(active) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                while len(newcomers) < batcher.free and (left := deadline - time.monotonic()) > 0:
                     try:
-                        active.append(self._jobs.get(timeout=left))
+                        newcomers.append(self._jobs.get(timeout=left))
                     except queue.Empty:
                         break
-            while len(active) < self.max_batch:
+            while len(newcomers) < batcher.free:
                 try:
-                    active.append(self._jobs.get_nowait())
+                    newcomers.append(self._jobs.get_nowait())
                 except queue.Empty:
                     break
-            for job in active:
-                if job.cancelled.is_set() and not job.finished:
-                    self._end(job)  # its client left while it waited: no round for it
-            groups: dict[tuple[float, float], list[_Job]] = {}
-            for job in active:
-                if not job.finished:
-                    groups.setdefault((job.temperature, job.top_p), []).append(job)
-            for jobs in groups.values():
-                try:
-                    self._round(jobs)
-                except BaseException as err:  # noqa: BLE001 - each waiting request gets the error
-                    for job in jobs:
-                        job.error, job.finished = err, True
-            for job in active:
-                if job.finished:
-                    job.done.set()
-                    if job.stream is not None:
-                        job.stream.put(None)  # the end of the stream, whatever happened
-                    if job.on_done is not None:
-                        job.on_done()
-            active = [job for job in active if not job.finished]
-
-    def _decode(self, jobs: list[_Job]) -> None:
-        """Decode `jobs` to the end in this thread (round after round); each job's `result` is then set."""
-        while not all(job.finished for job in jobs):
-            self._round([job for job in jobs if not job.finished])
-
-    def _round(self, jobs: list[_Job]) -> None:
-        """Up to ROUND_TOKENS more tokens of each job, in one batch: a continuing job's prompt is its prompt and
-        its reply so far (prefilled again). A job ends at its end-of-sequence token, its max_tokens, or when its
-        streaming client went away."""
-        from .generate import _eos_ids, decode_rows
-
-        eos = set(_eos_ids(self.net, self.tokenizer))
-        limits = [min(ROUND_TOKENS, job.max_tokens - len(job.generated)) for job in jobs]
-        ended = [False] * len(jobs)
-
-        def on_step(i: int, tokens: torch.Tensor) -> bool:
-            """Stream each row's new token to its request; stop early when every request has gone away."""
-            for row, job in enumerate(jobs):
-                if job.stream is None or ended[row] or i >= limits[row]:
-                    continue
-                t = int(tokens[row])
-                if t in eos:
-                    ended[row] = True
-                else:
-                    job.stream.put(t)
-            return not all(job.cancelled.is_set() for job in jobs)
-
-        with self.lock:
-            self.select([j.model for j in jobs])
-            new = decode_rows(self.net, self.tokenizer, [j.ids + j.generated for j in jobs], limits,
-                              temperature=jobs[0].temperature, top_p=jobs[0].top_p, on_step=on_step)
-        self.stats["batches"] += 1
-        self.stats["rows"] += len(jobs)
-        self.stats["tokens"] += sum(len(ids) for ids in new)
-        for job, ids, limit in zip(jobs, new, limits):
-            job.generated += ids
-            if len(ids) < limit or len(job.generated) >= job.max_tokens or job.cancelled.is_set():
-                self._end(job)
-
-    def _end(self, job: _Job) -> None:
-        """Mark `job` finished with its reply so far (the decoding thread then wakes whoever waits for it)."""
-        job.finished = True
-        job.result = (self.tokenizer.decode(job.generated, skip_special_tokens=True), len(job.ids),
-                      len(job.generated))
-        if job.cancelled.is_set():
-            self.stats["cancelled"] += 1
-
-
-@dataclass
-class _Job:
-    """One request waiting for the decoding thread."""
-
-    model: str
-    ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    done: threading.Event = field(default_factory=threading.Event)
-    result: tuple[str, int, int] | None = None
-    error: BaseException | None = None
-    stream: Any = None  # streaming: something with put(), given each new token id as it is made, then None
-    on_done: Callable[[], None] | None = None  # called by the decoding thread once done is set
-    cancelled: threading.Event = field(default_factory=threading.Event)  # its client went away
-    generated: list[int] = field(default_factory=list)  # the reply's token ids so far (rounds of ROUND_TOKENS)
-    finished: bool = False
-
+            try:
+                batcher.admit(newcomers)
+                if batcher.step() and self.on_step is not None:
+                    self.on_step(self.stats["steps"])
+            except BaseException as err:  # noqa: BLE001 - the requests in progress get it; the thread goes on
+                batcher.fail_all(err)
 
 def serve_command(args) -> int:
     server = bind_server(args.host, args.port)

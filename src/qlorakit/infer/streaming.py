@@ -1,12 +1,12 @@
 """`stream: true` for `qlorakit serve`: server-sent events in OpenAI's chunk format, one event per piece of text as
-the decoding thread makes its tokens (AdapterServer._round puts each row's tokens into its request's TokenFeed).
+the decoding thread makes its tokens (batcher.Batcher puts each row's tokens into its request's TokenFeed).
 
 Each event is `data: {json}` and a blank line; the last is `data: [DONE]`. Chat chunks are
 {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"} | {"content": ...},
 "finish_reason": null | "stop" | "length"}]}; completion chunks carry {"text": ...} instead of a delta. Text is
 decoded from all the tokens so far and only what is new is sent, so a character that spans tokens is sent once
-complete. A client that goes away cancels its request (JobStream): the decoding thread stops as soon as no
-request of its batch is left.
+complete. A client that goes away cancels its request (JobStream): its row leaves the running batch before the
+next decoding step.
 """
 
 from __future__ import annotations

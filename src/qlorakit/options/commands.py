@@ -101,9 +101,11 @@ class ServeOptions(CommandOptions):
     port: int = option(8000, "port to listen on", ge=0, le=65535, note="0: any free port")
     force: bool = option(False, "serve adapters even if they were trained on another base")
     device: str | None = _device()
-    max_batch: int = option(16, "requests decoded together at most", ge=1, le=MAX_BATCH)
-    batch_window_ms: float = option(5.0, "how long the first waiting request waits for others to join its batch, "
-                                    "in milliseconds", ge=0, allow_inf_nan=False)
+    max_batch: int = option(16, "requests decoded together at most (row slots of the running batch)", ge=1,
+                            le=MAX_BATCH)
+    batch_window_ms: float = option(5.0, "with nothing in progress, how long the first request waits for others "
+                                    "to be prefilled with it, in milliseconds (later ones join at the next step)",
+                                    ge=0, allow_inf_nan=False)
 
 
 class PairsOptions(CommandOptions):
