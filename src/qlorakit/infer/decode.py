@@ -36,6 +36,31 @@ def say_once(key: str, msg: str, *args) -> None:
     logs.say_once(log, key, msg, *args)
 
 
+def capture_step(dec, key: str, doing: str, step: str) -> None:
+    """Capture `dec._step_body()` as a CUDA graph into dec.graph, its output into dec.logits, after one eager
+    warm-up step (compiling kernels and sizing buffers outside the capture) whose effects on keep, mask,
+    positions and cursor `dec._restore` undoes. If capturing fails, dec decodes eagerly from then on (dec.graphs
+    False) and the reason is said once. Shared by StaticDecoder and infer/slots.SlotDecoder."""
+    saved = (dec.keep.clone(), dec.mask.clone(), dec.positions.clone(), dec.cursor.clone())
+    try:
+        side = torch.cuda.Stream(dec.device)
+        side.wait_stream(torch.cuda.current_stream(dec.device))
+        with torch.cuda.stream(side):
+            dec._step_body()
+        torch.cuda.current_stream(dec.device).wait_stream(side)
+        dec._restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            dec.logits = dec._step_body()
+        dec.graph = graph
+    except Exception as err:  # noqa: BLE001 - decode eagerly instead, and say why
+        dec.graph, dec.logits, dec.graphs = None, None, False
+        torch.cuda.synchronize(dec.device)
+        dec._restore(saved)
+        say_once(f"{key}-{type(err).__name__}", "qlorakit: %s without CUDA graphs (eager, host-bound): capturing "
+                 "the %s step failed: %s: %s", doing, step, type(err).__name__, str(err).splitlines()[0][:300])
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     """The forward argument that takes the KV cache: `cache` in recent transformers, `past_key_values` before."""
     params = inspect.signature(model.forward).parameters
@@ -150,24 +175,7 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         """Capture the step as a CUDA graph (after one eager warm-up step whose effects are undone)."""
-        saved = (self.keep.clone(), self.mask.clone(), self.positions.clone(), self.cursor.clone())
-        try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._step_body()  # compiles kernels and sizes buffers outside the capture
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._restore(saved)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self._step_body()
-            self.graph = graph
-        except Exception as err:  # noqa: BLE001 - decode eagerly instead, and say why
-            self.graph, self.logits, self.graphs = None, None, False
-            torch.cuda.synchronize(self.device)
-            self._restore(saved)
-            say_once(f"graph-{type(err).__name__}", "qlorakit: decoding without CUDA graphs (eager, host-bound): "
-                      "capturing the decode step failed: %s: %s", type(err).__name__, str(err).splitlines()[0][:300])
+        capture_step(self, "graph", "decoding", "decode")
 
     def _restore(self, saved) -> None:
         keep, mask, positions, cursor = saved

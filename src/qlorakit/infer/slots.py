@@ -28,7 +28,7 @@ from torch import nn
 from transformers.cache_utils import Cache, StaticLayer
 
 from ..errors import QlorakitError
-from .decode import StaticDecoder, _cache_kwarg, say_once
+from .decode import StaticDecoder, _cache_kwarg, capture_step
 
 
 class SlotLayer(StaticLayer):
@@ -157,24 +157,7 @@ class SlotDecoder:
     def _capture(self) -> None:
         """Capture the step as a CUDA graph after one eager warm-up step, whose effects are undone (the keys and
         values it wrote sit at each slot's cursor column, which the next real step writes again first)."""
-        saved = (self.keep.clone(), self.mask.clone(), self.positions.clone(), self.cursor.clone())
-        try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                self._step_body()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            self._restore(saved)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self._step_body()
-            self.graph = graph
-        except Exception as err:  # noqa: BLE001 - decode eagerly instead, and say why
-            self.graph, self.logits, self.graphs = None, None, False
-            torch.cuda.synchronize(self.device)
-            self._restore(saved)
-            say_once(f"slot-graph-{type(err).__name__}", "qlorakit: serving without CUDA graphs (eager, host-bound): "
-                     "capturing the slot step failed: %s: %s", type(err).__name__, str(err).splitlines()[0][:300])
+        capture_step(self, "slot-graph", "serving", "slot")
 
     def _restore(self, saved) -> None:
         for mine, old in zip((self.keep, self.mask, self.positions, self.cursor), saved):
