@@ -117,7 +117,11 @@ def test_forced_triton_picks_it_on_cpu_too(registry, monkeypatch):
     monkeypatch.setenv("QLORAKIT_KERNELS", "triton")
 
     assert dispatch.implementation("linear_4bit", CPU) == ("triton", fake)
-    assert kernels.call("linear_4bit", torch.zeros(2, 4), None, None) == ("fake triton", "linear_4bit")
+    # kernels.call goes through the custom op, whose body asks the dispatch point: it reaches this registration
+    packed, state = reference_impls.quantize_ref(torch.randn(8, 64), 64, "nf4", False)
+    marker = torch.full((2, 8), 7.0)
+    registry["linear_4bit"]["triton"] = lambda x, p, s, bias: marker.clone()
+    assert torch.equal(kernels.call("linear_4bit", torch.zeros(2, 64), packed, state), marker)
 
 
 def test_auto_on_cuda_without_triton_says_so_once_per_operation(registry, monkeypatch, caplog):

@@ -8,8 +8,8 @@ clear error from the dispatch point instead of falling back silently.
 import logging
 
 from . import reference as _reference  # noqa: F401  (registers the reference implementations)
-from .dispatch import (BACKEND_CHOICES, OPERATIONS, SMALL_M_MAX, call, implementation, register, requested_backend,
-                       set_backend)
+from .dispatch import BACKEND_CHOICES, OPERATIONS, SMALL_M_MAX, implementation, register, requested_backend, set_backend
+from .ops import call
 
 try:
     from . import triton_block, triton_dequant, triton_loss, triton_matmul, triton_quant, triton_rope  # noqa: F401  (register the Triton implementations)

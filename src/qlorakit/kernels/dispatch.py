@@ -1,8 +1,16 @@
 """The one dispatch point between the 4-bit layers and whatever computes their operations.
 
-Each operation is declared once here; backends register an implementation for it. The plain-PyTorch
+Each operation is declared once here (OPERATIONS); backends register an implementation for it. The plain-PyTorch
 reference (`quant/`) is always registered and is the specification; Triton kernels register for CUDA (and run
 on CPU tensors under TRITON_INTERPRET=1, which is how CI tests them).
+
+Every operation is also a PyTorch custom op, `torch.ops.qlorakit.<name>` (kernels/ops.py): `kernels.call(op, ...)`
+runs the op, whose body calls `implementation(op, device)` below, and whose fake implementation gives the output
+shapes, dtypes and devices, so torch.compile and meta / fake tensors trace through the op as one opaque call. No
+operation is left as a plain call. A QuantState crosses the op boundary as tensors + ints (kernels/state_args.py).
+Because the backend is looked up when the op body runs, a compiled graph holds the op, not a backend, and stays
+valid whichever backend is chosen. Not yet checked: that a fused decoder layer compiles under torch.compile on a
+GPU without graph breaks (no GPU in the session that made the ops custom ops; benchmarks/compile_check.py does it).
 
 Choice of backend, once per run: `set_backend(...)` from the config's `model.kernels` (`qlorakit train` sets it):
   auto       (default) triton on CUDA tensors when a Triton implementation is registered, else reference;
@@ -92,12 +100,3 @@ def implementation(op: str, device: torch.device) -> tuple[str, Callable[..., An
     elif device.type == "cuda":
         _say_once(op, "no Triton implementation is available")
     return "reference", impls["reference"]
-
-
-def call(op: str, *args: Any, **kwargs: Any) -> Any:
-    """Run `op` with the implementation chosen for the device of its first tensor argument (positional or
-    keyword)."""
-    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    if not tensors:
-        raise QlorakitError(f"kernels.call({op!r}) got no tensor argument to choose a device from")
-    return implementation(op, tensors[0].device)[1](*args, **kwargs)
