@@ -157,8 +157,9 @@ def check(args) -> int:
     run.check("compiled output and gradients match eager (relative norm error <= 2^-6)",
               all(e <= REL_TOL for e in errors.values()), ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     eager_ms, compiled_ms = timed(forward), timed(compiled)
-    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "commit": sh("git", "rev-parse", "HEAD"),
-              "shape": "llama3-8b", "layers": args.layers, "batch": B, "tokens": T, "rank": args.rank,
+    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+              "commit": sh("git", "rev-parse", "HEAD"), "shape": "llama3-8b", "layers": args.layers, "batch": B,
+              "tokens": T, "rank": args.rank,
               "dropout": args.dropout, "fallback_random": True, "explain": explained, "fullgraph": fullgraph,
               "compile_s": round(compile_s, 1), "errors": errors, "eager_ms": round(eager_ms, 3),
               "compiled_ms": round(compiled_ms, 3), "checks": run.checks}
