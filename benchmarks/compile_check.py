@@ -1,14 +1,17 @@
-"""GPU check that a fused decoder layer compiles: a few layers of the Llama-3-8B shape in NF4 with LoRA on all
+"""Check that a fused decoder layer compiles: a few layers of the Llama-3-8B shape in NF4 with LoRA on all
 linears and the fused blocks on (model/fused_blocks.py); torch._dynamo.explain over one fused decoder layer's
-forward (graphs, graph breaks and their reasons, which qlorakit custom ops the graphs hold); torch.compile of that
-forward with fullgraph=True (and without, if that fails); compiled against eager forward + backward under bf16
-autocast: outputs and gradients compared, each timed (median of steps). Not yet run on a GPU.
+forward (graphs, graph breaks and their reasons, which qlorakit custom ops the graphs hold, the backward's included);
+torch.compile of that forward with fullgraph=True (and without, if that fails); compiled against eager forward +
+backward under bf16 autocast: outputs and gradients compared, each timed (median of steps).
 
     python3 benchmarks/compile_check.py [--out DIR] [--layers 2] [--batch 1] [--tokens 2048] [--rank 16]
-                                        [--dropout 0.05] [--steps 10]
+                                        [--dropout 0.05] [--steps 10] [--backend inductor]
+    python3 benchmarks/compile_check.py --device cpu [--backend aot_eager] ...
 
-The compiled run sets torch._inductor.config.fallback_random, so compiled dropout draws eager's masks and the two
-paths are comparable element by element.
+--device cpu (no GPU needed) builds a tiny Llama (hidden 64, 4 heads, 2 KV heads; 64 tokens) on the reference
+kernels: the graph-break and equality checks of the same code paths, timings meaningless. LoRA dropout masks are
+drawn by qlorakit's own ops (kernels/dropout_ops.py), so compiled and eager draw the same masks from the same seed;
+torch._inductor.config.fallback_random is set as well, for any other random op.
 """
 
 from __future__ import annotations
@@ -63,13 +66,19 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
 
 
-def build(layers: int, rank: int, dropout: float, seed: int = 0):
+# --device cpu: a tiny Llama (the fused paths need more than SMALL_M_MAX = 16 rows: --tokens 64 by default there)
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=101, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def build(layers: int, rank: int, dropout: float, seed: int = 0, device: str = "cuda"):
     from qlorakit.model.fused_blocks import enable_fused_blocks
     from qlorakit.model.lora_inject import inject_lora
     from qlorakit.model.synthetic import synthetic_llama
 
-    model = synthetic_llama("llama3-8b", layers=layers, device="cuda", seed=seed)
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()]):
+    shape = "llama3-8b" if device == "cuda" else TINY
+    model = synthetic_llama(shape, layers=layers, device=device, seed=seed)
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
         torch.manual_seed(seed)
         inject_lora(model, "all-linear", r=rank, alpha=16, dropout=dropout, adapter_dtype=torch.float32)
         for name, p in model.named_parameters():
@@ -85,13 +94,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--tokens", type=int, default=None, help="2048 (cuda), 64 (cpu)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no code generation)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("compile_check: needs a CUDA GPU (the fused blocks' Triton kernels); none is visible", file=sys.stderr)
+    if args.tokens is None:
+        args.tokens = 2048 if args.device == "cuda" else 64
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("compile_check: needs a CUDA GPU (the fused blocks' Triton kernels); none is visible "
+              "(--device cpu: a tiny model on the reference kernels)", file=sys.stderr)
         return 2
     return check(args)
 
@@ -99,21 +113,26 @@ def main(argv: list[str] | None = None) -> int:
 def check(args) -> int:
     import torch._inductor.config
 
+    from qlorakit import kernels
+
     torch._inductor.config.fallback_random = True
+    dev = args.device
+    if dev == "cpu":
+        kernels.set_backend("reference")
     run = Run()
-    model, report = build(args.layers, args.rank, args.dropout)
+    model, report = build(args.layers, args.rank, args.dropout, device=dev)
     layer = model.model.layers[0]
     run.check("layer 0 is the fused decoder layer", type(layer).__name__ == "FusedLlamaDecoderLayer", report.line())
     B, T, H = args.batch, args.tokens, model.config.hidden_size
-    gen = torch.Generator("cuda").manual_seed(1)
-    hidden = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
-    grad_out = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16, generator=gen)
-    position_ids = torch.arange(T, device="cuda").expand(B, T)
+    gen = torch.Generator(dev).manual_seed(1)
+    hidden = torch.randn(B, T, H, device=dev, dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+    grad_out = torch.randn(B, T, H, device=dev, dtype=torch.bfloat16, generator=gen)
+    position_ids = torch.arange(T, device=dev).expand(B, T)
     cos, sin = model.model.rotary_emb(hidden, position_ids)
     lora = {n: p for n, p in layer.named_parameters() if p.requires_grad}
 
     def forward(x):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(dev, dtype=torch.bfloat16):
             return layer(x, position_ids=position_ids, position_embeddings=(cos, sin))
 
     def step(fn, seed: int):
@@ -126,11 +145,12 @@ def check(args) -> int:
 
     def timed(fn) -> float:
         times = []
+        sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         for i in range(args.steps):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             step(fn, 100 + i)
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t)
         later = sorted(times[1:] or times)
         return later[len(later) // 2] * 1e3
@@ -142,12 +162,12 @@ def check(args) -> int:
     fullgraph = {"ok": True, "error": None}
     t0 = time.perf_counter()
     try:
-        compiled = torch.compile(forward, fullgraph=True)
+        compiled = torch.compile(forward, backend=args.backend, fullgraph=True)
         got = step(compiled, 5)
     except Exception as err:  # noqa: BLE001 - a graph break under fullgraph: recorded, then compiled without it
         fullgraph = {"ok": False, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"}
         torch._dynamo.reset()
-        compiled = torch.compile(forward)
+        compiled = torch.compile(forward, backend=args.backend)
         got = step(compiled, 5)
     compile_s = time.perf_counter() - t0
     run.check("torch.compile(fullgraph=True) compiles forward + backward", fullgraph["ok"], fullgraph["error"] or "")
@@ -157,8 +177,9 @@ def check(args) -> int:
     run.check("compiled output and gradients match eager (relative norm error <= 2^-6)",
               all(e <= REL_TOL for e in errors.values()), ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     eager_ms, compiled_ms = timed(forward), timed(compiled)
-    record = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "commit": sh("git", "rev-parse", "HEAD"), "shape": "llama3-8b", "layers": args.layers, "batch": B,
+    record = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else "none (cpu)", "torch": torch.__version__,
+              "commit": sh("git", "rev-parse", "HEAD"), "shape": "llama3-8b" if dev == "cuda" else "tiny",
+              "kernels": kernels.requested_backend(), "backend": args.backend, "layers": args.layers, "batch": B,
               "tokens": T, "rank": args.rank,
               "dropout": args.dropout, "fallback_random": True, "explain": explained, "fullgraph": fullgraph,
               "compile_s": round(compile_s, 1), "errors": errors, "eager_ms": round(eager_ms, 3),

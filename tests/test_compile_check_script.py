@@ -1,11 +1,14 @@
-"""benchmarks/compile_check.py, the GPU check that a fused decoder layer compiles: its parts that need no GPU. The
+"""benchmarks/compile_check.py, the check that a fused decoder layer compiles: its parts that need no GPU. The
 summary of torch._dynamo.explain counts graphs and breaks, gives each break reason on one line with its user
 frame, and counts the qlorakit custom ops in the captured graphs, inside autograd functions' subgraphs too; without
-a GPU the script says so in one line and exits 2."""
+a GPU the default run says so in one line and exits 2; `--device cpu` runs the whole check on a tiny model: one
+fused layer with LoRA dropout traces without a graph break, compiles with fullgraph=True, and (AOT autograd without
+inductor) computes exactly what eager computes."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -55,5 +58,23 @@ def test_the_table_aligns_two_columns(compile_check):
 def test_without_a_gpu_it_says_so_and_exits_2(compile_check, tmp_path, capsys):
     assert compile_check.main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == ("compile_check: needs a CUDA GPU (the fused blocks' Triton kernels); "
-                                               "none is visible")
+                                               "none is visible (--device cpu: a tiny model on the reference "
+                                               "kernels)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_on_the_cpu_a_fused_layer_with_dropout_compiles_without_graph_breaks(compile_check, tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORAKIT_KERNELS", "reference")  # also in the --kernel-backend triton run
+    previous = kernels.set_backend("auto")
+    try:
+        with torch._inductor.config.patch(fallback_random=False):  # the script sets it; put back afterwards
+            assert compile_check.main(["--device", "cpu", "--backend", "aot_eager", "--layers", "1", "--tokens", "24",
+                                       "--dropout", "0.05", "--steps", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        kernels.set_backend(previous)
+        torch._dynamo.reset()
+    record = json.loads((tmp_path / "compile_check.json").read_text())
+    assert (record["explain"]["graphs"], record["explain"]["graph_breaks"]) == (1, 0) and record["fullgraph"]["ok"]
+    assert record["explain"]["qlorakit_ops"]["qlorakit::dropout_draw"] == 7  # q, k, v, o, gate, up, down
+    assert record["explain"]["qlorakit_ops"]["qlorakit::dropout_replay"] == 7
+    assert record["errors"] == {"output": 0.0, "d hidden": 0.0, "worst LoRA grad": 0.0}

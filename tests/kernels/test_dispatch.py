@@ -15,7 +15,7 @@ import torch
 
 from qlorakit import kernels
 from qlorakit.errors import QlorakitError
-from qlorakit.kernels import dispatch
+from qlorakit.kernels import dispatch, ops
 from qlorakit.kernels import reference as reference_impls
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -117,11 +117,12 @@ def test_forced_triton_picks_it_on_cpu_too(registry, monkeypatch):
     monkeypatch.setenv("QLORAKIT_KERNELS", "triton")
 
     assert dispatch.implementation("linear_4bit", CPU) == ("triton", fake)
-    # kernels.call goes through the custom op, whose body asks the dispatch point: it reaches this registration
+    # eager kernels.call calls the registration directly; the custom op's body (the traced path) reaches it too
     packed, state = reference_impls.quantize_ref(torch.randn(8, 64), 64, "nf4", False)
     marker = torch.full((2, 8), 7.0)
-    registry["linear_4bit"]["triton"] = lambda x, p, s, bias: marker.clone()
+    registry["linear_4bit"]["triton"] = lambda x, p, s, bias=None: marker.clone()
     assert torch.equal(kernels.call("linear_4bit", torch.zeros(2, 64), packed, state), marker)
+    assert torch.equal(ops.linear_4bit(torch.zeros(2, 64), packed, state), marker)
 
 
 def test_auto_on_cuda_without_triton_says_so_once_per_operation(registry, monkeypatch, caplog):

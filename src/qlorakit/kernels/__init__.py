@@ -9,7 +9,8 @@ import logging
 
 from . import reference as _reference  # noqa: F401  (registers the reference implementations)
 from .dispatch import BACKEND_CHOICES, OPERATIONS, SMALL_M_MAX, implementation, register, requested_backend, set_backend
-from .ops import call
+from .dropout_ops import dropout_draw, dropout_replay
+from .ops import call, tracing
 
 try:
     from . import triton_block, triton_dequant, triton_loss, triton_matmul, triton_quant, triton_rope  # noqa: F401  (register the Triton implementations)
@@ -33,5 +34,6 @@ def workspace_limit() -> int | None:
     return None if TRITON_IMPORT_ERROR is not None else triton_matmul.workspace_limit()
 
 
-__all__ = ["BACKEND_CHOICES", "OPERATIONS", "SMALL_M_MAX", "TRITON_IMPORT_ERROR", "call", "implementation",
-           "register", "requested_backend", "set_backend", "set_workspace_limit", "workspace_limit"]
+__all__ = ["BACKEND_CHOICES", "OPERATIONS", "SMALL_M_MAX", "TRITON_IMPORT_ERROR", "call", "dropout_draw",
+           "dropout_replay", "implementation", "register", "requested_backend", "set_backend", "set_workspace_limit",
+           "tracing", "workspace_limit"]

@@ -4,13 +4,14 @@ Each operation is declared once here (OPERATIONS); backends register an implemen
 reference (`quant/`) is always registered and is the specification; Triton kernels register for CUDA (and run
 on CPU tensors under TRITON_INTERPRET=1, which is how CI tests them).
 
-Every operation is also a PyTorch custom op, `torch.ops.qlorakit.<name>` (kernels/ops.py): `kernels.call(op, ...)`
-runs the op, whose body calls `implementation(op, device)` below, and whose fake implementation gives the output
-shapes, dtypes and devices, so torch.compile and meta / fake tensors trace through the op as one opaque call. No
-operation is left as a plain call. A QuantState crosses the op boundary as tensors + ints (kernels/state_args.py).
-Because the backend is looked up when the op body runs, a compiled graph holds the op, not a backend, and stays
-valid whichever backend is chosen. Not yet checked: that a fused decoder layer compiles under torch.compile on a
-GPU without graph breaks (no GPU in the session that made the ops custom ops; benchmarks/compile_check.py does it).
+Every operation is also a PyTorch custom op, `torch.ops.qlorakit.<name>` (kernels/ops.py). In eager execution
+`kernels.call(op, ...)` calls `implementation(op, device)` below directly (no custom-op cost); while tracing
+(torch.compile, torch.export, make_fx, fake tensors: kernels.tracing()) it runs the op, whose body makes the same
+call, and whose fake implementation gives the output shapes, dtypes and devices, so the tracer records the op as one
+opaque call. A QuantState crosses the op boundary as tensors + ints (kernels/state_args.py). Because the backend is
+looked up when the op body runs, a compiled graph holds the op, not a backend, and stays valid whichever backend is
+chosen. One fused decoder layer, LoRA dropout included, traces without a graph break on the CPU
+(benchmarks/compile_check.py --device cpu); the same check on a GPU is still to be run.
 
 Choice of backend, once per run: `set_backend(...)` from the config's `model.kernels` (`qlorakit train` sets it):
   auto       (default) triton on CUDA tensors when a Triton implementation is registered, else reference;
@@ -88,7 +89,9 @@ def _say_once(op: str, reason: str) -> None:
 
 def implementation(op: str, device: torch.device) -> tuple[str, Callable[..., Any]]:
     """(backend name, function) that computes `op` for tensors on `device`."""
-    impls = _registry[op]
+    impls = _registry.get(op)
+    if impls is None:
+        raise QlorakitError(f"unknown operation {op!r}; known: {', '.join(OPERATIONS)}")
     choice = requested_backend()
     if choice == "reference":
         return "reference", impls["reference"]

@@ -7,7 +7,7 @@ nn.Dropout per layer draws them) and `down(silu(gate(x)) * up(x))` for the MLP.
 
 What fusing buys: the 4-bit weights of the group are dequantized into one stacked [sum N_i, K] buffer and
 multiplied in ONE matmul forward and one backward (kernels.linear_4bit_cat); x is saved once for the whole group;
-no dropout mask is kept (backward redraws them, nn/lora_fused.DropoutDraw). The MLP function saves x, the
+no dropout mask is kept (backward redraws them, nn/dropout_draws.py). The MLP function saves x, the
 gate/up output (or, with keep_gate_up=False, nothing more: backward recomputes it from x) and the small
 x_drop A^T products; never the SwiGLU product nor a dense weight.
 """
@@ -22,7 +22,8 @@ import torch
 
 from .. import kernels
 from ..quant.state import QuantState
-from .lora_fused import DropoutDraw, lora_input_terms
+from .dropout_draws import Draws
+from .lora_fused import lora_input_terms
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,11 @@ class Projection:
         return int(self.state.shape[0])
 
 
-def _group_forward(x2: torch.Tensor, group: tuple[Projection, ...], ab: tuple[torch.Tensor, ...], p: float,
-                   draw: DropoutDraw | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _group_forward(x2: torch.Tensor, group: tuple[Projection, ...], ab: tuple[torch.Tensor, ...],
+                   draws: Draws | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Y [M, sum N_i] = x2 [W_i]^T + [b_i] + [s_i drop_i(x2) A_i^T B_i^T], and the xa_i = drop_i(x2) A_i^T.
-    Dropout masks are drawn in projection order from the generator's current state."""
+    Dropout masks come from `draws` in projection order (drawn in forward, the forward's again when a backward
+    recomputes this); None: no dropout."""
     dt = x2.dtype
     y = kernels.call("linear_4bit_cat", x2, [g.packed for g in group], [g.state for g in group])
     xas, col = [], 0
@@ -78,7 +80,7 @@ def _group_forward(x2: torch.Tensor, group: tuple[Projection, ...], ab: tuple[to
         part = y[:, col:col + n]
         if proj.bias is not None:
             part.add_(proj.bias.to(dt))
-        x_drop = torch.native_dropout(x2, p, True)[0] if draw is not None else x2
+        x_drop = draws.draw(x2, ab[2 * i]) if draws is not None else x2
         xa = x_drop @ a.t()
         del x_drop
         part.addmm_(xa, b.t(), alpha=proj.scaling)
@@ -88,7 +90,7 @@ def _group_forward(x2: torch.Tensor, group: tuple[Projection, ...], ab: tuple[to
 
 
 def _group_backward(dy2: torch.Tensor, x2: torch.Tensor, xas: list[torch.Tensor], group: tuple[Projection, ...],
-                    ab: tuple[torch.Tensor, ...], p: float, draw: DropoutDraw | None,
+                    ab: tuple[torch.Tensor, ...], draws: Draws | None,
                     need_x: bool) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """(dX [M, K] or None, [grad A_0, grad B_0, grad A_1, ...]) for dY = dy2 [M, sum N_i] (contiguous)."""
     dt = dy2.dtype
@@ -102,7 +104,7 @@ def _group_backward(dy2: torch.Tensor, x2: torch.Tensor, xas: list[torch.Tensor]
         grad_bs.append((dy_i.t() @ xas[i].to(dt)).mul_(proj.scaling))
         gs.append((dy_i @ ab[2 * i + 1].to(dt)).mul_(proj.scaling))
         col += n
-    grad_as = lora_input_terms(x2, gs, [ab[2 * i].to(dt) for i in range(len(group))], p, draw, grad_x)
+    grad_as = lora_input_terms(x2, gs, [ab[2 * i].to(dt) for i in range(len(group))], draws, grad_x)
     grads = []
     for i in range(len(group)):
         grads += [grad_as[i].to(ab[2 * i].dtype), grad_bs[i].to(ab[2 * i + 1].dtype)]
@@ -116,23 +118,25 @@ class _LoraGroupFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xn, rstd = _normed(x2, norm)
-            draw = DropoutDraw(x.device) if training and p > 0 else None
-            y, xas = _group_forward(xn, group, ab, p, draw)
+            draws = Draws.start(x.device, p, training)
+            y, xas = _group_forward(xn, group, ab, draws)
             del xn
-        ctx.save_for_backward(x, rstd, *xas, *ab)
-        ctx.group, ctx.p, ctx.draw, ctx.norm = group, p, draw, norm
+        ctx.save_for_backward(x, rstd, *xas, *ab, *Draws.saved(draws))
+        ctx.group, ctx.p, ctx.draws, ctx.norm, ctx.n_ab = group, p, Draws.info(draws), norm, len(ab)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
         saved = ctx.saved_tensors
         n = len(ctx.group)
-        x, rstd, xas, ab = saved[0], saved[1], list(saved[2:2 + n]), saved[2 + n:]
+        x, rstd, xas = saved[0], saved[1], list(saved[2:2 + n])
+        ab, states = saved[2 + n:2 + n + ctx.n_ab], saved[2 + n + ctx.n_ab:]
+        draws = Draws.restore(ctx.p, ctx.draws, states)
         with torch.autocast(dy.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xn = _normed(x2, ctx.norm)[0]
             dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
-            grad_xn, grads = _group_backward(dy2, xn, xas, ctx.group, ab, ctx.p, ctx.draw, ctx.needs_input_grad[0])
+            grad_xn, grads = _group_backward(dy2, xn, xas, ctx.group, ab, draws, ctx.needs_input_grad[0])
             del xn
             grad_x = _norm_backward(grad_xn, x2, ctx.norm, rstd)
         return (None if grad_x is None else grad_x.view(x.shape)), None, None, None, None, *grads
@@ -156,35 +160,39 @@ class _LoraSwiGLUFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xn, rstd = _normed(x2, norm)
-            dropping = training and p > 0
-            draw_gu = DropoutDraw(x.device) if dropping else None
-            gu, xas = _group_forward(xn, gate_up, ab[:4], p, draw_gu)
+            draws_gu = Draws.start(x.device, p, training)
+            gu, xas = _group_forward(xn, gate_up, ab[:4], draws_gu)
             del xn
             act = swiglu(gu)
-            draw_d = DropoutDraw(x.device) if dropping else None
-            y, xa_d = _group_forward(act, (down,), ab[4:], p, draw_d)
+            draws_d = Draws.start(x.device, p, training)
+            y, xa_d = _group_forward(act, (down,), ab[4:], draws_d)
             del act
-        ctx.save_for_backward(x, rstd, gu if keep_gate_up else None, *xas, *xa_d, *ab)
-        ctx.gate_up, ctx.down, ctx.p, ctx.draws, ctx.norm = gate_up, down, p, (draw_gu, draw_d), norm
+        # gate/up draw two masks, down one: the traced draws' states are the last 3 saved tensors (or none)
+        ctx.save_for_backward(x, rstd, gu if keep_gate_up else None, *xas, *xa_d, *ab, *Draws.saved(draws_gu),
+                              *Draws.saved(draws_d))
+        ctx.gate_up, ctx.down, ctx.p, ctx.norm = gate_up, down, p, norm
+        ctx.draws = Draws.info(draws_gu), Draws.info(draws_d)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
-        x, rstd, gu, xa_g, xa_u, xa_d, *ab = ctx.saved_tensors
-        draw_gu, draw_d = ctx.draws
+        x, rstd, gu, xa_g, xa_u, xa_d, *rest = ctx.saved_tensors
+        ab, states = rest[:6], rest[6:]
+        draws_gu = Draws.restore(ctx.p, ctx.draws[0], states[:2])
+        draws_d = Draws.restore(ctx.p, ctx.draws[1], states[2:])
         with torch.autocast(dy.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xn = _normed(x2, ctx.norm)[0]
             if gu is None:  # recompute gate/up (the same masks: the same draws replayed)
-                with draw_gu.replay() if draw_gu is not None else nullcontext():
-                    gu = _group_forward(xn, ctx.gate_up, tuple(ab[:4]), ctx.p, draw_gu)[0]
+                with draws_gu.replaying() if draws_gu is not None else nullcontext():
+                    gu = _group_forward(xn, ctx.gate_up, tuple(ab[:4]), draws_gu)[0]
             act = swiglu(gu)
             dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
-            d_act, grads_d = _group_backward(dy2, act, [xa_d], (ctx.down,), tuple(ab[4:]), ctx.p, draw_d, True)
+            d_act, grads_d = _group_backward(dy2, act, [xa_d], (ctx.down,), tuple(ab[4:]), draws_d, True)
             del act
             d_gu = swiglu_backward(d_act, gu)
             del gu, d_act
-            grad_xn, grads_gu = _group_backward(d_gu, xn, [xa_g, xa_u], ctx.gate_up, tuple(ab[:4]), ctx.p, draw_gu,
+            grad_xn, grads_gu = _group_backward(d_gu, xn, [xa_g, xa_u], ctx.gate_up, tuple(ab[:4]), draws_gu,
                                                 ctx.needs_input_grad[0])
             del xn, d_gu
             grad_x = _norm_backward(grad_xn, x2, ctx.norm, rstd)
