@@ -78,7 +78,7 @@ def dropout_step():
     backward, on a 4 x 8 tensor (what the fused functions do around their matmuls, as this checkout writes it)."""
     x = torch.randn(4, 8)
     try:
-        from qlorakit.nn.dropout_draws import Draws
+        from qlorakit.nn import dropout_draws
     except ImportError:  # a checkout where the functions draw and replay inline
         from qlorakit.nn.lora_fused import DropoutDraw
 
@@ -92,10 +92,10 @@ def dropout_step():
         return inline
 
     def step():
-        draws = Draws.start(x.device, 0.05, True)
+        draws = dropout_draws.start(x.device, 0.05, True)
         for _ in range(3):
             draws.draw(x, x)
-        back = Draws.restore(0.05, Draws.info(draws), Draws.saved(draws))
+        back = dropout_draws.restore(dropout_draws.for_ctx(draws), dropout_draws.saved_states(draws))
         with back.replaying():
             for _ in range(3):
                 back.redraw(x)

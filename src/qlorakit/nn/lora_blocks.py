@@ -22,6 +22,7 @@ import torch
 
 from .. import kernels
 from ..quant.state import QuantState
+from . import dropout_draws
 from .dropout_draws import Draws
 from .lora_fused import lora_input_terms
 
@@ -118,11 +119,11 @@ class _LoraGroupFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xn, rstd = _normed(x2, norm)
-            draws = Draws.start(x.device, p, training)
+            draws = dropout_draws.start(x.device, p, training)
             y, xas = _group_forward(xn, group, ab, draws)
             del xn
-        ctx.save_for_backward(x, rstd, *xas, *ab, *Draws.saved(draws))
-        ctx.group, ctx.p, ctx.draws, ctx.norm, ctx.n_ab = group, p, Draws.info(draws), norm, len(ab)
+        ctx.save_for_backward(x, rstd, *xas, *ab, *dropout_draws.saved_states(draws))
+        ctx.group, ctx.draws, ctx.norm, ctx.n_ab = group, dropout_draws.for_ctx(draws), norm, len(ab)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
@@ -131,7 +132,7 @@ class _LoraGroupFn(torch.autograd.Function):
         n = len(ctx.group)
         x, rstd, xas = saved[0], saved[1], list(saved[2:2 + n])
         ab, states = saved[2 + n:2 + n + ctx.n_ab], saved[2 + n + ctx.n_ab:]
-        draws = Draws.restore(ctx.p, ctx.draws, states)
+        draws = dropout_draws.restore(ctx.draws, states)
         with torch.autocast(dy.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xn = _normed(x2, ctx.norm)[0]
@@ -160,26 +161,26 @@ class _LoraSwiGLUFn(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xn, rstd = _normed(x2, norm)
-            draws_gu = Draws.start(x.device, p, training)
+            draws_gu = dropout_draws.start(x.device, p, training)
             gu, xas = _group_forward(xn, gate_up, ab[:4], draws_gu)
             del xn
             act = swiglu(gu)
-            draws_d = Draws.start(x.device, p, training)
+            draws_d = dropout_draws.start(x.device, p, training)
             y, xa_d = _group_forward(act, (down,), ab[4:], draws_d)
             del act
         # gate/up draw two masks, down one: the traced draws' states are the last 3 saved tensors (or none)
-        ctx.save_for_backward(x, rstd, gu if keep_gate_up else None, *xas, *xa_d, *ab, *Draws.saved(draws_gu),
-                              *Draws.saved(draws_d))
-        ctx.gate_up, ctx.down, ctx.p, ctx.norm = gate_up, down, p, norm
-        ctx.draws = Draws.info(draws_gu), Draws.info(draws_d)
+        ctx.save_for_backward(x, rstd, gu if keep_gate_up else None, *xas, *xa_d, *ab,
+                              *dropout_draws.saved_states(draws_gu), *dropout_draws.saved_states(draws_d))
+        ctx.gate_up, ctx.down, ctx.norm = gate_up, down, norm
+        ctx.draws = dropout_draws.for_ctx(draws_gu), dropout_draws.for_ctx(draws_d)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
         x, rstd, gu, xa_g, xa_u, xa_d, *rest = ctx.saved_tensors
         ab, states = rest[:6], rest[6:]
-        draws_gu = Draws.restore(ctx.p, ctx.draws[0], states[:2])
-        draws_d = Draws.restore(ctx.p, ctx.draws[1], states[2:])
+        draws_gu = dropout_draws.restore(ctx.draws[0], states[:2])
+        draws_d = dropout_draws.restore(ctx.draws[1], states[2:])
         with torch.autocast(dy.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1])
             xn = _normed(x2, ctx.norm)[0]

@@ -16,6 +16,7 @@ import torch
 
 from .. import kernels
 from ..quant.state import QuantState
+from . import dropout_draws
 from .dropout_draws import Draws
 
 
@@ -25,7 +26,7 @@ class _LoraLinear4bitFn(torch.autograd.Function):
                 state: QuantState, bias: torch.Tensor | None, scaling: float, p: float, training: bool):
         dt = x.dtype
         with torch.autocast(x.device.type, enabled=False):
-            draws = Draws.start(x.device, p, training)
+            draws = dropout_draws.start(x.device, p, training)
             # The same draw as nn.Dropout / F.dropout, so fused and composed layers see the same mask.
             x_drop = draws.draw(x, a_w) if draws is not None else x
             y = kernels.call("linear_4bit", x, packed, state, bias)
@@ -33,14 +34,14 @@ class _LoraLinear4bitFn(torch.autograd.Function):
             xa = x_drop.reshape(-1, x.shape[-1]) @ a_w.to(dt).t()
             del x_drop
             y.view(-1, n_out).addmm_(xa, b_w.to(dt).t(), alpha=scaling)
-        ctx.save_for_backward(x, xa, a_w, b_w, *Draws.saved(draws))
-        ctx.packed, ctx.state, ctx.scaling, ctx.p, ctx.draws = packed, state, scaling, p, Draws.info(draws)
+        ctx.save_for_backward(x, xa, a_w, b_w, *dropout_draws.saved_states(draws))
+        ctx.packed, ctx.state, ctx.scaling, ctx.draws = packed, state, scaling, dropout_draws.for_ctx(draws)
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
         x, xa, a_w, b_w, *states = ctx.saved_tensors
-        draws = Draws.restore(ctx.p, ctx.draws, states)
+        draws = dropout_draws.restore(ctx.draws, states)
         dt, s = dy.dtype, ctx.scaling
         k = x.shape[-1]
         with torch.autocast(dy.device.type, enabled=False):
