@@ -323,8 +323,9 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 def tracing() -> bool:
     """True while something traces the program: torch.compile / torch.export (dynamo, which folds
     torch.compiler.is_compiling() to True) or any torch dispatch mode on the stack (make_fx, FakeTensorMode, AOT
-    autograd's tracing, a mode that profiles or captures ops). Then operations go through their custom ops, which
-    such a tracer records as one opaque call each. False in plain eager execution."""
+    autograd's tracing, a mode that counts or records ops such as FlopCounterMode; torch.profiler is none). Then
+    operations go through their custom ops, which such a tracer records as one opaque call each. False in plain
+    eager execution."""
     return _is_compiling() or _dispatch_modes() > 0
 
 

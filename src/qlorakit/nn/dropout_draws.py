@@ -5,7 +5,7 @@ The draws are torch.native_dropout(x, p, train=True), as nn.Dropout makes them, 
 that the composed layers it replaces see from the same generator state. Two ways to replay them:
 - eager (`DropoutDraw`): the generator's state before the function's first draw is read once; backward restores
   it inside torch.random.fork_rng and makes the same calls in the same order (what the functions did before they
-  could be compiled, at the same host cost);
+  could be compiled; ~1 us more host time per function for choosing the way);
 - traced (`TracedDraws`; torch.compile / export / make_fx: kernels.tracing()): dynamo cannot trace reading or
   setting the generator's state, so each draw is the op qlorakit::dropout_draw, which also returns the state before
   it; those states (uint8 CPU tensors, 16 bytes each for CUDA) are saved for backward, where qlorakit::dropout_replay
