@@ -9,14 +9,16 @@ What is the same, and how it is made so:
   weights (bitsandbytes' dequantize_4bit against qlorakit's dequantize, both in fp32) must be identical;
 - compute dtype: the config's, on both sides (the quickstart's float32: both dequantize to fp32 and multiply in
   fp32, qlorakit from its dense CPU copy, bitsandbytes by dequantizing on every call); another dtype runs the
-  peer's step under the same autocast that qlorakit's loop uses. One CPU path of bitsandbytes (0.50) differs:
-  on a CPU with AVX512-BF16, a Linear4bit in eval mode without gradients repacks its weight for a CPU kernel,
-  with the absmax rounded to bf16 and the product in bf16, and keeps the repacked weight; training forwards then
-  go through an operation without autograd, so no gradient passes its 4-bit layers (seen here: every LoRA
-  gradient zero after one evaluation). `set_cpu_bf16_inference(peer, False)` clears the layers' own switch for
-  that path (`support_avx512bf16_for_cpu`), so the peer evaluates and trains through the dequantize-to-compute-
-  dtype path, as qlorakit does; after training, one more evaluation with the switch back measures bitsandbytes'
-  own CPU inference path, for information (`eval_after_bnb_cpu_bf16`);
+  peer's step under the same autocast that qlorakit's loop uses, but prepare_model_for_kbit_training then keeps
+  the norms and embeddings in fp32 where qlorakit keeps them in the compute dtype: only float32 is exact.
+  One CPU path of bitsandbytes (0.50) differs: on a CPU with AVX512-BF16, a Linear4bit in eval mode without
+  gradients repacks its weight for a CPU kernel, with the absmax rounded to bf16 and the product in bf16, and
+  keeps the repacked weight; training forwards then go through an operation without autograd, so no gradient
+  flows back through its 4-bit layers (seen on the tiny test model: after one evaluation only the o_proj and
+  down_proj adapters, which add to the residual stream, still got gradients). `set_cpu_bf16_inference(peer,
+  False)` clears the layers' own switch for that path (`support_avx512bf16_for_cpu`), so the peer evaluates and
+  trains through the dequantize-to-compute-dtype path, as qlorakit does; after training, one more evaluation
+  with the switch back measures bitsandbytes' own CPU inference path, for information (`eval_after_bnb_cpu_bf16`);
 - PEFT set-up: prepare_model_for_kbit_training (with training.gradient_checkpointing as the config says), LoRA
   r / alpha / dropout / targets / rsLoRA of lora.*; the initial A and B are qlorakit's, copied by module name
   (`copy_lora_weights`; the two sets of adapted modules must be equal);
