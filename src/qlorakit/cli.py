@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lm-evaluation-harness --tasks through the harness's own Python API. Prints one table (a column per model, "
         "its precision in the header, a row per metric); --json-path writes every number. Example: qlorakit eval "
         "--model base=default --model nf4=default:nf4 --model tuned=default+runs/quickstart/adapter --config "
-        "examples/quickstart.yaml --tasks qlorakit_facts --include-path examples/eval")
+        "examples/quickstart.yaml --tasks qlorakit_basics --include-path examples/eval")
     _with_options(v, EvalOptions, _cmd_eval)
 
     d = sub.add_parser("demo", help="prepare the bundled default model and data in the user cache (idempotent)")

@@ -187,6 +187,15 @@ def test_precomputed_reference_log_probs_train_as_the_step_reference_does_and_re
     assert evals[0]["eval_rewards/margins"] == pytest.approx(0.0, abs=1e-5) and evals[-1]["eval_rewards/margins"] > 0
     whole = run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / "whole", max_steps=6, precompute_ref_logps=True),
                          progress=False)
+    # a damaged file (here: a valid header whose tensor data is cut short) is computed again, not a crash
+    kept = (tmp_path / "whole" / FILE).read_bytes()
+    (tmp_path / "whole" / FILE).write_bytes(kept[:-16])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlorakit.train"):
+        again = run_training(_cfg(tiny_model_dir, pairs_file, tmp_path / "whole", max_steps=6, resume=False,
+                                  precompute_ref_logps=True), progress=False)
+    assert "could not be read" in caplog.text and "reference log-probs of 40 pairs computed" in caplog.text
+    assert (tmp_path / "whole" / FILE).read_bytes() == kept and again.result.steps == 6
     assert train_losses(tmp_path / "pre") == train_losses(tmp_path / "whole")
     a, b = lora_state_dict(whole.model), lora_state_dict(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.numpy import load, save
 from tqdm.auto import tqdm
 
@@ -120,7 +121,7 @@ def _read(path: Path, key: str, splits: dict[str, PairExamples]) -> dict[str, np
             log.info("qlorakit: %s was computed for other pairs, base or reference: computing them again", path)
             return None
         values = load(data)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:
         log.warning("qlorakit: %s could not be read (%s): computing the reference log-probs again", path, err)
         return None
     if set(values) != set(splits) or any(values[n].shape != (len(ex), 2) for n, ex in splits.items()):
