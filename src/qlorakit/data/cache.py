@@ -14,9 +14,10 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +29,7 @@ log = logging.getLogger("qlorakit.data")
 
 CACHE_VERSION = 1
 _ARRAYS = ("ids", "labels", "offsets", "record_ids")
+T = TypeVar("T")
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -55,37 +57,48 @@ def cache_key(*, data_sha256: str, tokenizer_sha256: str, fmt: str, template: st
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def load_cached(cache_dir: str | Path, key: str) -> tuple[TokenizedExamples, TokenizeStats] | None:
-    """The entry for key, or None when there is none (a damaged entry is logged, removed, and missed)."""
-    entry = Path(cache_dir) / key
+def load_entry(entry: Path, key: str, version: int, names: tuple[str, ...], what: str,
+               build: Callable[[dict[str, np.ndarray], dict[str, Any]], T]) -> T | None:
+    """build(arrays, manifest) of an entry folder (names.npy each, manifest.json) whose manifest holds `key` and
+    `version`; None when there is none. A damaged entry (unreadable, another key, or refused by `build`) is logged
+    (`what` names the cache), removed, and missed."""
     if not (entry / "manifest.json").is_file():
         return None
     try:
         manifest = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
-        if manifest["version"] != CACHE_VERSION or manifest["key"] != key:
+        if manifest["version"] != version or manifest["key"] != key:
             raise ValueError("manifest does not match its key")
-        arrays = {name: np.load(entry / f"{name}.npy", allow_pickle=False) for name in _ARRAYS}
-        return TokenizedExamples(**arrays), TokenizeStats(**manifest["stats"])
+        return build({name: np.load(entry / f"{name}.npy", allow_pickle=False) for name in names}, manifest)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("qlorakit: data cache entry %s is damaged (%s); tokenising again", entry, err)
+        log.warning("qlorakit: %s entry %s is damaged (%s); tokenising again", what, entry, err)
         shutil.rmtree(entry, ignore_errors=True)
         return None
+
+
+def save_entry(entry: Path, arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
+    """Write `arrays` (name.npy each) and manifest.json as the folder `entry`, atomically: built in a temporary
+    folder beside it and renamed into place. A concurrent writer of the same entry that finished first keeps its
+    (identical) one."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name[:22]}-", dir=entry.parent))
+    try:
+        for name, array in arrays.items():
+            np.save(scratch / f"{name}.npy", array, allow_pickle=False)
+        (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        swap_in(scratch, entry, theirs_ok=lambda e: (e / "manifest.json").is_file())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return entry
+
+
+def load_cached(cache_dir: str | Path, key: str) -> tuple[TokenizedExamples, TokenizeStats] | None:
+    """The entry for key, or None when there is none (a damaged entry is logged, removed, and missed)."""
+    return load_entry(Path(cache_dir) / key, key, CACHE_VERSION, _ARRAYS, "data cache",
+                      lambda arrays, manifest: (TokenizedExamples(**arrays), TokenizeStats(**manifest["stats"])))
 
 
 def save_cached(cache_dir: str | Path, key: str, examples: TokenizedExamples, stats: TokenizeStats) -> Path:
     """Write the entry for key atomically; returns its folder. A concurrent writer of the same key wins
     harmlessly: both wrote the same content."""
-    root = Path(cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    entry = root / key
-    scratch = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=root))
-    try:
-        for name in _ARRAYS:
-            np.save(scratch / f"{name}.npy", getattr(examples, name), allow_pickle=False)
-        manifest = {"version": CACHE_VERSION, "key": key, "examples": len(examples), "stats": asdict(stats)}
-        (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        # a concurrent writer of the same key that finished first keeps its (identical) entry
-        swap_in(scratch, entry, theirs_ok=lambda e: (e / "manifest.json").is_file())
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return entry
+    manifest = {"version": CACHE_VERSION, "key": key, "examples": len(examples), "stats": asdict(stats)}
+    return save_entry(Path(cache_dir) / key, {name: getattr(examples, name) for name in _ARRAYS}, manifest)

@@ -12,16 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..atomic import swap_in
-from .cache import tokenizer_fingerprint
+from .cache import load_entry, save_entry, tokenizer_fingerprint
 from .pair_examples import PairExamples, Ragged
 from .pairs import PairReport, read_pairs, tokenize_pairs
 from .readers import file_sha256
@@ -30,6 +25,7 @@ log = logging.getLogger("qlorakit.data")
 
 PAIR_CACHE_VERSION = 1
 _PARTS = ("prompts", "chosen", "rejected")
+_ARRAYS = (*(f"{p}_{a}" for p in _PARTS for a in ("ids", "offsets")), "record_ids")
 
 
 def pair_cache_key(data_sha256: str, tokenizer_sha256: str, max_length: int, max_prompt_length: int | None) -> str:
@@ -58,33 +54,15 @@ def load_pairs(path: str | Path, tokenizer: Any, max_length: int, max_prompt_len
 
 
 def _load(entry: Path, key: str) -> tuple[PairExamples, PairReport] | None:
-    if not (entry / "manifest.json").is_file():
-        return None
-    try:
-        manifest = json.loads((entry / "manifest.json").read_text(encoding="utf-8"))
-        if manifest["version"] != PAIR_CACHE_VERSION or manifest["key"] != key:
-            raise ValueError("manifest does not match its key")
-        arrays = {name: np.load(entry / f"{name}.npy", allow_pickle=False)
-                  for name in (*(f"{p}_{a}" for p in _PARTS for a in ("ids", "offsets")), "record_ids")}
+    def build(arrays: dict, manifest: dict) -> tuple[PairExamples, PairReport]:
         parts = [Ragged(arrays[f"{p}_ids"], arrays[f"{p}_offsets"]) for p in _PARTS]
         return PairExamples(*parts, arrays["record_ids"]), PairReport(**manifest["report"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        log.warning("qlorakit: pair cache entry %s is damaged (%s); tokenising again", entry, err)
-        shutil.rmtree(entry, ignore_errors=True)
-        return None
+
+    return load_entry(entry, key, PAIR_CACHE_VERSION, _ARRAYS, "pair cache", build)
 
 
 def _save(entry: Path, key: str, pairs: PairExamples, report: PairReport) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{entry.name[:22]}-", dir=entry.parent))
-    try:
-        for p in _PARTS:
-            ragged = getattr(pairs, p)
-            np.save(scratch / f"{p}_ids.npy", ragged.ids, allow_pickle=False)
-            np.save(scratch / f"{p}_offsets.npy", ragged.offsets, allow_pickle=False)
-        np.save(scratch / "record_ids.npy", pairs.record_ids, allow_pickle=False)
-        manifest = {"version": PAIR_CACHE_VERSION, "key": key, "pairs": len(pairs), "report": asdict(report)}
-        (scratch / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        swap_in(scratch, entry, theirs_ok=lambda e: (e / "manifest.json").is_file())
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    arrays = {f"{p}_{a}": getattr(getattr(pairs, p), a) for p in _PARTS for a in ("ids", "offsets")}
+    arrays["record_ids"] = pairs.record_ids
+    save_entry(entry, arrays, {"version": PAIR_CACHE_VERSION, "key": key, "pairs": len(pairs),
+                               "report": asdict(report)})
