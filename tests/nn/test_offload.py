@@ -135,3 +135,29 @@ def test_an_abandoned_forward_leaves_nothing_held():
     assert 2 in offload.on_device
     offload.store(0, torch.zeros(3))  # the next forward starts without a backward (an exception in between)
     assert offload.on_device == {}
+
+
+def test_a_pass_without_gradients_moves_nothing_and_the_next_step_still_matches():
+    """A forward under no_grad in train mode (DPO's reference pass, eval inside training) copies no layer input to
+    the host: no backward will ask for it. The training step after it keeps recompute's gradients."""
+    ids = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(5))
+    recompute_model = _model(True)
+    enable_activation_checkpointing(recompute_model)
+    offload_model = _model(True)
+    enable_activation_checkpointing(offload_model)
+    mover = HostCopies()
+    offload_layer_inputs(offload_model, [0, 1, 2, 3], mover)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        logits_o = offload_model(input_ids=ids, use_cache=False).logits
+        torch.manual_seed(3)
+        logits_r = recompute_model(input_ids=ids, use_cache=False).logits
+        # The hook itself, as a transformers release that calls it whatever the grad mode would (5.24 does not).
+        hidden = torch.randn(2, 24, 64)
+        assert torch.equal(decoder_layers(offload_model)[1]._gradient_checkpointing_func(torch.neg, hidden), -hidden)
+    assert mover.log == [] and mover.host == {}
+    assert torch.equal(logits_o, logits_r)
+    loss_r, grads_r = _grads(recompute_model, ids)
+    loss_o, grads_o = _grads(offload_model, ids)
+    assert loss_r == loss_o and ("out", 0) in mover.log
+    assert all(torch.equal(grads_r[n], grads_o[n]) for n in grads_r)

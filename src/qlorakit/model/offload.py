@@ -152,6 +152,8 @@ def _offloading_checkpoint(offload: LayerInputOffload, key: int):
     def checkpoint(run: Callable, hidden: torch.Tensor, *rest):
         if rest:
             raise TypeError("offloaded decoder layers take the hidden states as their only positional argument")
+        if not torch.is_grad_enabled():  # no backward will come (a DPO reference pass, eval in train mode)
+            return run(hidden)
         return _OffloadedLayer.apply(offload, key, run, hidden, anchor)
 
     return checkpoint

@@ -215,6 +215,8 @@ def _shared_storages(run: Callable, rest: tuple) -> set[int]:
 
 def _hosted_forward(offload: SavedOffload, key: int) -> Callable:
     def run_hosted(run: Callable, hidden: torch.Tensor, *rest):
+        if not torch.is_grad_enabled():  # nothing is saved without a backward to come
+            return run(hidden, *rest)
         offload.shared = _shared_storages(run, rest)
         offload.begin(key)
         try:
