@@ -1,7 +1,8 @@
 """DPO on the 4-bit base: qlorakit's preference step against TRL's DPOTrainer + PEFT + bitsandbytes, in one call.
 
     python3 benchmarks/dpo_step.py --out DIR [--pairs 1,4] [--seq 1024] [--prompt 256] [--keep 0,4]
-                                   [--no-peer] [--shape llama3-8b] [--layers N] [--steps 8]
+                                   [--no-peer] [--budget-from-peer] [--adapter-dtype bfloat16]
+                                   [--shape llama3-8b] [--layers N] [--steps 8]
 
 The setting of the [align] issue: Llama-3-8B shape (random init), LoRA r=64 alpha=16 on all 7 linears, pairs of a
 chosen and a rejected sequence of --seq tokens each, sharing a --prompt-token prompt; DPO (sigmoid), beta 0.1,
@@ -17,7 +18,8 @@ lr 2e-4, clip 0.3.
 2. qlorakit: the model built directly in NF4 + double quantization (model/synthetic.py), --adapter-dtype adapters
    (lora.adapter_dtype: float32 by default, bfloat16 as TRL keeps them) under bf16 autocast, the fused block
    paths, checkpointing with --keep GiB of activations kept (training.keep_activations_gib; 0 = recompute every
-   layer); per step one concatenated forward of the pairs
+   layer); with --budget-from-peer also what training.memory_budget_gib plans within the peer's peaks (kept,
+   hosted and offloaded layers, embeddings on the host: settings_for()); per step one concatenated forward of the pairs
    (chosen rows, then rejected rows) for the reference without gradients and one for the policy
    (train/preference_step.py, the code `qlorakit train` runs), the log-probs from the fused linear + cross-entropy
    rows (no full-vocabulary logits).
@@ -49,7 +51,7 @@ import torch  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from bench_common import NvmlPeak, Run, sh  # noqa: E402
+from bench_common import NvmlPeak, Run, place_activations, plan_within, sh  # noqa: E402
 
 RATIO_TARGET = 2.0
 DPO_OVER_SFT_TARGET = 1.15
@@ -110,8 +112,35 @@ def timed(step, steps: int) -> tuple[float, int, float]:
     return rest[len(rest) // 2], torch.cuda.max_memory_allocated() / 2**30, nv.peak / 2**30
 
 
-def ours(args: argparse.Namespace) -> dict:
-    from qlorakit.model.fused_blocks import enable_fused_blocks, keep_activations
+def settings_for(args: argparse.Namespace, pairs: int, peer: dict) -> list[dict]:
+    """The activation settings measured at `pairs`: each --keep value (recompute the rest), and with
+    --budget-from-peer what training.memory_budget_gib plans within the peer's NVML peak, its torch peak less 2%
+    as the second bound (benchmarks/train_step.py's rule), planned as the SFT step on the same tokens (DPO's peak
+    measured 0.98-1.00x of it)."""
+    out = [dict(name=f"keep{keep:g}", keep=keep, host=0.0, offload=False, embeddings=False, head=False,
+                unstacked=False) for keep in args.keep]
+    measured = peer.get(f"P{pairs}xT{args.seq}") or {}
+    if args.budget_from_peer and DEV == "cuda" and "torch_peak_GiB" in measured:
+        budget, torch_budget = measured["nvml_peak_GiB"], round(0.98 * measured["torch_peak_GiB"], 3)
+        plan = plan_within(args.shape, args.layers, 2 * pairs, args.seq, budget, torch_budget, rank=args.rank,
+                           dropout=0.0, optimizer="paged_adamw_32bit", adapter_dtype=args.adapter_dtype)
+        t = plan.config.training
+        print(plan.line(), flush=True)
+        out.append(dict(name="plan", keep=t.keep_activations_gib, host=t.host_activations_gib,
+                        offload=t.offload_activations, embeddings=t.embeddings_on_host, head=t.head_on_host,
+                        unstacked=not t.stacked_dequant, budget_GiB=budget, torch_budget_GiB=torch_budget,
+                        changes=plan.changes, estimate_torch_GiB=round(plan.estimate.torch_peak_gib, 3),
+                        estimate_device_GiB=round(plan.estimate.device_peak_gib, 3)))
+    elif args.budget_from_peer:
+        print(f"--budget-from-peer: no peer result at P{pairs}xT{args.seq}: no plan measured", flush=True)
+    return out
+
+
+def ours(args: argparse.Namespace, peer: dict) -> dict:
+    from qlorakit.kernels import set_workspace_limit
+    from qlorakit.model.fused_blocks import enable_fused_blocks
+    from qlorakit.model.host_embedding import move_embeddings_to_host, move_head_to_host, restore_embeddings, \
+        restore_head
     from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora
     from qlorakit.model.synthetic import synthetic_llama
     from qlorakit.optim import build_optimizer
@@ -143,8 +172,13 @@ def ours(args: argparse.Namespace) -> dict:
 
     for pairs in args.pairs:
         tokens = 2 * pairs * args.seq
-        for keep in args.keep:
-            plan = keep_activations(model, tokens, int(keep * 2**30))
+        for setting in settings_for(args, pairs, peer):
+            plan, _ = place_activations(model, tokens, setting["keep"], setting["host"], setting["offload"])
+            if setting["embeddings"]:
+                move_embeddings_to_host(model)
+            if setting["head"]:
+                move_head_to_host(model)
+            set_workspace_limit(0 if setting["unstacked"] else None)
             state: dict = {}
 
             def dpo_step() -> None:
@@ -162,14 +196,17 @@ def ours(args: argparse.Namespace) -> dict:
 
             step, torch_peak, nvml_peak = timed(dpo_step, args.steps)
             sft_s, sft_torch, sft_nvml = timed(sft_step, args.steps)
-            key = f"P{pairs}xT{args.seq}-keep{keep:g}"
+            key = f"P{pairs}xT{args.seq}-{setting['name']}"
             res[key] = dict(step_s=round(step, 4), pairs_per_s=round(pairs / step, 3),
                             tok_per_s=round(tokens / step, 1), torch_peak_GiB=round(torch_peak, 2),
-                            nvml_peak_GiB=round(nvml_peak, 2), kept_layers=plan.kept, keep_activations_gib=keep,
-                            loss=round(state["loss"], 4),
+                            nvml_peak_GiB=round(nvml_peak, 2), kept_layers=plan.kept, hosted_layers=plan.hosted,
+                            keep_activations_gib=setting["keep"], setting=setting, loss=round(state["loss"], 4),
                             sft=dict(step_s=round(sft_s, 4), tok_per_s=round(tokens / sft_s, 1),
                                      torch_peak_GiB=round(sft_torch, 2), nvml_peak_GiB=round(sft_nvml, 2)))
             print(f"qlorakit {key}: {res[key]}", flush=True)
+            restore_embeddings(model)
+            restore_head(model)
+    set_workspace_limit(None)
     return res
 
 
@@ -209,9 +246,10 @@ def judge(args: argparse.Namespace, peer: dict, mine: dict, run: Run) -> list[st
             continue
         ratio = best["pairs_per_s"] / pk["pairs_per_s"]
         run.target(f"P{pairs}: >= {RATIO_TARGET}x TRL's pairs/s within its peaks", ratio >= RATIO_TARGET,
-                   f"{best['pairs_per_s']:.3f} / {pk['pairs_per_s']:.3f} = {ratio:.2f}x (keep "
-                   f"{best['keep_activations_gib']:g} GiB; torch {best['torch_peak_GiB']} <= {pk['torch_peak_GiB']}, "
-                   f"NVML {best['nvml_peak_GiB']} <= {pk['nvml_peak_GiB']})")
+                   f"{best['pairs_per_s']:.3f} / {pk['pairs_per_s']:.3f} = {ratio:.2f}x ({best['setting']['name']}: "
+                   f"keep {best['keep_activations_gib']:g} GiB, host {best['setting']['host']:g} GiB; torch "
+                   f"{best['torch_peak_GiB']} <= {pk['torch_peak_GiB']}, NVML {best['nvml_peak_GiB']} <= "
+                   f"{pk['nvml_peak_GiB']})")
     return lines
 
 
@@ -229,6 +267,8 @@ def main() -> int:
                     help="lora.adapter_dtype (TRL casts a 4-bit model's adapters to bfloat16)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-peer", action="store_true", help="qlorakit only")
+    ap.add_argument("--budget-from-peer", action="store_true",
+                    help="also measure what training.memory_budget_gib plans within the peer's peaks, per pairs count")
     ap.add_argument("--name", default="dpo_step", help="the JSON file's name (without .json)")
     ap.add_argument("--tiny", action="store_true", help="a toy model on the CPU: checks this script, times nothing")
     args = ap.parse_args()
@@ -241,7 +281,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     peer = {} if args.no_peer else run_peer(args, out)
-    mine = ours(args)
+    mine = ours(args, peer)
     run = Run()
     lines = judge(args, peer, mine, run)
     record = {"date": datetime.now(timezone.utc).isoformat(), "commit": sh("git", "rev-parse", "HEAD"),

@@ -35,7 +35,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import NvmlPeak  # noqa: E402
+from bench_common import NvmlPeak, place_activations, plan_within  # noqa: E402
 
 
 def matmul_ceiling() -> float:
@@ -56,7 +56,7 @@ def matmul_ceiling() -> float:
 
 
 def ours(args, peak_tflops: float) -> dict:
-    from qlorakit.model.fused_blocks import enable_fused_blocks, keep_activations
+    from qlorakit.model.fused_blocks import enable_fused_blocks
     from qlorakit.model.lora_inject import enable_activation_checkpointing, inject_lora, trainable_report
     from qlorakit.model.synthetic import SHAPES, synthetic_llama
     from qlorakit.train.loop import forward_loss_sum
@@ -115,23 +115,16 @@ def ours(args, peak_tflops: float) -> dict:
         keep[shape.strip()] = [float(v) for v in values.split(",")]
     runs = [(bt, g, off) for bt in args.batches.split(",") for g in keep.get(bt, [0.0])
             for off in {"": (False,), "both": (False, True), "only": (True,)}[args.offload]]
-    from qlorakit.model.offload import decoder_layers, offload_layer_inputs, stop_offloading
     from qlorakit.model import offload_saved
-    from qlorakit.model.offload_saved import host_saved_activations
 
     if args.hosted_lag is not None:
         offload_saved.IN_FLIGHT_LAYERS = args.hosted_lag
 
     for bt, keep_gib, offload in runs:
         B, T = (int(v) for v in bt.split("x"))
-        stop_offloading(model)
-        plan = keep_activations(model, B * T, int(keep_gib * 2**30), int(args.host_activations * 2**30))
+        plan, hosted = place_activations(model, B * T, keep_gib, args.host_activations, offload)
         if keep_gib or args.host_activations:
             print(plan.line(B * T, keep_gib, args.host_activations), flush=True)
-        hosted = host_saved_activations(model, list(plan.hosted_indices))  # training.host_activations_gib
-        if offload:  # the recomputed layers' inputs wait in pinned host memory (training.offload_activations)
-            offload_layer_inputs(model, [i for i, layer in enumerate(decoder_layers(model))
-                                         if layer.gradient_checkpointing and i not in plan.hosted_indices])
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         times = []
@@ -189,15 +182,6 @@ def run_peers(args, peers: list[str], out: Path) -> dict:
 def plan_from_peer(args, peers: dict) -> dict:
     """training.memory_budget_gib's plan (memory/plan.py) for this shape and batch at the peer's torch peak; sets
     the matching command-line choices on `args` and returns the budget and the changes."""
-    import tempfile
-
-    from transformers import LlamaConfig
-
-    from qlorakit.config import config_from_dict
-    from qlorakit.memory import ModelShape
-    from qlorakit.memory.plan import plan_memory
-    from qlorakit.model.synthetic import SHAPES
-
     if "," in args.batches:
         raise SystemExit("--budget-from-peer plans one batch: give --batches a single BxT")
     b, t = (int(v) for v in args.batches.split("x"))
@@ -209,19 +193,8 @@ def plan_from_peer(args, peers: dict) -> dict:
     # torch bound is planned 2% under the peer's figure: the estimate of the 8B B1 plan was 1.3% under the torch
     # peak measured (7.075 GiB planned, 7.17 measured, train_step-h100-8b-budget-b1-dropout0.json).
     budget, torch_budget = float(result["nvml_peak_GiB"]), round(0.98 * float(result["torch_peak_GiB"]), 3)
-    fields = dict(SHAPES[args.shape])
-    if args.layers:
-        fields["num_hidden_layers"] = args.layers
-    with tempfile.TemporaryDirectory() as tmp:
-        LlamaConfig(**fields).save_pretrained(tmp)
-        cfg = config_from_dict({
-            "model": {"name": tmp}, "lora": {"rank": args.rank, "alpha": 16, "dropout": args.dropout,
-                                              "target_modules": "all-linear"},
-            "training": {"batch_size": b, "max_seq_length": t, "gradient_accumulation": 1,
-                         "optimizer": args.optimizer,
-                         "max_grad_norm": None if args.optimizer == "host_adamw_32bit" else 0.3},
-            "data": {"packing": False}})
-        plan = plan_memory(cfg, ModelShape(tmp), budget, cuda=True, torch_budget_gib=torch_budget)
+    plan = plan_within(args.shape, args.layers, b, t, budget, torch_budget, rank=args.rank, dropout=args.dropout,
+                       optimizer=args.optimizer)
     chosen = plan.config.training
     args.keep = f"{args.batches}={chosen.keep_activations_gib}"
     args.offload = "only" if chosen.offload_activations else ""
