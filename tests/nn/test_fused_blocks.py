@@ -153,6 +153,37 @@ def test_partial_targets_are_not_fused_and_say_why(caplog, reference_kernels):
     assert "not fused: 3 attention (Q/K/V fused) (k_proj has no LoRA adapter)" in caplog.text
 
 
+def test_switched_off_adapters_without_gradients_run_the_fused_base_path(monkeypatch):
+    """A preference objective's reference pass (adapters_disabled under no_grad, train mode) runs the fused
+    groups with the base weights alone, and equals the composed model with its adapters switched off; with
+    gradients on, switched-off adapters take the modules' own forward (the fused autograd functions carry the
+    adapters)."""
+    from qlorakit.nn.lora import adapters_disabled
+
+    model = tiny_model(dropout=0.1)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), adapters_disabled(model):
+        composed = model(input_ids=ids, use_cache=False).logits
+    enable_fused_blocks(model)
+    calls = []
+    real_call = kernels.call
+    monkeypatch.setattr(kernels, "call", lambda op, *a, **k: calls.append(op) or real_call(op, *a, **k))
+    with torch.no_grad(), adapters_disabled(model):
+        fused = model(input_ids=ids, use_cache=False).logits
+        on = model(input_ids=ids, use_cache=False).logits
+    assert calls.count("linear_4bit_cat") == 2 * 3 * 3  # two passes x three layers x (Q/K/V, gate/up, down)
+    # fp32 sums of <= 96 terms in another order (stacked matmuls, the Triton or reference kernels) through three
+    # layers: a relative norm error of a few hundred units of 2^-24 at most
+    assert float((fused - composed).norm() / composed.norm()) < 1e-5
+    assert torch.equal(fused, on)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids, use_cache=False).logits, fused, atol=1e-3)  # adapters on
+    calls.clear()
+    with adapters_disabled(model):
+        plain = model(input_ids=ids, use_cache=False).logits.detach()
+    assert "linear_4bit_cat" not in calls and float((plain - composed).norm() / composed.norm()) < 1e-5
+
+
 def test_few_rows_and_kv_cache_take_the_original_forward(reference_kernels):
     model = tiny_model(dropout=0.0)
     model.eval()

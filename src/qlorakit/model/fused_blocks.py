@@ -54,8 +54,11 @@ def _why_not_fusable(owner: nn.Module, names: tuple[str, ...]) -> str | None:
             return f"{n} keeps a dense copy of its weight (CPU run)"
         if layer.__dict__.get("_bank") is not None:
             return f"{n} serves several adapters"
-        if layer.__dict__.get("_off"):
-            return f"{n}'s adapter is switched off (a reference forward)"
+    off = {bool(layer.__dict__.get("_off")) for layer in layers}
+    if off == {True} and torch.is_grad_enabled():
+        return "its adapters are switched off while gradients are on"
+    if len(off) > 1:
+        return "some of its adapters are switched off, others not"
     if len({_dropout_p(layer) for layer in layers}) > 1:
         return "its projections have different LoRA dropout"
     return None
@@ -66,7 +69,11 @@ def _projection(layer: LoraLinear) -> Projection:
     return Projection(base.weight, base.quant_state, base.bias, layer.scaling)
 
 
-def _adapters(layers: list[LoraLinear]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _adapters(layers: list[LoraLinear]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """The (A, B) weights of each layer; None when they are switched off (nn.lora.adapters_disabled: a preference
+    objective's reference pass, without gradients), so the fused functions compute the base projections alone."""
+    if layers[0].__dict__.get("_off"):
+        return None
     return [(layer.lora_A.weight, layer.lora_B.weight) for layer in layers]
 
 

@@ -143,13 +143,33 @@ class _LoraGroupFn(torch.autograd.Function):
         return (None if grad_x is None else grad_x.view(x.shape)), None, None, None, None, *grads
 
 
-def lora_group_4bit(x: torch.Tensor, group: tuple[Projection, ...], adapters: list[tuple[torch.Tensor, torch.Tensor]],
-                    dropout: float, training: bool, norm: Norm | None = None) -> torch.Tensor:
+def lora_group_4bit(x: torch.Tensor, group: tuple[Projection, ...],
+                    adapters: list[tuple[torch.Tensor, torch.Tensor]] | None, dropout: float, training: bool,
+                    norm: Norm | None = None) -> torch.Tensor:
     """x [..., K] (compute dtype, or any float dtype with `norm`); group[i] with adapters[i] = (A_i [r_i, K],
     B_i [N_i, r_i]); returns [..., sum N_i]: the projections' outputs of x (of rms_norm(x) with `norm`) side by
-    side, in group order."""
+    side, in group order. adapters None: the base weights alone (adapters switched off; no gradients)."""
+    if adapters is None:
+        return _base_group(x, group, norm)
     ab = [t for pair in adapters for t in pair]
     return _LoraGroupFn.apply(x, tuple(group), dropout, training, norm, *ab)
+
+
+def _base_group(x: torch.Tensor, group: tuple[Projection, ...], norm: Norm | None) -> torch.Tensor:
+    """The group's base projections of x (of rms_norm(x) with `norm`), [..., sum N_i], without autograd: a
+    preference objective's reference pass with the adapters switched off runs the stacked 4-bit matmul too."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("the fused base-only projections run without gradients (the adapters are switched off)")
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.reshape(-1, x.shape[-1])
+        xn = _normed(x2, norm)[0]
+        y = kernels.call("linear_4bit_cat", xn, [g.packed for g in group], [g.state for g in group])
+        col = 0
+        for proj in group:
+            if proj.bias is not None:
+                y[:, col:col + proj.out_features].add_(proj.bias.to(y.dtype))
+            col += proj.out_features
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class _LoraSwiGLUFn(torch.autograd.Function):
@@ -202,11 +222,15 @@ class _LoraSwiGLUFn(torch.autograd.Function):
 
 
 def lora_swiglu_4bit(x: torch.Tensor, gate: Projection, up: Projection, down: Projection,
-                     adapters: list[tuple[torch.Tensor, torch.Tensor]], dropout: float, training: bool,
+                     adapters: list[tuple[torch.Tensor, torch.Tensor]] | None, dropout: float, training: bool,
                      keep_gate_up: bool = True, norm: Norm | None = None) -> torch.Tensor:
     """x [..., H] (compute dtype, or any float dtype with `norm`); adapters = [(A_gate, B_gate), (A_up, B_up),
     (A_down, B_down)]; returns [..., H] of x (of rms_norm(x) with `norm`). keep_gate_up=False saves only x for
-    backward and recomputes the gate/up matmul there."""
+    backward and recomputes the gate/up matmul there. adapters None: the base MLP alone (no gradients)."""
+    if adapters is None:  # switched off, no gradients: the base MLP through the same stacked matmul
+        gu = _base_group(x, (gate, up), norm)
+        act = swiglu(gu.reshape(-1, gu.shape[-1]))  # the kernels take [M, 2I]
+        return _base_group(act, (down,), None).view(*x.shape[:-1], down.out_features)
     ab = [t for pair in adapters for t in pair]
     return _LoraSwiGLUFn.apply(x, (gate, up), down, dropout, training, keep_gate_up, norm, *ab)
 
