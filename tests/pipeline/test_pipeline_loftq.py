@@ -70,11 +70,26 @@ def test_loftq_run_saves_its_init_and_starts_below_the_default_init_loss(taught_
     assert first_loftq < first_default  # the same first batch: only the adapters' start differs
 
     adapter = result.adapter_dir
-    assert json.loads((adapter / "qlorakit_adapter.json").read_text())["lora_init"] == "loftq"
+    record = json.loads((adapter / "qlorakit_adapter.json").read_text())
+    assert record["lora_init"] == "loftq"
+    calibration = record["loftq_calibration"]  # the default: the Gram of each linear's inputs, 2048 tokens at most
+    assert (calibration["method"], calibration["damping"]) == ("gram", 0.01) and 0 < calibration["tokens"] <= 2048
     assert json.loads((adapter / "adapter_config.json").read_text())["init_lora_weights"] is True
     assert (adapter / INIT_NAME).is_file() and not (default_out / "adapter" / INIT_NAME).exists()
     exported = json.loads((out / "adapter-16bit" / "adapter_config.json").read_text())
     assert (exported["r"], exported["lora_alpha"]) == (16, 32)
+
+
+@pytest.mark.parametrize("lora, message", [
+    ({"init": "loftq", "loftq_calibration": "full"}, "lora.loftq_calibration = 'full' is not allowed"),
+    ({"init": "loftq", "loftq_calibration_tokens": 0}, "lora.loftq_calibration_tokens"),
+    ({"loftq_calibration": "gram"}, "lora.loftq_calibration: for lora.init loftq only"),
+    ({"loftq_calibration_tokens": 512}, "lora.loftq_calibration_tokens: for lora.init loftq only"),
+])
+def test_bad_calibration_settings_are_one_line(taught_base, pattern_data, tmp_path, lora, message):
+    with pytest.raises(QloraConfigError, match=message) as err:
+        config_from_dict(run_tree(taught_base, pattern_data, tmp_path / "run", lora=lora))
+    assert "\n" not in str(err.value)
 
 
 def test_a_4bit_model_folder_is_refused_with_one_line(taught_base, pattern_data, tmp_path):
