@@ -1,10 +1,11 @@
 """`lora.init: loftq` through `qlorakit train` on a tiny Llama that first learnt the toy pattern in 16 bits (a
 random base has no knowledge for 4-bit quantization to lose, so it would not show the point):
 
-- the run saves an adapter whose record says loftq, its starting weights beside it, PEFT's plain
-  `init_lora_weights: true`, and the rank-2r export for the 16-bit base; its first step's loss, on the same batch
-  as the default-init run's, is lower (measured on this base: 16-bit 0.542, 4-bit + loftq 0.574, 4-bit default
-  0.598);
+- the run saves an adapter whose record says loftq and its calibration (the default: gram), its starting weights
+  beside it, PEFT's plain `init_lora_weights: true`, and the rank-2r export for the 16-bit base; its first step's
+  loss, on the same batch as the default-init run's, is lower (measured on this base: 16-bit 0.542, 4-bit + loftq
+  0.550 calibrated, 0.574 with loftq_calibration none, 4-bit default 0.598);
+- bad calibration settings, or calibration settings without lora.init loftq, are refused in one line;
 - a 4-bit model folder (no 16-bit W) is refused with one line naming lora.init;
 - a resumed run loads the checkpoint's adapter and starting weights instead of initialising again, and ends
   exactly where the uninterrupted run ends; a default-init checkpoint is not resumed as a loftq run.
