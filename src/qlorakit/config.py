@@ -257,9 +257,9 @@ class QloraConfig(_Section):
         if lo.init == "loftq" and (not q.load_in_4bit or t.reference_adapter):
             raise ValueError("lora.init loftq starts from the 4-bit quantization error: it needs "
                              "quantization.load_in_4bit: true, and no training.reference_adapter to start from")
-        stray = sorted(lo.model_fields_set & {"loftq_calibration", "loftq_calibration_tokens"})
+        stray = sorted(f"lora.{k}" for k in lo.model_dump(exclude_defaults=True) if k.startswith("loftq_"))
         if stray and lo.init != "loftq":
-            raise ValueError(f"lora.{', lora.'.join(stray)}: for lora.init loftq only (lora.init is {lo.init})")
+            raise ValueError(f"{', '.join(stray)}: for lora.init loftq only (lora.init is {lo.init})")
         if t.reference_adapter and t.objective not in ("dpo", "ipo"):
             raise ValueError(f"training.reference_adapter applies to objectives dpo and ipo, not {t.objective}")
         if t.precompute_ref_logps and t.objective not in ("dpo", "ipo"):
