@@ -16,7 +16,9 @@ their response tokens). Only what the variant names differs:
   times the fp32 absmax), rounded once to the compute dtype: what an INT4 layer that dequantizes and then
   multiplies computes. Its absmax constants stay fp32 (no double quantization), a small advantage over nf4/fp4;
 - 16bit: plain LoRA on the unquantized base (in the compute dtype);
-- loftq: nf4 with lora.init=loftq. Where the config does not know that key, the variant is skipped and says so;
+- loftq: nf4 with lora.init=loftq (calibrated as lora.loftq_calibration says, gram by default; to measure another
+  calibration run --variants loftq alone with --set lora.loftq_calibration=..., which the config refuses for the
+  variants without loftq). Where the config does not know lora.init, the variant is skipped and says so;
 - bnb-peft: transformers + PEFT + bitsandbytes NF4 QLoRA set up in step with qlorakit's nf4 run (it needs that
   run, and runs right after it): the same NF4 bytes (checked), qlorakit's initial adapter copied by module name,
   qlorakit's batches, dropout generator state, optimizer and schedule; benchmarks/quality_peer.py says how.

@@ -70,10 +70,11 @@ class LoraSection(_Section):
     task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
     adapter_dtype: Literal["float32", "bfloat16"] = "float32"
     init: Literal["default", "loftq"] = Field(
-        "default", description="'default': A kaiming-uniform, B zero (the model starts as the 4-bit base). 'loftq': "
-        "A, B from the truncated SVD of each 4-bit linear's quantization error W - dequant(quant(W)), so the model "
-        "starts at the standard 4-bit base plus that error's best rank-r approximation; needs the 16-bit checkpoint. "
-        "The base is fixed, so the SVD is already optimal: there are no LoftQ iterations to set")
+        "default", description="'default': A kaiming-uniform, B zero (the 4-bit base). 'loftq': A, B start at the "
+        "rank-r correction of the 4-bit error W - dequant(quant(W)) that least moves outputs; needs 16-bit weights")
+    loftq_calibration: Literal["gram", "diagonal", "none"] = Field("gram", description="init loftq: weigh the "
+        "error by the linear's inputs on the first loftq_calibration_tokens training tokens (Gram, diagonal), or not")
+    loftq_calibration_tokens: int = Field(2048, gt=0)
 
     @field_validator("target_modules")
     @classmethod
@@ -246,16 +247,19 @@ class QloraConfig(_Section):
         q = self.quantization
         if not q.load_in_4bit and q.quant_type == "fp4":
             raise ValueError("quantization.quant_type 'fp4' needs quantization.load_in_4bit: true")
-        t, d = self.training, self.data
+        t, d, lo = self.training, self.data, self.lora
         if t.objective != "sft":
             clash = [k for k, bad in (("data.format", "format" in d.model_fields_set), ("data.packing", d.packing
                      and "packing" in d.model_fields_set), ("training.distributed", t.distributed == "fsdp")) if bad]
             if clash:
                 raise ValueError(f"training.objective {t.objective} reads prompt/chosen/rejected records, one pair "
                                  f"per row, without FSDP: drop {', '.join(clash)}")
-        if self.lora.init == "loftq" and (not q.load_in_4bit or t.reference_adapter):
+        if lo.init == "loftq" and (not q.load_in_4bit or t.reference_adapter):
             raise ValueError("lora.init loftq starts from the 4-bit quantization error: it needs "
                              "quantization.load_in_4bit: true, and no training.reference_adapter to start from")
+        stray = sorted(f"lora.{k}" for k in lo.model_dump(exclude_defaults=True) if k.startswith("loftq_"))
+        if stray and lo.init != "loftq":
+            raise ValueError(f"{', '.join(stray)}: for lora.init loftq only (lora.init is {lo.init})")
         if t.reference_adapter and t.objective not in ("dpo", "ipo"):
             raise ValueError(f"training.reference_adapter applies to objectives dpo and ipo, not {t.objective}")
         if t.precompute_ref_logps and t.objective not in ("dpo", "ipo"):
@@ -263,11 +267,10 @@ class QloraConfig(_Section):
                              f"reference), not {t.objective}")
         if t.label_smoothing and t.objective != "simpo":
             raise ValueError(f"training.label_smoothing applies to objective simpo, not {t.objective}")
-        if self.training.bf16 is not None and self.training.bf16 != (q.compute_dtype == "bfloat16"):
-            raise ValueError(
-                f"training.bf16 is {str(self.training.bf16).lower()} but quantization.compute_dtype is "
-                f"{q.compute_dtype}; bf16: true goes with compute_dtype bfloat16, bf16: false with float16 or float32"
-            )
+        if t.bf16 is not None and t.bf16 != (q.compute_dtype == "bfloat16"):
+            raise ValueError(f"training.bf16 is {str(t.bf16).lower()} but quantization.compute_dtype is "
+                             f"{q.compute_dtype}; bf16: true goes with compute_dtype bfloat16, bf16: false with "
+                             "float16 or float32")
         return self
 
 

@@ -1,10 +1,12 @@
 """`lora.init: loftq` through `qlorakit train` on a tiny Llama that first learnt the toy pattern in 16 bits (a
 random base has no knowledge for 4-bit quantization to lose, so it would not show the point):
 
-- the run saves an adapter whose record says loftq, its starting weights beside it, PEFT's plain
-  `init_lora_weights: true`, and the rank-2r export for the 16-bit base; its first step's loss, on the same batch
-  as the default-init run's, is lower (measured on this base: 16-bit 0.542, 4-bit + loftq 0.574, 4-bit default
-  0.598);
+- the run saves an adapter whose record says loftq and its calibration (the default: gram), its starting weights
+  beside it, PEFT's plain `init_lora_weights: true`, and the rank-2r export for the 16-bit base; its first step's
+  loss, on the same batch as the default-init run's, is lower (measured on this base: 16-bit 0.542, 4-bit + loftq
+  0.550 calibrated, 0.574 with loftq_calibration none, 4-bit default 0.598);
+- bad calibration settings, or calibration settings other than the defaults without lora.init loftq, are
+  refused in one line; a dumped config (every key, the defaults too) validates again;
 - a 4-bit model folder (no 16-bit W) is refused with one line naming lora.init;
 - a resumed run loads the checkpoint's adapter and starting weights instead of initialising again, and ends
   exactly where the uninterrupted run ends; a default-init checkpoint is not resumed as a loftq run.
@@ -16,11 +18,12 @@ import json
 
 import pytest
 import torch
+import yaml
 from pipeline_helpers import PATTERN, run_tree, save_tiny_model, train_losses
 from safetensors.torch import load_file
 
 from qlorakit.adapters.peft_format import INIT_NAME, lora_state_dict
-from qlorakit.config import config_from_dict
+from qlorakit.config import config_from_dict, dump_config
 from qlorakit.errors import QloraConfigError, RunConflictError
 from qlorakit.model import loftq_init
 from qlorakit.model.quantize_checkpoint import quantize_checkpoint
@@ -70,11 +73,33 @@ def test_loftq_run_saves_its_init_and_starts_below_the_default_init_loss(taught_
     assert first_loftq < first_default  # the same first batch: only the adapters' start differs
 
     adapter = result.adapter_dir
-    assert json.loads((adapter / "qlorakit_adapter.json").read_text())["lora_init"] == "loftq"
+    record = json.loads((adapter / "qlorakit_adapter.json").read_text())
+    assert record["lora_init"] == "loftq"
+    calibration = record["loftq_calibration"]  # the default: the Gram of each linear's inputs, 2048 tokens at most
+    assert (calibration["method"], calibration["damping"]) == ("gram", 0.01) and 0 < calibration["tokens"] <= 2048
     assert json.loads((adapter / "adapter_config.json").read_text())["init_lora_weights"] is True
     assert (adapter / INIT_NAME).is_file() and not (default_out / "adapter" / INIT_NAME).exists()
     exported = json.loads((out / "adapter-16bit" / "adapter_config.json").read_text())
     assert (exported["r"], exported["lora_alpha"]) == (16, 32)
+
+
+@pytest.mark.parametrize("lora, message", [
+    ({"init": "loftq", "loftq_calibration": "full"}, "lora.loftq_calibration = 'full' is not allowed"),
+    ({"init": "loftq", "loftq_calibration_tokens": 0}, "lora.loftq_calibration_tokens"),
+    ({"loftq_calibration": "diagonal"}, "lora.loftq_calibration: for lora.init loftq only"),
+    ({"loftq_calibration_tokens": 512}, "lora.loftq_calibration_tokens: for lora.init loftq only"),
+])
+def test_bad_calibration_settings_are_one_line(taught_base, pattern_data, tmp_path, lora, message):
+    with pytest.raises(QloraConfigError, match=message) as err:
+        config_from_dict(run_tree(taught_base, pattern_data, tmp_path / "run", lora=lora))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("init", ["default", "loftq"])
+def test_a_dumped_config_validates_again(taught_base, pattern_data, tmp_path, init):
+    """config.yaml in the output folder names every key, the calibration's defaults too (also without loftq)."""
+    cfg = _config(taught_base, pattern_data, tmp_path / "run", init)
+    assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
 
 
 def test_a_4bit_model_folder_is_refused_with_one_line(taught_base, pattern_data, tmp_path):

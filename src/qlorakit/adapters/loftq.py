@@ -2,18 +2,20 @@
 that an adapter runs on the kind of base its update was fitted to.
 
 A loftq adapter (A, B, scaling s) was trained on the dequantized 4-bit base deq = dequantize(quantize(W)) and
-started at (A0, B0) with s B0 A0 = R_r, the rank-r truncation of R = W - deq (model/loftq_init.py). The trained
-model is deq + s B A. On the 16-bit weights W the update that reproduces it is s B A - R, which is not of rank r;
-the export keeps what a rank-2r adapter can say exactly, the change training made, as PEFT converts PiSSA, OLoRA
-and CorDA adapters for their original base at save time (`path_initial_model_for_weight_conversion`):
+started at (A0, B0) with s B0 A0 a rank-r correction of R = W - deq: the truncation R_r, or the one weighted by the
+layer's inputs (model/loftq_init.py). The trained model is deq + s B A. On the 16-bit weights W the update that
+reproduces it is s B A - R, which is not of rank r; the export keeps what a rank-2r adapter can say exactly, the
+change training made, as PEFT converts PiSSA, OLoRA and CorDA adapters for their original base at save time
+(`path_initial_model_for_weight_conversion`):
 
     A' = [A; A0]  [2r, in_features],   B' = [B, -B0]  [out_features, 2r],   r' = 2r, alpha' = 2 alpha
     (alpha' = sqrt(2) alpha with rsLoRA), so scaling' = scaling and  W + s' B' A' = W + s B A - s B0 A0.
 
-Against the trained model deq + s B A this differs by W - deq - s B0 A0 = R - R_r: the part of the quantization
-error that the rank-r start could not hold, ||R - R_r||_F^2 = the sum of the squared singular values of R past the
-r-th, per layer. It is not zero: on the deploy tests' tiny Llama at r = 8, ||R - R_r|| / ||R|| = 0.81 over its 14
-linears (tests/deploy/test_deploy_loftq.py); on SmolLM2-135M, 0.81 at r = 64 and 0.94 at r = 16. The export
+Against the trained model deq + s B A this differs by W - deq - s B0 A0: the part of the quantization error that
+the rank-r start did not hold; for the plain init R - R_r, ||R - R_r||_F^2 = the sum of the squared singular values
+of R past the r-th, per layer. It is not zero: on the deploy tests' tiny Llama at r = 8, ||R - R_r|| / ||R|| = 0.81
+over its 14 linears (tests/deploy/test_deploy_loftq.py); on SmolLM2-135M, 0.81 at r = 64 and 0.94 at r = 16, and
+0.87 at r = 64 for the calibrated init (which trades weight error for output error). The export
 adds to W exactly what training changed, s (B A - B0 A0); the model that was trained is the 4-bit base with the
 adapter as saved (qlorakit itself, or a `qlorakit quantize` checkpoint of the same settings under PEFT/bitsandbytes).
 

@@ -20,6 +20,7 @@ from ..errors import CheckpointWriteError, QloraConfigError, QlorakitError
 from ..model.build import load_tokenizer, resolve_model_dir
 from .checkpoint import remove_checkpoints, remove_leftovers, write_error_text
 from .distributed import DistContext, check_batch_split, init_distributed, shutdown
+from .loftq_setup import loftq_calibration, loftq_record
 from .loop import LoopSettings, TrainResult, planned_steps, train_loop
 from .placement import place_activations, place_tables
 from .preference_setup import dropout_in_effect, prepare_pairs, start_from_adapter
@@ -31,9 +32,10 @@ log = logging.getLogger("qlorakit.train")
 
 
 def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: bool = True,
-                fresh_adapters: bool = True) -> nn.Module:
+                fresh_adapters: bool = True, train_examples=None) -> nn.Module:
     """The 4-bit model with LoRA injected; `fresh_adapters` False (a resumed run, which loads its adapters and
-    their starting weights from the checkpoint) skips lora.init loftq's SVDs."""
+    their starting weights from the checkpoint) skips lora.init loftq's SVDs, whose calibration tokens come from
+    `train_examples` (the training split: never the held-out one)."""
     from ..model.loader import load_model
     from ..model.loftq_init import loftq_initialize, require_16bit_weights
     from ..model.lora_inject import inject_lora, keep_dense_copies_on_cpu, trainable_report
@@ -56,7 +58,7 @@ def build_model(cfg: QloraConfig, model_dir: Path, runtime: Runtime, progress: b
              f" (lora.dropout {lo.dropout} off: training.disable_dropout)" if dropout != lo.dropout else "",
              len(names), trainable_report(model))
     if loftq:
-        loftq_initialize(model, model_dir, names, progress)
+        loftq_initialize(model, model_dir, names, progress, loftq_calibration(cfg, train_examples))
     if runtime.device.type == "cpu":
         keep_dense_copies_on_cpu(model, runtime.compute_dtype, cfg.model.cpu_dense_copies)
     if cfg.training.fused_blocks:
@@ -89,7 +91,9 @@ def run_settings(cfg: QloraConfig, data_fingerprint: str, base_fingerprint: str,
                         f"compute {q.compute_dtype}",
         "lora": f"r {lo.rank} alpha {lo.alpha} dropout {dropout_in_effect(cfg)} rslora {lo.use_rslora} "
                 f"dtype {lo.adapter_dtype} targets {lo.target_modules}"
-                + (" init loftq" if lo.init == "loftq" else ""),  # (absent for default, as in older checkpoints)
+                + (" init loftq" if lo.init == "loftq" else "")  # (absent for default, as in older checkpoints)
+                + (f" calibration {lo.loftq_calibration} {lo.loftq_calibration_tokens}"  # (absent: plain, as before)
+                   if lo.init == "loftq" and lo.loftq_calibration != "none" else ""),
         "seed": t.seed, "batch_size": t.batch_size, "gradient_accumulation": t.gradient_accumulation,
         "world_size": world_size, "optimizer": t.optimizer, "learning_rate": t.learning_rate,
         "weight_decay": t.weight_decay, "scheduler": t.scheduler, "warmup_ratio": t.warmup_ratio,
@@ -281,7 +285,8 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
     if dist.is_main:
         _check_disk(cfg, est)
         write_text(out / "config.yaml", dump_config(cfg))
-    model = build_model(cfg, model_dir, runtime, progress, fresh_adapters=resume.checkpoint is None)
+    model = build_model(cfg, model_dir, runtime, progress, fresh_adapters=resume.checkpoint is None,
+                        train_examples=prepared.train)
     if cfg.training.reference_adapter:
         start_from_adapter(cfg, model, fingerprint)
     place_activations(cfg, model, runtime, dist.sharded)
@@ -315,6 +320,7 @@ def _train(cfg: QloraConfig, dist: DistContext, out: Path, t0: float, *, progres
         "base_fingerprint": fingerprint,
         "quantization": cfg.quantization.model_dump(),
         "lora_init": cfg.lora.init,
+        **({"loftq_calibration": loftq_record(cfg, prepared.train)} if cfg.lora.init == "loftq" else {}),
         "qlorakit_version": _version(),
     }
     result = train_loop(
