@@ -53,6 +53,16 @@ def _svd_bound(residual: torch.Tensor) -> float:
     return (2 * min(residual.shape) + 8) * U32 * float(residual.norm())
 
 
+def random_training_step(model, seed: int = 3) -> None:
+    """What training would do to the adapters, as a random step on every LoRA A and B."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLinear):
+                m.lora_A.weight.add_(0.05 * torch.randn(m.lora_A.weight.shape, generator=gen))
+                m.lora_B.weight.add_(0.02 * torch.randn(m.lora_B.weight.shape, generator=gen))
+
+
 @pytest.fixture(scope="module")
 def initialised(tiny_base):
     return _loftq_model(tiny_base)
@@ -63,12 +73,7 @@ def trained_adapter(tiny_base, tmp_path_factory):
     """A loftq adapter 'after training': the init plus a random step on A and B, saved with the record a
     training run writes (lora_init loftq, the quantization) and the starting weights beside it."""
     model, _, _ = _loftq_model(tiny_base)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraLinear):
-                m.lora_A.weight.add_(0.05 * torch.randn(m.lora_A.weight.shape, generator=gen))
-                m.lora_B.weight.add_(0.02 * torch.randn(m.lora_B.weight.shape, generator=gen))
+    random_training_step(model)
     record = {"base_fingerprint": base_fingerprint(tiny_base), "base_model": str(tiny_base), "lora_init": "loftq",
               "quantization": QUANTIZATION}
     folder = save_adapter(model, tmp_path_factory.mktemp("loftq") / "adapter", qlorakit_record=record)

@@ -25,6 +25,8 @@ from qlorakit.model.loftq_init import LoftqCalibration, loftq_initialize, residu
 from qlorakit.model.lora_inject import inject_lora
 from qlorakit.nn.lora import LoraLinear, adapters_disabled
 
+from test_deploy_loftq import random_training_step
+
 R, ALPHA = 8, 16.0
 S = ALPHA / R
 U32, U_BF16 = 2.0 ** -24, 2.0 ** -8
@@ -176,12 +178,7 @@ def test_isotropic_statistics_give_the_plain_init(stat):
 def test_merge_of_a_calibrated_adapter_is_the_trained_model_within_one_bf16_rounding(tiny_base, calibrated,
                                                                                        tmp_path):
     model, names, _, _ = calibrated
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, LoraLinear):
-                m.lora_A.weight.add_(0.05 * torch.randn(m.lora_A.weight.shape, generator=gen))
-                m.lora_B.weight.add_(0.02 * torch.randn(m.lora_B.weight.shape, generator=gen))
+    random_training_step(model)
     record = {"base_fingerprint": base_fingerprint(tiny_base), "base_model": str(tiny_base), "lora_init": "loftq",
               "quantization": {"load_in_4bit": True, "quant_type": "nf4", "compute_dtype": "float32",
                                "double_quant": True, "blocksize": 64}}
