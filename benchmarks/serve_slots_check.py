@@ -31,30 +31,6 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
             max_position_embeddings=512, num_hidden_layers=2, rms_norm_eps=1e-5)
 
 
-def schedule(dec, prompts: list[list[int]], joins: dict[int, list[tuple[int, int]]], new: int) -> dict[int, list]:
-    """Drive `dec` greedily: before step s the (prompt, slot) pairs of joins[s] are prefilled together; a row
-    leaves its slot after `new` tokens. Each prompt's tokens."""
-    got: dict[int, list[int]] = {}
-    where: dict[int, int] = {}
-    nxt = torch.zeros(dec.slots, dtype=torch.long, device=dec.device)
-    for s in range(max(joins) + new + 1):
-        if s in joins:
-            first = dec.prefill([slot for _, slot in joins[s]], [prompts[p] for p, _ in joins[s]]).argmax(-1)
-            for (p, slot), t in zip(joins[s], first.tolist()):
-                got[p], where[slot] = [t], p
-                nxt[slot] = t
-        if not where:
-            continue
-        logits = dec.step(nxt)
-        for slot, p in list(where.items()):
-            got[p].append(int(logits[slot].argmax()))
-            nxt[slot] = got[p][-1]
-            if len(got[p]) == new:
-                dec.release(slot)
-                del where[slot]
-    return got
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
@@ -64,7 +40,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     args = ap.parse_args()
     from qlorakit.infer.decode import decode_tokens
-    from qlorakit.infer.slots import SlotDecoder
+    from qlorakit.infer.slots import SlotDecoder, greedy_joins
     from qlorakit.model.lora_inject import inject_lora
     from qlorakit.model.synthetic import synthetic_llama
 
@@ -87,7 +63,7 @@ def main() -> int:
                                             eos_ids=[-5], pad_id=0, graphs=False)), dim=1)[0].tolist()
              for p in prompts]
     width = 256
-    eager = schedule(SlotDecoder(net, slots=args.slots, width=width, graphs=False), prompts, joins, args.new)
+    eager = greedy_joins(SlotDecoder(net, slots=args.slots, width=width, graphs=False), prompts, joins, args.new)
     same = sum(eager[i] == alone[i] for i in range(len(prompts)))
     record: dict = {"args": vars(args), "lengths": lengths, "prompts_equal_to_alone": same}
     if cuda:  # bf16: a batched, left-padded prefill may round otherwise than batch 1 and flip a near-tie
@@ -96,7 +72,7 @@ def main() -> int:
         run.check("eager slot step: each prompt's tokens equal it decoded alone", same == len(prompts))
     if cuda:
         dec = SlotDecoder(net, slots=args.slots, width=width, graphs=True)
-        graph = schedule(dec, prompts, joins, args.new)
+        graph = greedy_joins(dec, prompts, joins, args.new)
         run.check("graph slot step: tokens equal the eager step's", graph == eager)
         run.check("the step ran as a CUDA graph", getattr(dec, "graph", None) is not None,
                   f"graph attribute: {type(getattr(dec, 'graph', None)).__name__}")

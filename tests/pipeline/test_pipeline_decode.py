@@ -13,6 +13,7 @@ from pipeline_helpers import left_padded_rows, randomize_lora_b
 
 from qlorakit.errors import QlorakitError
 from qlorakit.infer.decode import StaticDecoder, choose_next, decode_tokens
+from qlorakit.infer.slots import SlotDecoder, greedy_joins
 from qlorakit.model.loader import load_model
 from qlorakit.model.lora_inject import inject_lora
 
@@ -141,33 +142,6 @@ def test_the_loader_leaves_no_buffer_behind_on_another_device(tiny_model_dir):
     assert all(b.device.type == "meta" for _, b in net.named_buffers() if b is not None)
 
 
-def _slot_schedule(net, prompts: list[list[int]], joins: dict[int, list[tuple[int, int]]], slots: int,
-                   width: int) -> dict[int, list[int]]:
-    """Drive a SlotDecoder greedily: before step s, the (prompt index, slot) pairs of joins[s] are prefilled
-    together; each row leaves its slot after NEW tokens. Each prompt's tokens."""
-    from qlorakit.infer.slots import SlotDecoder
-
-    dec = SlotDecoder(net, slots=slots, width=width, graphs=False)
-    got: dict[int, list[int]] = {}
-    where: dict[int, int] = {}  # slot -> prompt index
-    nxt = torch.zeros(slots, dtype=torch.long)
-    for s in range(max(joins) + NEW + 1):
-        if s in joins:
-            first = dec.prefill([slot for _, slot in joins[s]], [prompts[p] for p, _ in joins[s]]).argmax(-1)
-            for (p, slot), t in zip(joins[s], first.tolist()):
-                got[p], where[slot], nxt[slot] = [t], p, t
-        if not where:
-            continue
-        logits = dec.step(nxt)
-        for slot, p in list(where.items()):
-            got[p].append(int(logits[slot].argmax()))
-            nxt[slot] = got[p][-1]
-            if len(got[p]) == NEW:
-                dec.release(slot)
-                del where[slot]
-    return got
-
-
 @pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "nf4+lora"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_rows_joining_the_slot_cache_mid_decode_equal_each_row_decoded_alone(tiny_model_dir, attn, four_bit):
@@ -181,5 +155,6 @@ def test_rows_joining_the_slot_cache_mid_decode_equal_each_row_decoded_alone(tin
     prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     alone = [torch.stack(list(decode_tokens(net, torch.tensor([p]), None, max_new_tokens=NEW, eos_ids=[-5],
                                             pad_id=0)), dim=1)[0].tolist() for p in prompts]
-    got = _slot_schedule(net, prompts, {0: [(0, 2)], 3: [(1, 0), (2, 3)], NEW + 1: [(3, 2)]}, slots=4, width=32)
+    dec = SlotDecoder(net, slots=4, width=32, graphs=False)
+    got = greedy_joins(dec, prompts, {0: [(0, 2)], 3: [(1, 0), (2, 3)], NEW + 1: [(3, 2)]}, NEW)
     assert [got[i] for i in range(4)] == alone

@@ -190,3 +190,29 @@ class SlotDecoder:
         if wide.graphs and any(layer.is_initialized for layer in wide.cache.layers):
             wide._capture()
         return wide
+
+
+def greedy_joins(dec: SlotDecoder, prompts: list[list[int]], joins: dict[int, list[tuple[int, int]]],
+                 new: int) -> dict[int, list[int]]:
+    """Replay an arrival schedule on `dec`, greedily: before step s the (prompt index, slot) pairs of joins[s]
+    are prefilled together; each row leaves its slot after `new` tokens. Each prompt's tokens (by index). What the
+    tests and benchmarks/serve_slots_check.py compare with each prompt decoded alone."""
+    got: dict[int, list[int]] = {}
+    where: dict[int, int] = {}  # slot -> prompt index
+    nxt = torch.zeros(dec.slots, dtype=torch.long, device=dec.device)
+    for s in range(max(joins) + new + 1):
+        if s in joins:
+            first = dec.prefill([slot for _, slot in joins[s]], [prompts[p] for p, _ in joins[s]]).argmax(-1)
+            for (p, slot), t in zip(joins[s], first.tolist()):
+                got[p], where[slot] = [t], p
+                nxt[slot] = t
+        if not where:
+            continue
+        logits = dec.step(nxt)
+        for slot, p in list(where.items()):
+            got[p].append(int(logits[slot].argmax()))
+            nxt[slot] = got[p][-1]
+            if len(got[p]) == new:
+                dec.release(slot)
+                del where[slot]
+    return got
