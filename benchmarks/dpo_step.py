@@ -1,7 +1,7 @@
 """DPO on the 4-bit base: qlorakit's preference step against TRL's DPOTrainer + PEFT + bitsandbytes, in one call.
 
     python3 benchmarks/dpo_step.py --out DIR [--pairs 1,4] [--seq 1024] [--prompt 256] [--keep 0,4]
-                                   [--no-peer] [--budget-from-peer] [--adapter-dtype bfloat16]
+                                   [--no-peer] [--budget-from-peer] [--adapter-dtype bfloat16] [--share on,off]
                                    [--shape llama3-8b] [--layers N] [--steps 8]
 
 The setting of the [align] issue: Llama-3-8B shape (random init), LoRA r=64 alpha=16 on all 7 linears, pairs of a
@@ -19,10 +19,11 @@ lr 2e-4, clip 0.3.
    (lora.adapter_dtype: float32 by default, bfloat16 as TRL keeps them) under bf16 autocast, the fused block
    paths, checkpointing with --keep GiB of activations kept (training.keep_activations_gib; 0 = recompute every
    layer); with --budget-from-peer also what training.memory_budget_gib plans within the peer's peaks (kept,
-   hosted and offloaded layers, embeddings on the host: settings_for()); per step one concatenated forward of the pairs
-   (chosen rows, then rejected rows) for the reference without gradients and one for the policy
-   (train/preference_step.py, the code `qlorakit train` runs), the log-probs from the fused linear + cross-entropy
-   rows (no full-vocabulary logits).
+   hosted and offloaded layers, embeddings on the host: settings_for()); per step one forward of the pairs for the
+   reference without gradients and one for the policy (train/preference_step.py, the code `qlorakit train` runs),
+   the log-probs from the fused linear + cross-entropy rows (no full-vocabulary logits). Each setting with
+   --share's values of training.share_prompts: on, one row per pair, its prompt run once (train/shared_prompt.py:
+   2 x --seq - --prompt tokens); off, TRL's layout (chosen rows, then rejected rows: 2 x --seq tokens).
 3. For the memory target, qlorakit's SFT step on the same tokens (2 x pairs sequences of --seq tokens, loss on
    every token) with the same keep setting.
 
@@ -112,17 +113,19 @@ def timed(step, steps: int) -> tuple[float, int, float]:
     return rest[len(rest) // 2], torch.cuda.max_memory_allocated() / 2**30, nv.peak / 2**30
 
 
-def settings_for(args: argparse.Namespace, pairs: int, peer: dict) -> list[dict]:
+def settings_for(args: argparse.Namespace, pairs: int, peer: dict, shared: bool) -> list[dict]:
     """The activation settings measured at `pairs`: each --keep value (recompute the rest), and with
     --budget-from-peer what training.memory_budget_gib plans within the peer's NVML peak, its torch peak less 2%
     as the second bound (benchmarks/train_step.py's rule), planned as the SFT step on the same tokens (DPO's peak
-    measured 0.98-1.00x of it)."""
+    measured 0.98-1.00x of it): 2 x pairs rows of --seq, or, with the prompts `shared`, pairs rows of 2 x --seq less
+    --prompt."""
     out = [dict(name=f"keep{keep:g}", keep=keep, host=0.0, offload=False, embeddings=False, head=False,
                 unstacked=False) for keep in args.keep]
     measured = peer.get(f"P{pairs}xT{args.seq}") or {}
     if args.budget_from_peer and DEV == "cuda" and "torch_peak_GiB" in measured:
         budget, torch_budget = measured["nvml_peak_GiB"], round(0.98 * measured["torch_peak_GiB"], 3)
-        plan = plan_within(args.shape, args.layers, 2 * pairs, args.seq, budget, torch_budget, rank=args.rank,
+        rows, seq = (pairs, 2 * args.seq - args.prompt) if shared else (2 * pairs, args.seq)
+        plan = plan_within(args.shape, args.layers, rows, seq, budget, torch_budget, rank=args.rank,
                            dropout=0.0, optimizer="paged_adamw_32bit", adapter_dtype=args.adapter_dtype)
         t = plan.config.training
         print(plan.line(), flush=True)
@@ -158,7 +161,6 @@ def ours(args: argparse.Namespace, peer: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer("paged_adamw_32bit", params, lr=2e-4, weight_decay=0.0)
     runtime = Runtime(torch.device(DEV), torch.bfloat16, adapter_dtype)
-    settings = PreferenceSettings("dpo", beta=0.1)
     vocab = model.config.vocab_size
     model.train()
     res: dict = {"weights_GiB": round(weights, 2), "fused": None if fused is None else fused.line(),
@@ -170,10 +172,12 @@ def ours(args: argparse.Namespace, peer: dict) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for pairs in args.pairs:
-        tokens = 2 * pairs * args.seq
-        for setting in settings_for(args, pairs, peer):
-            plan, _ = place_activations(model, tokens, setting["keep"], setting["host"], setting["offload"])
+    for pairs, shared in ((p, s) for p in args.pairs for s in args.share):
+        tokens = 2 * pairs * args.seq  # the pairs' tokens in TRL's layout (what tok/s counts)
+        run_tokens = pairs * (2 * args.seq - args.prompt) if shared else tokens  # what the forward runs
+        settings = PreferenceSettings("dpo", beta=0.1, share_prompts=shared)
+        for setting in settings_for(args, pairs, peer, shared):
+            plan, _ = place_activations(model, run_tokens, setting["keep"], setting["host"], setting["offload"])
             if setting["embeddings"]:
                 move_embeddings_to_host(model)
             if setting["head"]:
@@ -196,9 +200,10 @@ def ours(args: argparse.Namespace, peer: dict) -> dict:
 
             step, torch_peak, nvml_peak = timed(dpo_step, args.steps)
             sft_s, sft_torch, sft_nvml = timed(sft_step, args.steps)
-            key = f"P{pairs}xT{args.seq}-{setting['name']}"
-            res[key] = dict(step_s=round(step, 4), pairs_per_s=round(pairs / step, 3),
-                            tok_per_s=round(tokens / step, 1), torch_peak_GiB=round(torch_peak, 2),
+            key = f"P{pairs}xT{args.seq}-{setting['name']}" + ("-shared" if shared else "")
+            res[key] = dict(step_s=round(step, 4), pairs_per_s=round(pairs / step, 3), shared_prompts=shared,
+                            run_tokens=run_tokens, tok_per_s=round(tokens / step, 1),
+                            torch_peak_GiB=round(torch_peak, 2),
                             nvml_peak_GiB=round(nvml_peak, 2), kept_layers=plan.kept, hosted_layers=plan.hosted,
                             keep_activations_gib=setting["keep"], setting=setting, loss=round(state["loss"], 4),
                             sft=dict(step_s=round(sft_s, 4), tok_per_s=round(tokens / sft_s, 1),
@@ -265,6 +270,8 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="lora.adapter_dtype (TRL casts a 4-bit model's adapters to bfloat16)")
+    ap.add_argument("--share", default="on,off", help="training.share_prompts values to measure: each pair's "
+                    "prompt run once (on) or twice as TRL does (off), comma-separated")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-peer", action="store_true", help="qlorakit only")
     ap.add_argument("--budget-from-peer", action="store_true",
@@ -276,6 +283,9 @@ def main() -> int:
     DEV = "cpu" if args.tiny else "cuda"
     args.pairs = [int(v) for v in args.pairs.split(",")]
     args.keep = [float(v) for v in args.keep.split(",")]
+    if not set(args.share.split(",")) <= {"on", "off"}:
+        ap.error("--share takes on, off or on,off")
+    args.share = [v == "on" for v in args.share.split(",")]
     if not 0 < args.prompt < args.seq:
         ap.error("--prompt must be between 0 and --seq")
     out = Path(args.out)

@@ -33,8 +33,7 @@ class ModelSection(_Section):
         "switch, wins when set")
     cpu_dense_copies: bool = Field(
         True, description="on a CPU (no 4-bit kernels) keep one dequantized copy of each 4-bit linear, since "
-        "dequantizing on every call costs as much as the matmul; false keeps only the 4-bit weights (less memory, "
-        "slow)")
+        "dequantizing on every call costs as much as the matmul; false: only the 4-bit weights (less memory, slow)")
 
 
 def _power_of_two_block(v: int) -> int:
@@ -55,8 +54,8 @@ class QuantizationSection(_Section):
     compute_dtype: ComputeDtypeName = Field(
         "bfloat16", description="the dtype the 4-bit layers dequantize to and compute in")
     double_quant: bool = Field(
-        True, description="quantize the fp32 absmax constants again, to 8 bits: about 0.37 bits less per weight "
-        "at blocksize 64")
+        True, description="quantize the fp32 absmax constants again, to 8 bits: 0.37 bits less per weight at "
+        "blocksize 64")
     blocksize: Blocksize = Field(64, description="4-bit block size, a power of two in 32..4096")
 
 
@@ -90,8 +89,7 @@ class TrainingSection(_Section):
     batch_size: int = Field(1, gt=0)
     gradient_accumulation: int = Field(16, gt=0)
     effective_batch_size: int | None = Field(
-        None, gt=0, description="derived: batch_size x gradient_accumulation (the run prints it); when given it "
-        "must agree")
+        None, gt=0, description="derived: batch_size x gradient_accumulation (the run prints it); if given, must agree")
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     objective: Literal["sft", "dpo", "ipo", "orpo", "simpo"] = Field(
@@ -103,8 +101,7 @@ class TrainingSection(_Section):
     simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin (TRL's simpo_gamma)")
     reference_adapter: str | None = Field(
         None, description="dpo/ipo: a PEFT adapter folder (e.g. an SFT run's adapter, of this lora shape) that the "
-        "policy starts from; a frozen copy of it on the base is the reference. Unset: a new adapter, the base the "
-        "reference")
+        "policy starts from; a frozen copy of it on the base is the reference. Unset: a new adapter, the base is it")
     disable_dropout: bool | None = Field(
         None, description="LoRA dropout off while training (lora.dropout still names the adapter's setting). Unset: "
         "off for the preference objectives, as TRL's trainers default (the policy starts equal to its reference and "
@@ -115,6 +112,9 @@ class TrainingSection(_Section):
         "so that no training step runs the reference forward (TRL's precompute_ref_log_probs)")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="simpo: TRL's label_smoothing (the conservative "
                                    "loss); 0 elsewhere")
+    share_prompts: bool = Field(True, description="preference objectives: run each pair's prompt once, both "
+                                "responses attending to it (the same log-probs and gradients, fewer tokens; needs "
+                                "sdpa or eager attention), instead of twice as TRL does")
     learning_rate: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "offload_adamw_32bit",

@@ -34,6 +34,7 @@ from ..nn.lora import LoraLinear, compute_input
 from ..nn.lora_blocks import Norm, Projection, lora_group_4bit, lora_swiglu_4bit
 from ..nn.rmsnorm import rms_norm
 from ..nn.rope import qkv_rope, qkv_rope_supported
+from .shared_attention import attend_rows
 
 log = logging.getLogger("qlorakit.model")
 
@@ -125,6 +126,7 @@ def _fused_classes():
             """(o_proj output, attention weights) of hidden_states, normed by `norm` inside the Q/K/V group."""
             kwargs.pop("past_key_values", None)
             kwargs.pop("cache", None)
+            rows = kwargs.pop("shared_rows", None)  # rows sharing a prefix (model/shared_attention.py)
             layers = [getattr(self, n) for n in _QKV]
             x = hidden_states if norm is not None else compute_input(hidden_states)
             qkv = lora_group_4bit(x, tuple(_projection(m) for m in layers), _adapters(layers),
@@ -141,9 +143,14 @@ def _fused_classes():
                 q, k, v = (t.view(hidden_shape).transpose(1, 2)
                            for t in qkv.split([m.out_features for m in layers], dim=-1))
                 q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            attn_output, attn_weights = _attention_interface(self.config)(
-                self, q, k, v, attention_mask, dropout=0.0 if not self.training else self.attention_dropout,
-                scaling=self.scaling, **kwargs)
+            attend = _attention_interface(self.config)
+            dropout = 0.0 if not self.training else self.attention_dropout
+            if rows is not None and self.config._attn_implementation == "sdpa":  # causal attention, no mask
+                attn_output, attn_weights = attend_rows(attend, self, q, k, v, rows, dropout=dropout,
+                                                        scaling=self.scaling, **kwargs)
+            else:  # the 4-D mask that came with the shared rows says what each position sees
+                attn_output, attn_weights = attend(self, q, k, v, attention_mask, dropout=dropout,
+                                                   scaling=self.scaling, **kwargs)
             attn_output = attn_output.reshape(*input_shape, -1).contiguous()
             return self.o_proj(attn_output), attn_weights
 

@@ -78,7 +78,7 @@ class LoopSettings:
             eval_every=t.eval_every, save_every=t.save_every, log_every=t.log_every,
             keep_checkpoints=t.keep_checkpoints, attn_implementation=cfg.model.attn_implementation,
             preference=None if t.objective == "sft" else PreferenceSettings(
-                t.objective, t.beta, t.label_smoothing, t.simpo_gamma),
+                t.objective, t.beta, t.label_smoothing, t.simpo_gamma, share_prompts=t.share_prompts),
             stop_after_steps=stop_after_steps)
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..nn.lora import adapter_weights_swapped, adapters_disabled
 from .loss import linear_cross_entropy_rows
+from .shared_prompt import SharedLayout
 
 OBJECTIVES = ("dpo", "ipo", "orpo", "simpo")
 NEEDS_REFERENCE = ("dpo", "ipo")
@@ -39,6 +40,7 @@ class PreferenceSettings:
     simpo_gamma: float = 0.5
     # dpo/ipo: the frozen starting adapter (nn.lora.adapter_snapshot) whose model is the reference; None: the base
     reference_adapter: dict | None = field(default=None, compare=False, repr=False)
+    share_prompts: bool = True  # each pair's prompt runs once (train/shared_prompt.py) where the model can
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -57,10 +59,26 @@ class SequenceLogps:
     nll: torch.Tensor | None = None
 
 
-def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll: bool = False) -> SequenceLogps:
-    """The log-probs of `batch`'s responses under `lm` (a causal LM; its head frozen)."""
+def _hidden(lm: torch.nn.Module, batch: dict[str, torch.Tensor], layout: SharedLayout | None) -> torch.Tensor:
+    """The decoder's last hidden states [2N, T, H] in TRL's layout, or, with `layout`, [N, L, H] of the shared
+    rows (train/shared_prompt.py)."""
+    if layout is None:
+        return lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).last_hidden_state
+    device = batch["input_ids"].device
+    embed = lm.get_input_embeddings().weight
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else embed.dtype
+    return lm.get_decoder()(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                            attention_mask=layout.mask(dtype), shared_rows=layout.rows,
+                            use_cache=False).last_hidden_state
+
+
+def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll: bool = False,
+                   layout: SharedLayout | None = None) -> SequenceLogps:
+    """The log-probs of `batch`'s responses under `lm` (a causal LM; its head frozen). With `layout` (the
+    batch's shared_prompt.layout_for, on the batch's device) each pair's prompt runs once: the same values."""
     ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    hidden = lm.get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+    hidden = _hidden(lm, batch, layout)
     weight = lm.get_output_embeddings().weight
     if weight.device != hidden.device:  # a head kept in host memory: in for the loss
         weight = weight.to(hidden.device, non_blocking=True)
@@ -68,7 +86,10 @@ def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll
     # every attended token of the chosen rows)
     wanted = (attention[:, 1:] if with_nll else completion[:, 1:]).bool()
     row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(wanted)[wanted]
-    h = hidden[:, :-1][wanted]
+    if layout is None:
+        h = hidden[:, :-1][wanted]
+    else:  # each wanted position of TRL's layout, read from its pair's shared row
+        h = hidden[row_of % layout.pairs, layout.col[:, :-1][wanted]]
     if torch.is_autocast_enabled(h.device.type):
         h = h.to(torch.get_autocast_dtype(h.device.type))
     ce = linear_cross_entropy_rows(h, weight, ids[:, 1:][wanted])
@@ -85,11 +106,12 @@ def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll
 
 
 def reference_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor],
-                    adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> SequenceLogps:
+                    adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    layout: SharedLayout | None = None) -> SequenceLogps:
     """sequence_logps of the reference, without gradients: `lm` with its adapters off (the base), or with the
     frozen `adapter` weights (nn.lora.adapter_snapshot) in place of its own (base + a starting adapter)."""
     with torch.no_grad(), adapters_disabled(lm) if adapter is None else adapter_weights_swapped(lm, adapter):
-        return sequence_logps(lm, batch)
+        return sequence_logps(lm, batch, layout=layout)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .distributed import SINGLE_PROCESS, DistContext
 from .preference import (NEEDS_REFERENCE, PreferenceSettings, SequenceLogps, preference_loss, reference_logps,
                          sequence_logps)
 from .runtime import Runtime
+from .shared_prompt import layout_for
 
 
 def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -33,15 +34,17 @@ def _pairs(batch: dict[str, torch.Tensor]) -> int:
 def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], runtime: Runtime,
                      s: PreferenceSettings) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean loss over one micro-batch's pairs and its metrics (gradients flow into the adapters)."""
+    layout = layout_for(model, batch, runtime.compute_dtype) if s.share_prompts else None
     batch = _on_device(batch, runtime.device)
+    layout = None if layout is None else layout.to(runtime.device)
     with runtime.autocast():
         reference = None
         if "ref_logps" in batch:  # precomputed (train/reference_cache.py): no reference forward
             ref = batch["ref_logps"]
             reference = SequenceLogps(ref[:, 0], ref[:, 1], ref.new_zeros(len(ref)), ref.new_zeros(len(ref)))
         elif s.objective in NEEDS_REFERENCE:
-            reference = reference_logps(model, batch, s.reference_adapter)
-        policy = sequence_logps(model, batch, with_nll=s.objective == "orpo")
+            reference = reference_logps(model, batch, s.reference_adapter, layout)
+        policy = sequence_logps(model, batch, with_nll=s.objective == "orpo", layout=layout)
         return preference_loss(s, policy, reference)
 
 
