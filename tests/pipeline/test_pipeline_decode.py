@@ -156,5 +156,15 @@ def test_rows_joining_the_slot_cache_mid_decode_equal_each_row_decoded_alone(tin
     alone = [torch.stack(list(decode_tokens(net, torch.tensor([p]), None, max_new_tokens=NEW, eos_ids=[-5],
                                             pad_id=0)), dim=1)[0].tolist() for p in prompts]
     dec = SlotDecoder(net, slots=4, width=32, graphs=False)
-    got = greedy_joins(dec, prompts, {0: [(0, 2)], 3: [(1, 0), (2, 3)], NEW + 1: [(3, 2)]}, NEW)
+    joins = {0: [(0, 2)], 3: [(1, 0), (2, 3)], NEW + 1: [(3, 2)]}
+    logits: dict[int, list[torch.Tensor]] = {}
+    got = greedy_joins(dec, prompts, joins, NEW, record=logits)
     assert [got[i] for i in range(4)] == alone
+    assert all(len(logits[i]) == NEW and [int(r.argmax()) for r in logits[i]] == got[i] for i in range(4))
+    # teacher forcing (benchmarks/serve_slots_check.py): the forced tokens go in, and the same logits come out
+    forced = {i: [(t + 1) % net.config.vocab_size for t in got[i]] for i in range(4)}
+    again: dict[int, list[torch.Tensor]] = {}
+    fed = greedy_joins(SlotDecoder(net, slots=4, width=32, graphs=False), prompts, joins, NEW, forced, again)
+    assert fed == forced
+    assert all(torch.equal(again[i][0], logits[i][0]) for i in range(4))  # the prefill's: before any forced token
+    assert not all(torch.equal(again[i][1], logits[i][1]) for i in range(4))  # then other inputs, other logits

@@ -193,24 +193,35 @@ class SlotDecoder:
 
 
 def greedy_joins(dec: SlotDecoder, prompts: list[list[int]], joins: dict[int, list[tuple[int, int]]],
-                 new: int) -> dict[int, list[int]]:
+                 new: int, forced: dict[int, list[int]] | None = None,
+                 record: dict[int, list[torch.Tensor]] | None = None) -> dict[int, list[int]]:
     """Replay an arrival schedule on `dec`, greedily: before step s the (prompt index, slot) pairs of joins[s]
     are prefilled together; each row leaves its slot after `new` tokens. Each prompt's tokens (by index). What the
-    tests and benchmarks/serve_slots_check.py compare with each prompt decoded alone."""
+    tests and benchmarks/serve_slots_check.py compare with each prompt decoded alone. `forced`: feed these tokens
+    (by prompt) instead of the argmax (teacher forcing, so two decoders see the same inputs); `record`: gets each
+    prompt's logits rows (fp32, on the CPU) in order, the prefill's first."""
     got: dict[int, list[int]] = {}
     where: dict[int, int] = {}  # slot -> prompt index
+
+    def take(p: int, row: torch.Tensor) -> int:
+        if record is not None:
+            record.setdefault(p, []).append(row.float().cpu())
+        chosen = int(row.argmax())
+        return chosen if forced is None else forced[p][len(got.get(p, []))]
+
     nxt = torch.zeros(dec.slots, dtype=torch.long, device=dec.device)
     for s in range(max(joins) + new + 1):
         if s in joins:
-            first = dec.prefill([slot for _, slot in joins[s]], [prompts[p] for p, _ in joins[s]]).argmax(-1)
-            for (p, slot), t in zip(joins[s], first.tolist()):
+            first = dec.prefill([slot for _, slot in joins[s]], [prompts[p] for p, _ in joins[s]])
+            for (p, slot), row in zip(joins[s], first):
+                t = take(p, row)
                 got[p], where[slot] = [t], p
                 nxt[slot] = t
         if not where:
             continue
         logits = dec.step(nxt)
         for slot, p in list(where.items()):
-            got[p].append(int(logits[slot].argmax()))
+            got[p].append(take(p, logits[slot]))
             nxt[slot] = got[p][-1]
             if len(got[p]) == new:
                 dec.release(slot)
