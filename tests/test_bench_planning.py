@@ -52,21 +52,23 @@ def test_dpo_step_measures_the_keep_values_and_the_plan_per_pairs_count(monkeypa
     import dpo_step
 
     monkeypatch.setattr(dpo_step, "DEV", "cuda")  # a plan is made for GPU runs only; nothing here touches CUDA
-    args = argparse.Namespace(keep=[0.0], budget_from_peer=True, seq=1024, shape="llama3-8b", layers=0, rank=64,
-                              adapter_dtype="bfloat16")
-    for pairs, key in ((1, "P1xT1024"), (4, "P4xT1024")):
-        settings = dpo_step.settings_for(args, pairs, TRL_DPO)
+    args = argparse.Namespace(keep=[0.0], budget_from_peer=True, seq=1024, prompt=256, shape="llama3-8b", layers=0,
+                              rank=64, adapter_dtype="bfloat16")
+    for pairs, key, shared in ((1, "P1xT1024", False), (4, "P4xT1024", False), (1, "P1xT1024", True),
+                               (4, "P4xT1024", True)):
+        settings = dpo_step.settings_for(args, pairs, TRL_DPO, shared)
         assert [s["name"] for s in settings] == ["keep0", "plan"]
         plan = settings[1]
         assert plan["budget_GiB"] == TRL_DPO[key]["nvml_peak_GiB"]
         assert plan["torch_budget_GiB"] == round(0.98 * TRL_DPO[key]["torch_peak_GiB"], 3)
         assert plan["estimate_torch_GiB"] <= plan["torch_budget_GiB"]
         assert plan["estimate_device_GiB"] <= plan["budget_GiB"]
-        direct = bench_common.plan_within("llama3-8b", 0, 2 * pairs, 1024, plan["budget_GiB"],
+        rows, seq = (pairs, 2 * 1024 - 256) if shared else (2 * pairs, 1024)  # a pair's row with its prompt once
+        direct = bench_common.plan_within("llama3-8b", 0, rows, seq, plan["budget_GiB"],
                                           plan["torch_budget_GiB"], rank=64, dropout=0.0,
                                           optimizer="paged_adamw_32bit", adapter_dtype="bfloat16")
         assert plan["changes"] == direct.changes
         assert plan["keep"] == direct.config.training.keep_activations_gib
         assert plan["host"] == direct.config.training.host_activations_gib
-    assert [s["name"] for s in dpo_step.settings_for(args, 2, TRL_DPO)] == ["keep0"]
+    assert [s["name"] for s in dpo_step.settings_for(args, 2, TRL_DPO, True)] == ["keep0"]
     assert "no peer result at P2xT1024" in capsys.readouterr().out
