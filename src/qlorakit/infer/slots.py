@@ -16,9 +16,11 @@ as decode.StaticDecoder does; a capture that fails falls back to the eager step 
 that needs more columns than the cache has makes a wider cache (`widened`: the state copied, the graph
 captured again).
 
-Tested here on the CPU only (the eager step, sdpa and eager attention). Untested on a GPU: the capture and
-replay of the slot step (the per-slot `scatter_` writes into the cache and the mask inside the graph, the warm-up
-step's undo), and the copy of prefilled keys into a slot while a captured graph holds the cache's addresses.
+Tested on the CPU (the eager step, sdpa and eager attention) and checked on an H100 by
+benchmarks/serve_slots_check.py (benchmarks/results/serve_slots_check-h100.json): with prompts joining mid-decode
+and a slot reused, the captured step's logits equal the eager step's within bf16 rounding (max 1% of the largest
+logit, no clear-margin token flipped) and the eager step's equal a full forward of each prompt (1.6%); the graph
+step took 3.1 ms against the eager step's 11.1 ms (8 slots, 4 layers of the 8B shape).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class PreferenceSettings:
     simpo_gamma: float = 0.5
     # dpo/ipo: the frozen starting adapter (nn.lora.adapter_snapshot) whose model is the reference; None: the base
     reference_adapter: dict | None = field(default=None, compare=False, repr=False)
-    share_prompts: bool = True  # each pair's prompt runs once (train/shared_prompt.py) where the model can
+    share_prompts: bool = False  # each pair's prompt runs once (train/shared_prompt.py) where the model can
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
