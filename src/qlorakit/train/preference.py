@@ -73,45 +73,80 @@ def _hidden(lm: torch.nn.Module, batch: dict[str, torch.Tensor], layout: SharedL
                             use_cache=False).last_hidden_state
 
 
+@dataclass(frozen=True)
+class LogpIndex:
+    """The positions of a preference batch that count, as index tensors made on the CPU, so that reading them on
+    the GPU never waits for it (a boolean mask there would: its count must come back to the host first).
+    rows [M]: flat positions in the decoder's hidden states [rows x length, H] whose next token is wanted
+    (position t predicts token t + 1); targets [M]; response [R]: which of the M are response tokens, and
+    response_seq [R] their sequence (0..2N-1); chosen [C]: which of the M are in chosen rows (ORPO's NLL, or
+    None); counts [2N] float32: response tokens per sequence."""
+
+    rows: torch.Tensor
+    targets: torch.Tensor
+    response: torch.Tensor
+    response_seq: torch.Tensor
+    chosen: torch.Tensor | None
+    counts: torch.Tensor
+
+    def to(self, device: torch.device) -> LogpIndex:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or device.type != "cuda":
+                return None if t is None else t.to(device)
+            return t.pin_memory().to(device, non_blocking=True)
+
+        return LogpIndex(*(move(t) for t in (self.rows, self.targets, self.response, self.response_seq,
+                                             self.chosen, self.counts)))
+
+
+def logp_index(batch: dict[str, torch.Tensor], with_nll: bool = False,
+               layout: SharedLayout | None = None) -> LogpIndex:
+    """The LogpIndex of `batch` in TRL's layout (read on the CPU: a CPU batch costs no wait), its rows counted in
+    the shared rows of `layout` when given."""
+    ids, attention, completion = (batch[k].cpu() for k in ("input_ids", "attention_mask", "completion_mask"))
+    wanted = (attention[:, 1:] if with_nll else completion[:, 1:]).bool()
+    seq, pos = wanted.nonzero(as_tuple=True)
+    if layout is None:
+        rows = seq * ids.shape[1] + pos
+    else:  # each wanted position of TRL's layout, read from its pair's shared row
+        rows = (seq % layout.pairs) * layout.input_ids.shape[1] + layout.col.cpu()[seq, pos]
+    response = completion[:, 1:].bool()[seq, pos].nonzero().flatten()
+    chosen = (seq < ids.shape[0] // 2).nonzero().flatten() if with_nll else None
+    return LogpIndex(rows, ids[:, 1:][seq, pos], response, seq[response], chosen,
+                     completion[:, 1:].sum(dim=1).float())
+
+
 def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll: bool = False,
-                   layout: SharedLayout | None = None) -> SequenceLogps:
+                   layout: SharedLayout | None = None, index: LogpIndex | None = None) -> SequenceLogps:
     """The log-probs of `batch`'s responses under `lm` (a causal LM; its head frozen). With `layout` (the
-    batch's shared_prompt.layout_for, on the batch's device) each pair's prompt runs once: the same values."""
-    ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    batch's shared_prompt.layout_for, on the batch's device) each pair's prompt runs once: the same values.
+    `index`: logp_index(batch, with_nll, layout) on the batch's device, made before (else made here)."""
+    if index is None:
+        index = logp_index(batch, with_nll, layout).to(batch["input_ids"].device)
     hidden = _hidden(lm, batch, layout)
     weight = lm.get_output_embeddings().weight
     if weight.device != hidden.device:  # a head kept in host memory: in for the loss
         weight = weight.to(hidden.device, non_blocking=True)
-    # position t predicts token t + 1; the rows that count are those of response tokens (and, for ORPO's NLL,
-    # every attended token of the chosen rows)
-    wanted = (attention[:, 1:] if with_nll else completion[:, 1:]).bool()
-    row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(wanted)[wanted]
-    if layout is None:
-        h = hidden[:, :-1][wanted]
-    else:  # each wanted position of TRL's layout, read from its pair's shared row
-        h = hidden[row_of % layout.pairs, layout.col[:, :-1][wanted]]
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.rows)
     if torch.is_autocast_enabled(h.device.type):
         h = h.to(torch.get_autocast_dtype(h.device.type))
-    ce = linear_cross_entropy_rows(h, weight, ids[:, 1:][wanted])
-    in_response = completion[:, 1:].bool()[wanted]
-    sums = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
-    sums = sums.index_add(0, row_of[in_response], -ce[in_response])
-    counts = completion[:, 1:].sum(dim=1).float()
-    n = ids.shape[0] // 2
+    ce = linear_cross_entropy_rows(h, weight, index.targets)
+    sums = torch.zeros(len(index.counts), dtype=torch.float32, device=h.device)
+    sums = sums.index_add(0, index.response_seq, -ce.index_select(0, index.response))
+    n = len(index.counts) // 2
     nll = None
     if with_nll:
-        chosen_rows = row_of < n
-        nll = ce[chosen_rows].sum() / chosen_rows.sum().clamp(min=1)
-    return SequenceLogps(sums[:n], sums[n:], counts[:n], counts[n:], nll)
+        nll = ce.index_select(0, index.chosen).sum() / max(1, len(index.chosen))
+    return SequenceLogps(sums[:n], sums[n:], index.counts[:n], index.counts[n:], nll)
 
 
 def reference_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor],
                     adapter: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                    layout: SharedLayout | None = None) -> SequenceLogps:
+                    layout: SharedLayout | None = None, index: LogpIndex | None = None) -> SequenceLogps:
     """sequence_logps of the reference, without gradients: `lm` with its adapters off (the base), or with the
     frozen `adapter` weights (nn.lora.adapter_snapshot) in place of its own (base + a starting adapter)."""
     with torch.no_grad(), adapters_disabled(lm) if adapter is None else adapter_weights_swapped(lm, adapter):
-        return sequence_logps(lm, batch, layout=layout)
+        return sequence_logps(lm, batch, layout=layout, index=index)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:

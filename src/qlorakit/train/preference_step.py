@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .distributed import SINGLE_PROCESS, DistContext
-from .preference import (NEEDS_REFERENCE, PreferenceSettings, SequenceLogps, preference_loss, reference_logps,
-                         sequence_logps)
+from .preference import (NEEDS_REFERENCE, PreferenceSettings, SequenceLogps, logp_index, preference_loss,
+                         reference_logps, sequence_logps)
 from .runtime import Runtime
 from .shared_prompt import layout_for
 
@@ -35,16 +35,21 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], runtime: 
                      s: PreferenceSettings) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean loss over one micro-batch's pairs and its metrics (gradients flow into the adapters)."""
     layout = layout_for(model, batch, runtime.compute_dtype) if s.share_prompts else None
+    nll = s.objective == "orpo"
+    # the positions that count, as indices made on the CPU (reading a boolean mask on the GPU would wait for it);
+    # the reference (dpo, ipo) reads the same ones, orpo's NLL rows being no reference objective's
+    index = logp_index(batch, nll, layout)
     batch = _on_device(batch, runtime.device)
     layout = None if layout is None else layout.to(runtime.device)
+    index = index.to(runtime.device)
     with runtime.autocast():
         reference = None
         if "ref_logps" in batch:  # precomputed (train/reference_cache.py): no reference forward
             ref = batch["ref_logps"]
             reference = SequenceLogps(ref[:, 0], ref[:, 1], ref.new_zeros(len(ref)), ref.new_zeros(len(ref)))
         elif s.objective in NEEDS_REFERENCE:
-            reference = reference_logps(model, batch, s.reference_adapter, layout)
-        policy = sequence_logps(model, batch, with_nll=s.objective == "orpo", layout=layout)
+            reference = reference_logps(model, batch, s.reference_adapter, layout, index)
+        policy = sequence_logps(model, batch, with_nll=nll, layout=layout, index=index)
         return preference_loss(s, policy, reference)
 
 
