@@ -59,11 +59,14 @@ class SequenceLogps:
     nll: torch.Tensor | None = None
 
 
-def _hidden(lm: torch.nn.Module, batch: dict[str, torch.Tensor], layout: SharedLayout | None) -> torch.Tensor:
-    """The decoder's last hidden states [2N, T, H] in TRL's layout, or, with `layout`, [N, L, H] of the shared
-    rows (train/shared_prompt.py)."""
+def _hidden(lm: torch.nn.Module, batch: dict[str, torch.Tensor], layout: SharedLayout | None,
+            right_padded: bool = False) -> torch.Tensor:
+    """The decoder's last hidden states [2N, T, H] in TRL's layout (`right_padded`: without the padding mask,
+    which changes none of the real tokens' states), or, with `layout`, [N, L, H] of the shared rows
+    (train/shared_prompt.py)."""
     if layout is None:
-        return lm.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        return lm.get_decoder()(input_ids=batch["input_ids"],
+                                attention_mask=None if right_padded else batch["attention_mask"],
                                 use_cache=False).last_hidden_state
     device = batch["input_ids"].device
     embed = lm.get_input_embeddings().weight
@@ -80,7 +83,9 @@ class LogpIndex:
     rows [M]: flat positions in the decoder's hidden states [rows x length, H] whose next token is wanted
     (position t predicts token t + 1); targets [M]; response [R]: which of the M are response tokens, and
     response_seq [R] their sequence (0..2N-1); chosen [C]: which of the M are in chosen rows (ORPO's NLL, or
-    None); counts [2N] float32: response tokens per sequence."""
+    None); counts [2N] float32: response tokens per sequence. right_padded: every row is its tokens then padding,
+    so causal attention alone gives every token what the padding mask would (the decoder then runs without the
+    mask: no host sync in transformers' mask code, and SDPA's causal kernels)."""
 
     rows: torch.Tensor
     targets: torch.Tensor
@@ -88,6 +93,7 @@ class LogpIndex:
     response_seq: torch.Tensor
     chosen: torch.Tensor | None
     counts: torch.Tensor
+    right_padded: bool = False
 
     def to(self, device: torch.device) -> LogpIndex:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -96,7 +102,7 @@ class LogpIndex:
             return t.pin_memory().to(device, non_blocking=True)
 
         return LogpIndex(*(move(t) for t in (self.rows, self.targets, self.response, self.response_seq,
-                                             self.chosen, self.counts)))
+                                             self.chosen, self.counts)), self.right_padded)
 
 
 def logp_index(batch: dict[str, torch.Tensor], with_nll: bool = False,
@@ -112,8 +118,9 @@ def logp_index(batch: dict[str, torch.Tensor], with_nll: bool = False,
         rows = (seq % layout.pairs) * layout.input_ids.shape[1] + layout.col.cpu()[seq, pos]
     response = completion[:, 1:].bool()[seq, pos].nonzero().flatten()
     chosen = (seq < ids.shape[0] // 2).nonzero().flatten() if with_nll else None
+    right_padded = torch.equal(attention.bool(), torch.arange(ids.shape[1]) < attention.sum(dim=1, keepdim=True))
     return LogpIndex(rows, ids[:, 1:][seq, pos], response, seq[response], chosen,
-                     completion[:, 1:].sum(dim=1).float())
+                     completion[:, 1:].sum(dim=1).float(), right_padded)
 
 
 def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll: bool = False,
@@ -123,7 +130,7 @@ def sequence_logps(lm: torch.nn.Module, batch: dict[str, torch.Tensor], with_nll
     `index`: logp_index(batch, with_nll, layout) on the batch's device, made before (else made here)."""
     if index is None:
         index = logp_index(batch, with_nll, layout).to(batch["input_ids"].device)
-    hidden = _hidden(lm, batch, layout)
+    hidden = _hidden(lm, batch, layout, index.right_padded)
     weight = lm.get_output_embeddings().weight
     if weight.device != hidden.device:  # a head kept in host memory: in for the loss
         weight = weight.to(hidden.device, non_blocking=True)
@@ -154,9 +161,11 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def preference_loss(s: PreferenceSettings, policy: SequenceLogps,
-                    reference: SequenceLogps | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The batch's loss (a scalar, mean over pairs) and its metrics under TRL's names."""
+def preference_loss(s: PreferenceSettings, policy: SequenceLogps, reference: SequenceLogps | None = None,
+                    lazy: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch's loss (a scalar, mean over pairs) and its metrics under TRL's names: floats, or with `lazy`
+    0-dim tensors on the loss's device, for the caller to read after it has queued the backward (reading a
+    GPU value waits for everything queued before it)."""
     c, r = policy.chosen, policy.rejected
     if s.objective in NEEDS_REFERENCE:
         if reference is None:
@@ -169,7 +178,7 @@ def preference_loss(s: PreferenceSettings, policy: SequenceLogps,
             delta = chosen_ratio / n_c - rejected_ratio / n_r
             losses = (delta - 1 / (2 * s.beta)) ** 2
         chosen_rewards, rejected_rewards = s.beta * chosen_ratio.detach(), s.beta * rejected_ratio.detach()
-        extra: dict[str, float] = {}
+        extra: dict[str, torch.Tensor] = {}
     else:
         c_avg, r_avg = c / policy.chosen_tokens.clamp(min=1), r / policy.rejected_tokens.clamp(min=1)
         if s.objective == "orpo":
@@ -178,16 +187,21 @@ def preference_loss(s: PreferenceSettings, policy: SequenceLogps,
             log_odds = (c_avg - r_avg) - (_log1mexp(c_avg) - _log1mexp(r_avg))
             ratio = F.logsigmoid(log_odds)
             losses = policy.nll - s.beta * ratio
-            extra = {"nll_loss": float(policy.nll.detach()), "log_odds_ratio": float(ratio.detach().mean()),
-                     "log_odds_chosen": float(log_odds.detach().mean())}
+            extra = {"nll_loss": policy.nll.detach(), "log_odds_ratio": ratio.detach().mean(),
+                     "log_odds_chosen": log_odds.detach().mean()}
         else:
             logits = s.beta * (c_avg - r_avg) - s.simpo_gamma
             losses = -F.logsigmoid(logits) * (1 - s.label_smoothing) - F.logsigmoid(-logits) * s.label_smoothing
             extra = {}
         chosen_rewards, rejected_rewards = s.beta * c_avg.detach(), s.beta * r_avg.detach()
     metrics = {
-        "rewards/chosen": float(chosen_rewards.mean()), "rewards/rejected": float(rejected_rewards.mean()),
-        "rewards/accuracies": float((chosen_rewards > rejected_rewards).float().mean()),
-        "rewards/margins": float((chosen_rewards - rejected_rewards).mean()),
-        "logps/chosen": float(c.detach().mean()), "logps/rejected": float(r.detach().mean()), **extra}
-    return losses.mean(), metrics
+        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": c.detach().mean(), "logps/rejected": r.detach().mean(), **extra}
+    return losses.mean(), metrics if lazy else floats(metrics)
+
+
+def floats(metrics: dict) -> dict[str, float]:
+    """preference_loss's lazy metrics as floats."""
+    return {k: float(v) for k, v in metrics.items()}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .distributed import SINGLE_PROCESS, DistContext
-from .preference import (NEEDS_REFERENCE, PreferenceSettings, SequenceLogps, logp_index, preference_loss,
+from .preference import (NEEDS_REFERENCE, PreferenceSettings, SequenceLogps, floats, logp_index, preference_loss,
                          reference_logps, sequence_logps)
 from .runtime import Runtime
 from .shared_prompt import layout_for
@@ -33,7 +33,8 @@ def _pairs(batch: dict[str, torch.Tensor]) -> int:
 
 def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], runtime: Runtime,
                      s: PreferenceSettings) -> tuple[torch.Tensor, dict[str, float]]:
-    """The mean loss over one micro-batch's pairs and its metrics (gradients flow into the adapters)."""
+    """The mean loss over one micro-batch's pairs and its metrics as 0-dim tensors (preference_loss's lazy ones:
+    read them after backward is queued). Gradients flow into the adapters."""
     layout = layout_for(model, batch, runtime.compute_dtype) if s.share_prompts else None
     nll = s.objective == "orpo"
     # the positions that count, as indices made on the CPU (reading a boolean mask on the GPU would wait for it);
@@ -50,7 +51,7 @@ def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], runtime: 
         elif s.objective in NEEDS_REFERENCE:
             reference = reference_logps(model, batch, s.reference_adapter, layout, index)
         policy = sequence_logps(model, batch, with_nll=nll, layout=layout, index=index)
-        return preference_loss(s, policy, reference)
+        return preference_loss(s, policy, reference, lazy=True)
 
 
 def _weighted(total: dict[str, float], metrics: dict[str, float], weight: float) -> None:
@@ -70,8 +71,8 @@ def accumulate_preference(model: nn.Module, micro_batches: list[dict[str, torch.
         if before_backward is not None:
             before_backward(i)
         (loss * weight).backward()
-        loss_sum += float(loss.detach()) * weight
-        _weighted(metrics, m, weight)
+        loss_sum += float(loss.detach()) * weight  # read after the backward is queued: no wait between the two
+        _weighted(metrics, floats(m), weight)
     if dist.enabled:
         dist.sum_gradients([p for p in model.parameters() if p.requires_grad])
         keys = sorted(metrics)
@@ -96,6 +97,6 @@ def evaluate_preference(model: nn.Module, examples, batch_size: int, max_seq_len
         loss, m = micro_batch_loss(model, batch, runtime, s)
         weight = _pairs(batch) / n_pairs
         loss_sum += float(loss) * weight
-        _weighted(metrics, m, weight)
+        _weighted(metrics, floats(m), weight)
     model.train(was_training)
     return {"eval_loss": loss_sum, **{f"eval_{k}": v for k, v in metrics.items()}, "eval_pairs": len(examples)}
