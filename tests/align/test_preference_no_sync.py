@@ -63,10 +63,10 @@ def test_the_step_reads_nothing_back(share, objective):
     assert len(ops.names) > 100  # the step ran under the recorder
     ours = [r for r in ops.read_back if r != "transformers"]
     assert ours == [], ours
-    # transformers reads one value back per decoder forward, whatever it is given: a 2-D padding mask (can it be
-    # skipped?) or none (are the position ids packed?); a 4-D mask would avoid it but lose SDPA's causal kernels
+    # transformers (5.x) reads one value back per decoder forward, whatever it is given: a 2-D padding mask (can
+    # it be skipped?) or none (are the position ids packed?); a 4-D mask avoids it but loses SDPA's causal kernels
     forwards = 2 if objective == "dpo" else 1
-    assert ops.read_back.count("transformers") == (0 if share else forwards)  # shared rows: a 4-D mask
+    assert ops.read_back.count("transformers") <= (0 if share else forwards)  # shared rows: a 4-D mask
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
     # the control: float metrics read back (the recorder sees it)
     control = Ops()
