@@ -32,13 +32,13 @@ def _pairs(batch: dict[str, torch.Tensor]) -> int:
 
 
 def micro_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], runtime: Runtime,
-                     s: PreferenceSettings) -> tuple[torch.Tensor, dict[str, float]]:
+                     s: PreferenceSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The mean loss over one micro-batch's pairs and its metrics as 0-dim tensors (preference_loss's lazy ones:
     read them after backward is queued). Gradients flow into the adapters."""
     layout = layout_for(model, batch, runtime.compute_dtype) if s.share_prompts else None
     nll = s.objective == "orpo"
     # the positions that count, as indices made on the CPU (reading a boolean mask on the GPU would wait for it);
-    # the reference (dpo, ipo) reads the same ones, orpo's NLL rows being no reference objective's
+    # the reference forward (dpo, ipo: objectives without ORPO's NLL rows) reads the same ones
     index = logp_index(batch, nll, layout)
     batch = _on_device(batch, runtime.device)
     layout = None if layout is None else layout.to(runtime.device)
@@ -64,14 +64,17 @@ def accumulate_preference(model: nn.Module, micro_batches: list[dict[str, torch.
                           before_backward: Callable[[int], None] | None = None) -> tuple[float, dict[str, float]]:
     """Backpropagate one optimizer step's loss (the mean over its pairs); return it and the step's metrics."""
     n_pairs = max(1, sum(_pairs(b) for b in micro_batches))
-    loss_sum, metrics = 0.0, {}
+    parts = []
     for i, batch in enumerate(dist.my_share(micro_batches)):
         loss, m = micro_batch_loss(model, batch, runtime, s)
         weight = _pairs(batch) / n_pairs
         if before_backward is not None:
             before_backward(i)
         (loss * weight).backward()
-        loss_sum += float(loss.detach()) * weight  # read after the backward is queued: no wait between the two
+        parts.append((loss.detach(), m, weight))
+    # read once every backward is queued: no micro-batch waits for the one before it
+    loss_sum, metrics = sum(float(loss) * weight for loss, _, weight in parts), {}
+    for _, m, weight in parts:
         _weighted(metrics, floats(m), weight)
     if dist.enabled:
         dist.sum_gradients([p for p in model.parameters() if p.requires_grad])
