@@ -28,6 +28,16 @@ def _allocator_setting_untouched(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
+@pytest.fixture(autouse=True)
+def _host_memory_fixed(monkeypatch):
+    """The planner pins at most half of the host's MemAvailable for activations, which moves between two calls
+    (at 4 pairs that cap decides how many layers are hosted): fixed at the GPU machines' 128 GiB, so a plan made
+    twice is the same plan."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("qlorakit.memory.plan"), "host_available_bytes", lambda: 128 * 2**30)
+
+
 def test_train_step_plans_within_the_peer_peaks_and_takes_the_plan_choices():
     import train_step
 
